@@ -1,0 +1,139 @@
+"""Multi-head Latent Attention with two cache layouts.
+
+Both paths share every projection and the RoPE; they differ only in what they cache and how the
+scores are formed:
+- "mla": the cache holds the latent c_kv and the roped k_pe. One new token (decode) absorbs W_UK
+  into the query and W_UV into the output, so no per-head K/V is built for cached tokens.
+- "mha": per-head K (nope + rope) and V are expanded and cached, as most runtimes do.
+
+Weights: W_UK and W_UV are the two halves of the checkpoint's kv_b_proj, stored per head as
+`embed_q` (H, kv_lora_rank, qk_nope_head_dim) and `unembed_out` (H, v_head_dim, kv_lora_rank).
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
+from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .config import ModelArgs
+
+ATTENTION_MODES = ("mla", "mha")
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, attention: str = "mla"):
+        super().__init__()
+        self.attention = attention
+        self.num_heads = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.scale = args.softmax_scale
+        H, qk_dim = self.num_heads, args.qk_head_dim
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(args.hidden_size, H * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(args.hidden_size, self.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            args.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=args.attention_bias
+        )
+        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.embed_q = MultiLinear(self.qk_nope_head_dim, self.kv_lora_rank, H)
+        self.unembed_out = MultiLinear(self.kv_lora_rank, self.v_head_dim, H)
+        self.o_proj = nn.Linear(H * self.v_head_dim, args.hidden_size, bias=args.attention_bias)
+        self.rope = initialize_rope(
+            self.qk_rope_head_dim,
+            base=args.rope_theta,
+            traditional=True,
+            scaling_config=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, qk)
+        q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
+
+        c_kv, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
+        c_kv = self.kv_a_layernorm(c_kv)[:, None]  # (B, 1, L, kv_lora)
+        k_pe = k_pe[:, None]  # (B, 1, L, rope)
+
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe, offset)
+
+        if self.attention == "mha":
+            keys, values = self.expand_kv(c_kv, k_pe)
+            if cache is not None:
+                keys, values = cache.update_and_fetch(keys, values)
+            queries = mx.concatenate([q_nope, q_pe], axis=-1)
+            out = scaled_dot_product_attention(
+                queries, keys, values, cache=cache, scale=self.scale, mask=mask
+            )
+        else:
+            if cache is not None:
+                c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
+            if self.expanding_is_cheaper(L, c_kv.shape[2]):
+                keys, values = self.expand_kv(c_kv, k_pe)
+                queries = mx.concatenate([q_nope, q_pe], axis=-1)
+                out = mx.fast.scaled_dot_product_attention(
+                    queries, keys, values, scale=self.scale, mask=mask
+                )
+            else:
+                out = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * v)
+        return self.o_proj(out)
+
+    def expand_kv(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
+        """Per-head keys (B, H, S, nope + rope) and values (B, H, S, v) from the latent."""
+        k_nope = self.embed_q(c_kv, transpose=False)  # (B, H, S, nope)
+        values = self.unembed_out(c_kv)  # (B, H, S, v)
+        k_pe = mx.broadcast_to(k_pe, (*k_nope.shape[:-1], self.qk_rope_head_dim))
+        return mx.concatenate([k_nope, k_pe], axis=-1), values
+
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask) -> mx.array:
+        """Attention against the shared latent, with W_UK folded into q and W_UV into the output.
+
+        All heads share one latent, so the heads are stacked as rows of a single matmul (as in
+        FlashMLA's MQA-style decode) instead of broadcasting the latent to every head.
+        """
+        B, H, L, _ = q_nope.shape
+        S = c_kv.shape[2]
+        q_lat = self.embed_q(q_nope) * self.scale  # (B, H, L, kv_lora)
+        q_lat = q_lat.reshape(B, 1, H * L, self.kv_lora_rank)
+        q_pe = (q_pe * self.scale).reshape(B, 1, H * L, self.qk_rope_head_dim)
+        scores = q_lat @ c_kv.swapaxes(-1, -2) + q_pe @ k_pe.swapaxes(-1, -2)  # (B, 1, H*L, S)
+        if mask is not None:
+            scores = apply_mask(scores.reshape(B, H, L, S), mask, S)
+        probs = mx.softmax(scores, axis=-1, precise=True).reshape(B, 1, H * L, S)
+        out = (probs @ c_kv).reshape(B, H, L, self.kv_lora_rank)  # (B, H, L, kv_lora)
+        return self.unembed_out(out)  # (B, H, L, v)
+
+    def expanding_is_cheaper(self, L: int, S: int) -> bool:
+        """Compare multiply-adds per head: expand S latents to K/V, or absorb W_UK/W_UV for L queries."""
+        up_dims = self.kv_lora_rank * (self.qk_nope_head_dim + self.v_head_dim)
+        qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        expanded = S * up_dims + L * S * (qk_dim + self.v_head_dim)
+        absorbed = L * up_dims + L * S * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
+        return expanded < absorbed
+
+
+def apply_mask(scores: mx.array, mask, S: int) -> mx.array:
+    """Apply an mlx-lm style mask ("causal", boolean or additive array) to (B, H, L, S) scores."""
+    if isinstance(mask, str):
+        L = scores.shape[-2]
+        mask = create_causal_mask(L, S - L)
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    return scores + mask

@@ -1,0 +1,141 @@
+"""Load a model from a Hugging Face checkpoint folder, an MLX folder written by convert, or a hub id."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from mlx_lm.utils import infer_quant_config
+
+from .config import ModelArgs
+from .errors import CheckpointError, ConfigError
+from .model import Model, sanitize
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def resolve(path_or_hub_id: str | Path) -> Path:
+    """A local folder, or a hub id fetched with huggingface_hub (cached after the first time)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds it")
+        return path
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"no such folder: {name}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
+            "if you are offline, download it elsewhere and pass the local folder instead"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{path} has no config.json: is it a model folder?")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, as listed by its index when there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} lists {missing[0]}, which is not in {path}")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found {other[0]}: only safetensors weights are read)" if other else ""
+        raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    weights = {}
+    for file in weight_files(path):
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+    return weights
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array]):
+    """Raise a CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint is missing tensor {missing[0]}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]}{more}")
+    for name, param in expected.items():
+        if weights[name].shape != param.shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(weights[name].shape)}, but config.json "
+                f"implies {tuple(param.shape)}"
+            )
+
+
+def quantize_like(model: nn.Module, weights: dict[str, mx.array], quantization: dict):
+    """Quantize exactly the modules whose `.scales` are in the weights, with their own bits."""
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        class_predicate=predicate,
+    )
+
+
+def load_model(path: str | Path, attention: str = "mla") -> Model:
+    """Build the model of a local checkpoint folder (Hugging Face or MLX layout) and load its weights."""
+    path = resolve(path)
+    config = read_config(path)
+    args = ModelArgs.from_dict(config)
+    model = Model(args, attention)
+    weights = read_weights(path)
+    try:
+        weights = sanitize(weights, args)
+    except ValueError as e:
+        raise CheckpointError(f"weights do not match config.json: {e}") from None
+    if args.quantization:
+        quantize_like(model, weights, args.quantization)
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path_or_hub_id: str | Path, attention: str = "mla") -> tuple[Model, TokenizerWrapper]:
+    """Model and mlx-lm tokenizer wrapper from a local folder or a hub id."""
+    path = resolve(path_or_hub_id)
+    model = load_model(path, attention)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=read_config(path).get("eos_token_id"))
+    except Exception as e:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None
+    return model, tokenizer

@@ -1,0 +1,130 @@
+"""The DeepSeek-V2 decoder: MLA attention, DeepSeekMoE, and the checkpoint weight transforms."""
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+from .attention import ATTENTION_MODES, Attention
+from .cache import LatentCache
+from .config import ModelArgs
+from .errors import ConfigError
+from .moe import MLP, MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, attention: str):
+        super().__init__()
+        self.self_attn = Attention(args, attention)
+        if args.is_moe_layer(layer_idx):
+            self.mlp = MoE(args)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, args: ModelArgs, attention: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i, attention) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """`model(tokens, cache=None) -> logits`, with the cache layout chosen by `attention`."""
+
+    def __init__(self, args: ModelArgs, attention: str = "mla"):
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ConfigError(
+                f"attention {attention!r} is not one of {', '.join(ATTENTION_MODES)}"
+            )
+        self.args = args
+        self.attention = attention
+        self.model_type = args.model_type
+        self.model = DeepseekV2Model(args, attention)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        h = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        cache_class = LatentCache if self.attention == "mla" else KVCache
+        return [cache_class() for _ in self.layers]
+
+    def sanitize(self, weights: dict) -> dict:
+        return sanitize(weights, self.args)
+
+
+EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def sanitize(weights: dict, args: ModelArgs) -> dict:
+    """Map Hugging Face tensor names and layouts to this model's; MLX-layout weights pass through.
+
+    Works on any subset of a checkpoint that holds whole layers, so convert can stream by layer.
+    - kv_b_proj (H * (nope + v), kv_lora) is split into per-head W_UK and W_UV;
+    - per-expert tensors (original layout) or fused `experts.gate_up_proj` / `experts.down_proj`
+      (transformers 5) become the stacked `switch_mlp` weights;
+    - rotary `inv_freq` and layers beyond num_hidden_layers (multi-token prediction) are dropped.
+    """
+    out = {}
+    experts: dict[str, dict[int, mx.array]] = {}
+    for key, value in weights.items():
+        layer = LAYER_KEY.match(key)
+        if "rotary_emb.inv_freq" in key or (layer and int(layer[1]) >= args.num_hidden_layers):
+            continue
+        if key.endswith("self_attn.kv_b_proj.weight"):
+            prefix = key.removesuffix("kv_b_proj.weight")
+            out[prefix + "embed_q.weight"], out[prefix + "unembed_out.weight"] = split_kv_b_proj(
+                value, args
+            )
+        elif match := EXPERT_KEY.match(key):
+            experts.setdefault(f"{match[1]}.switch_mlp.{match[3]}.weight", {})[int(match[2])] = value
+        elif key.endswith("mlp.experts.gate_up_proj"):
+            prefix = key.removesuffix("experts.gate_up_proj")
+            gate, up = mx.split(value, 2, axis=1)
+            out[prefix + "switch_mlp.gate_proj.weight"] = gate
+            out[prefix + "switch_mlp.up_proj.weight"] = up
+        elif key.endswith("mlp.experts.down_proj"):
+            out[key.removesuffix("experts.down_proj") + "switch_mlp.down_proj.weight"] = value
+        else:
+            out[key] = value
+    for key, by_index in experts.items():
+        out[key] = mx.stack([by_index[e] for e in sorted(by_index)])
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def split_kv_b_proj(w: mx.array, args: ModelArgs) -> tuple[mx.array, mx.array]:
+    """kv_b_proj (H * (nope + v), kv_lora) -> W_UK (H, kv_lora, nope) and W_UV (H, v, kv_lora)."""
+    H = args.num_attention_heads
+    w = w.reshape(H, args.qk_nope_head_dim + args.v_head_dim, -1)  # (H, nope + v, kv_lora)
+    w_uk, w_uv = mx.split(w, [args.qk_nope_head_dim], axis=1)
+    return mx.contiguous(w_uk.swapaxes(-1, -2)), mx.contiguous(w_uv)

@@ -1,0 +1,109 @@
+"""Bad checkpoints get an error of our own whose message says what is wrong."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+
+import mlx_mla
+from mlx_mla import CheckpointError, ConfigError, UnsupportedModelError
+
+
+@pytest.fixture
+def checkpoint(checkpoints, tmp_path):
+    """A private copy of a small single-file checkpoint that a test may break."""
+    src, _ = checkpoints["plain_rope", "transformers5"]
+    return shutil.copytree(src, tmp_path / "ckpt")
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def edit_weights(path, edit):
+    file = path / "model.safetensors"
+    weights = mx.load(str(file))
+    edit(weights)
+    mx.save_safetensors(str(file), weights)
+
+
+def test_folder_without_config_is_refused(checkpoint):
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(ConfigError, match="no config.json"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_config_that_is_not_json_is_refused(checkpoint):
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_folder_without_weights_is_refused(checkpoint):
+    (checkpoint / "model.safetensors").rename(checkpoint / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_unsupported_model_type_names_the_supported_ones(checkpoint):
+    edit_config(checkpoint, model_type="llama")
+    with pytest.raises(UnsupportedModelError, match="'llama'.*supported: deepseek_v2"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_unsupported_routing_is_refused(checkpoint):
+    edit_config(checkpoint, topk_method="noaux_tc")
+    with pytest.raises(ConfigError, match="noaux_tc"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_shape_disagreement_names_tensor_and_both_shapes(checkpoint):
+    edit_config(checkpoint, kv_lora_rank=48)
+    with pytest.raises(CheckpointError, match=r"kv_a_proj_with_mqa\.weight has shape \(40, 64\).*\(56, 64\)"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_missing_tensor_is_named(checkpoint):
+    edit_weights(checkpoint, lambda w: w.pop("model.layers.1.self_attn.o_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.self_attn\.o_proj"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_unexpected_tensor_is_named(checkpoint):
+    edit_weights(checkpoint, lambda w: w.update({"model.layers.0.extra.weight": mx.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.extra\.weight"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_truncated_weight_file_is_refused(checkpoint):
+    file = checkpoint / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_index_naming_a_missing_shard_is_refused(checkpoints, tmp_path):
+    src, _ = checkpoints["plain_rope", "original"]
+    path = shutil.copytree(src, tmp_path / "sharded")
+    shard = sorted(path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"lists {shard.name}"):
+        mlx_mla.load_model(path)
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        mlx_mla.load_model(tmp_path / "nowhere")
+
+
+def test_hub_id_offline_says_to_pass_a_local_folder(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="could not fetch .*local folder"):
+        mlx_mla.load("deepseek-ai/DeepSeek-V2-Lite-Chat")
+
+
+def test_unknown_attention_mode_is_refused(checkpoint):
+    with pytest.raises(ConfigError, match="'gqa' is not one of mla, mha"):
+        mlx_mla.load_model(checkpoint, attention="gqa")

@@ -1,0 +1,174 @@
+"""The MLX model against transformers' DeepseekV2ForCausalLM, and its two cache paths against each other."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS
+from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+
+import mlx_mla
+from mlx_mla import LatentCache
+
+TOL = 1e-4
+LAYOUTS = ("original", "transformers5")
+MODES = ("mla", "mha")
+
+
+def tokens(n: int, vocab: int = 80, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(1, n))
+
+
+def reference_logits(torch_model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch_model(torch.tensor(ids)).logits.numpy()
+
+
+def mlx_logits(model, ids: np.ndarray, cache=None) -> np.ndarray:
+    return np.array(model(mx.array(ids), cache=cache))
+
+
+def decode_stepwise(model, ids: np.ndarray, prefill: int) -> np.ndarray:
+    cache = model.make_cache()
+    out = [mlx_logits(model, ids[:, :prefill], cache)]
+    for t in range(prefill, ids.shape[1]):
+        out.append(mlx_logits(model, ids[:, t : t + 1], cache))
+    return np.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(checkpoints, name, layout, mode):
+    path, torch_model = checkpoints[name, layout]
+    ids = tokens(40)
+    expected = reference_logits(torch_model, ids)
+    assert expected.std() > 0.1, "reference logits too flat for the comparison to mean anything"
+    got = mlx_logits(mlx_mla.load_model(path, attention=mode), ids)
+    assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prefill_then_decode_equals_full_forward(checkpoints, name, mode):
+    path, _ = checkpoints[name, "original"]
+    model = mlx_mla.load_model(path, attention=mode)
+    ids = tokens(30, seed=1)
+    full = mlx_logits(model, ids)
+    assert np.abs(decode_stepwise(model, ids, prefill=11) - full).max() <= TOL
+
+
+def test_chunked_prefill_uses_both_mla_paths_and_matches(checkpoints):
+    """A long chunk after a cached prefix expands the latent; a short one absorbs; both are exact."""
+    path, torch_model = checkpoints["yarn_no_q_lora", "original"]
+    model = mlx_mla.load_model(path)
+    attn = model.layers[0].self_attn
+    assert attn.expanding_is_cheaper(400, 500) and not attn.expanding_is_cheaper(1, 500)
+    ids = tokens(300, seed=2)
+    expected = reference_logits(torch_model, ids)
+    cache = model.make_cache()
+    got = np.concatenate(
+        [mlx_logits(model, ids[:, a:b], cache) for a, b in [(0, 100), (100, 103), (103, 300)]],
+        axis=1,
+    )
+    assert np.abs(got - expected).max() <= TOL
+
+
+def allocated(tokens: int, step: int = 256) -> int:
+    return math.ceil(tokens / step) * step
+
+
+@pytest.mark.parametrize("n_tokens", [1, 200, 257])
+@pytest.mark.parametrize("mode", MODES)
+def test_cache_nbytes_is_exact(checkpoints, mode, n_tokens):
+    path, _ = checkpoints["q_lora_grouped_scaled", "original"]
+    model = mlx_mla.load_model(path, attention=mode)
+    args = model.args
+    cache = model.make_cache()
+    assert all(type(c) is (LatentCache if mode == "mla" else KVCache) for c in cache)
+    ids = tokens(n_tokens, seed=3)
+    if n_tokens > 1:
+        mlx_logits(model, ids[:, : n_tokens - 1], cache)
+    mlx_logits(model, ids[:, n_tokens - 1 :], cache)  # one decode step on top
+    if mode == "mla":
+        per_token = args.kv_lora_rank + args.qk_rope_head_dim
+    else:
+        per_token = args.num_attention_heads * (args.qk_head_dim + args.v_head_dim)
+    itemsize = 4  # float32 checkpoint
+    expected = per_token * args.num_hidden_layers * itemsize * allocated(n_tokens)
+    assert sum(c.nbytes for c in cache) == expected
+    assert all(c.offset == n_tokens for c in cache)
+
+
+def test_latent_cache_grows_in_steps_without_copying_each_token(checkpoints):
+    path, _ = checkpoints["yarn_no_q_lora", "original"]
+    model = mlx_mla.load_model(path)
+    cache = model.make_cache()
+    mlx_logits(model, tokens(5), cache)
+    buffer = cache[0].keys
+    mlx_logits(model, tokens(1, seed=4), cache)
+    assert cache[0].keys is buffer  # written in place, no reallocation
+    assert cache[0].latent.shape == (1, 1, 6, model.args.kv_lora_rank)
+    assert cache[0].k_pe.shape == (1, 1, 6, model.args.qk_rope_head_dim)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_cache_file_round_trip(checkpoints, tmp_path, mode):
+    path, _ = checkpoints["plain_rope", "transformers5"]
+    model = mlx_mla.load_model(path, attention=mode)
+    ids = tokens(20, seed=5)
+    cache = model.make_cache()
+    mlx_logits(model, ids[:, :12], cache)
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    assert np.abs(decode_stepwise_from(model, ids, 12, loaded) - mlx_logits(model, ids)[:, 12:]).max() <= TOL
+
+
+def decode_stepwise_from(model, ids, start, cache):
+    return np.concatenate(
+        [mlx_logits(model, ids[:, t : t + 1], cache) for t in range(start, ids.shape[1])], axis=1
+    )
+
+
+def test_trim_rewinds_the_latent_cache(checkpoints):
+    path, _ = checkpoints["yarn_no_q_lora", "original"]
+    model = mlx_mla.load_model(path)
+    ids = tokens(16, seed=6)
+    cache = model.make_cache()
+    mlx_logits(model, ids, cache)
+    assert all(c.is_trimmable() and c.trim(6) == 6 for c in cache)
+    again = decode_stepwise_from(model, ids, 10, cache)
+    assert np.abs(again - mlx_logits(model, ids)[:, 10:]).max() <= TOL
+
+
+def test_stream_generate_gives_same_greedy_tokens_for_both_paths(checkpoints):
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    path, _ = checkpoints["q_lora_grouped_scaled", "transformers5"]
+    generated = {}
+    for mode in MODES:
+        model, tokenizer = mlx_mla.load(path, attention=mode)
+        out = stream_generate(
+            model, tokenizer, "Hello there, my", max_tokens=24, sampler=make_sampler(temp=0.0)
+        )
+        generated[mode] = [r.token for r in out]
+    assert len(generated["mla"]) == 24
+    assert generated["mla"] == generated["mha"]
+
+
+def test_greedy_generation_matches_transformers(checkpoints):
+    from mlx_lm.generate import generate_step
+
+    path, torch_model = checkpoints["yarn_no_q_lora", "original"]
+    model = mlx_mla.load_model(path)
+    prompt = tokens(8, seed=7)
+    ours = [int(t) for (t, _), _ in zip(generate_step(mx.array(prompt[0]), model), range(16))]
+    with torch.no_grad():
+        ref = torch_model.generate(
+            torch.tensor(prompt), max_new_tokens=16, do_sample=False, min_new_tokens=16
+        )
+    assert ours == ref[0, 8:].tolist()
