@@ -1,4 +1,4 @@
-"""Load a model from a Hugging Face checkpoint folder, an MLX folder written by convert, or a hub id."""
+"""Load a model from a Hugging Face or MLX (convert output) checkpoint folder, or a hub id."""
 
 import json
 from pathlib import Path
@@ -59,7 +59,9 @@ def weight_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        other = sorted(p.name for p in path.glob("*.bin")) + sorted(
+            p.name for p in path.glob("*.pt")
+        )
         hint = f" (found {other[0]}: only safetensors weights are read)" if other else ""
         raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
     return files
@@ -111,7 +113,7 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], quantization: 
 
 
 def load_model(path: str | Path, attention: str = "mla") -> Model:
-    """Build the model of a local checkpoint folder (Hugging Face or MLX layout) and load its weights."""
+    """The model of a checkpoint folder (Hugging Face or MLX layout) with its weights loaded."""
     path = resolve(path)
     config = read_config(path)
     args = ModelArgs.from_dict(config)

@@ -52,9 +52,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs, attention: str = "mla"):
         super().__init__()
         if attention not in ATTENTION_MODES:
-            raise ConfigError(
-                f"attention {attention!r} is not one of {', '.join(ATTENTION_MODES)}"
-            )
+            raise ConfigError(f"attention {attention!r} is not one of {', '.join(ATTENTION_MODES)}")
         self.args = args
         self.attention = attention
         self.model_type = args.model_type
@@ -105,7 +103,9 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
                 value, args
             )
         elif match := EXPERT_KEY.match(key):
-            experts.setdefault(f"{match[1]}.switch_mlp.{match[3]}.weight", {})[int(match[2])] = value
+            experts.setdefault(f"{match[1]}.switch_mlp.{match[3]}.weight", {})[int(match[2])] = (
+                value
+            )
         elif key.endswith("mlp.experts.gate_up_proj"):
             prefix = key.removesuffix("experts.gate_up_proj")
             gate, up = mx.split(value, 2, axis=1)

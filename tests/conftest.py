@@ -1,4 +1,4 @@
-"""Tiny random DeepSeek-V2 checkpoints, written by transformers in the layouts real checkpoints use."""
+"""Tiny random DeepSeek-V2 checkpoints, written by transformers in the layouts real ones use."""
 
 import json
 import string
@@ -76,7 +76,7 @@ def make_torch_model(overrides: dict, seed: int = 0):
 
 
 def to_original_config(path):
-    """Rewrite config.json as original checkpoints have it: `rope_scaling` + top-level `rope_theta`."""
+    """Rewrite config.json as original checkpoints have it: rope_scaling, top-level rope_theta."""
     config = json.loads((path / "config.json").read_text())
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")

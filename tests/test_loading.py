@@ -61,13 +61,17 @@ def test_unsupported_routing_is_refused(checkpoint):
 
 def test_shape_disagreement_names_tensor_and_both_shapes(checkpoint):
     edit_config(checkpoint, kv_lora_rank=48)
-    with pytest.raises(CheckpointError, match=r"kv_a_proj_with_mqa\.weight has shape \(40, 64\).*\(56, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"kv_a_proj_with_mqa\.weight has shape \(40, 64\).*\(56, 64\)"
+    ):
         mlx_mla.load_model(checkpoint)
 
 
 def test_missing_tensor_is_named(checkpoint):
     edit_weights(checkpoint, lambda w: w.pop("model.layers.1.self_attn.o_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.self_attn\.o_proj"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensor model\.layers\.1\.self_attn\.o_proj"
+    ):
         mlx_mla.load_model(checkpoint)
 
 

@@ -1,4 +1,4 @@
-"""The MLX model against transformers' DeepseekV2ForCausalLM, and its two cache paths against each other."""
+"""Our model against transformers' DeepseekV2ForCausalLM, and its cache paths against each other."""
 
 import math
 
@@ -61,7 +61,7 @@ def test_prefill_then_decode_equals_full_forward(checkpoints, name, mode):
 
 
 def test_chunked_prefill_uses_both_mla_paths_and_matches(checkpoints):
-    """A long chunk after a cached prefix expands the latent; a short one absorbs; both are exact."""
+    """A long chunk after a cached prefix expands the latent, a short one absorbs: both exact."""
     path, torch_model = checkpoints["yarn_no_q_lora", "original"]
     model = mlx_mla.load_model(path)
     attn = model.layers[0].self_attn
@@ -124,7 +124,10 @@ def test_prompt_cache_file_round_trip(checkpoints, tmp_path, mode):
     save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
     loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
     assert [type(c) for c in loaded] == [type(c) for c in cache]
-    assert np.abs(decode_stepwise_from(model, ids, 12, loaded) - mlx_logits(model, ids)[:, 12:]).max() <= TOL
+    assert (
+        np.abs(decode_stepwise_from(model, ids, 12, loaded) - mlx_logits(model, ids)[:, 12:]).max()
+        <= TOL
+    )
 
 
 def decode_stepwise_from(model, ids, start, cache):
@@ -166,7 +169,10 @@ def test_greedy_generation_matches_transformers(checkpoints):
     path, torch_model = checkpoints["yarn_no_q_lora", "original"]
     model = mlx_mla.load_model(path)
     prompt = tokens(8, seed=7)
-    ours = [int(t) for (t, _), _ in zip(generate_step(mx.array(prompt[0]), model), range(16))]
+    ours = [
+        int(t)
+        for (t, _), _ in zip(generate_step(mx.array(prompt[0]), model), range(16), strict=False)
+    ]
     with torch.no_grad():
         ref = torch_model.generate(
             torch.tensor(prompt), max_new_tokens=16, do_sample=False, min_new_tokens=16

@@ -1,0 +1,152 @@
+"""Chat with an MLA model. One cache is kept across turns, so only the new turn is prefilled.
+
+python -m mlx_mla.chat [--model PATH_OR_HUB_ID]
+Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C stops a reply.
+"""
+
+import signal
+
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from . import cli
+from .attention import ATTENTION_MODES
+from .generate import DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_P, build_prompt, cache_stats
+from .generate import format_cache_stats as format_stats
+from .loading import load
+
+DEFAULT_MAX_TOKENS = 256
+HELP = "commands: /reset, /stats, /exit; Ctrl-C stops a reply, Ctrl-D exits"
+
+
+class Chat:
+    """A conversation: the model, its cache, and what the last turn added to it."""
+
+    def __init__(self, model, tokenizer, max_tokens=DEFAULT_MAX_TOKENS, system=None, **sampling):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.system = system
+        self.sampler = make_sampler(**sampling)
+        self.context = model.args.max_position_embeddings
+        self.stop = False
+        self.reset()
+
+    def reset(self):
+        self.cache = self.model.make_cache()
+        self.last_turn = (0, 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.cache[0].offset
+
+    def reply(self, message: str, on_text):
+        """Stream the reply to `message`; returns False when it does not fit the context."""
+        system = self.system if self.tokens == 0 else None
+        prompt = build_prompt(self.tokenizer, message, system)
+        if self.tokens and prompt[:1] == [self.tokenizer.bos_token_id]:
+            prompt = prompt[1:]  # the conversation already began with it
+        room = self.context - self.tokens - len(prompt)
+        if room < 1:
+            return False
+        self.stop = False
+        generated = 0
+        for response in stream_generate(
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_tokens=min(self.max_tokens, room),
+            sampler=self.sampler,
+            prompt_cache=self.cache,
+        ):
+            on_text(response.text)
+            generated = response.generation_tokens
+            if self.stop:
+                break
+        self.last_turn = (len(prompt), generated)
+        return True
+
+    def stats(self) -> str:
+        prompt, generated = self.last_turn
+        return (
+            f"{format_stats(cache_stats(self.model, self.cache))}; context {self.context}; "
+            f"last turn added {prompt} prompt + {generated} generated tokens"
+        )
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(prog="mlx_mla.chat", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=cli.DEFAULT_MODEL, help="folder or hub id")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
+    return parser
+
+
+def _main(argv=None):
+    import mlx.core as mx
+
+    args = setup_arg_parser().parse_args(argv)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer = load(args.model, attention=args.attention)
+    chat = Chat(
+        model,
+        tokenizer,
+        max_tokens=args.max_tokens,
+        system=args.system,
+        temp=args.temp,
+        top_p=args.top_p,
+        min_p=args.min_p,
+    )
+
+    def interrupt(signum, frame):
+        chat.stop = True
+
+    print(f"[{args.model}] {HELP}", flush=True)
+    while True:
+        try:
+            message = input(">> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command = message.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            chat.reset()
+            print("[conversation reset]")
+        elif command == "/stats":
+            print(chat.stats())
+        elif command.startswith("/"):
+            print(f"[unknown command {command}; {HELP}]")
+        elif command:
+            previous = signal.signal(signal.SIGINT, interrupt)
+            try:
+                fits = chat.reply(message, lambda t: print(t, end="", flush=True))
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            if not fits:
+                print(
+                    f"[the conversation holds {chat.tokens} of the model's {chat.context} "
+                    "tokens of context and this message does not fit: /reset to start over]"
+                )
+            elif chat.stop:
+                print("\n[stopped]")
+            else:
+                print()
+
+
+def main(argv=None):
+    cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Generate text with an MLA model, streaming it, then report speed, memory and the KV cache's size.
+
+python -m mlx_mla.generate --prompt "ROMEO:" --max-tokens 40
+"""
+
+import sys
+from dataclasses import asdict
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from . import cli, memory
+from .attention import ATTENTION_MODES
+from .loading import load
+
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MIN_P = 0.0
+
+DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+
+
+def build_prompt(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True):
+    """Token ids for `prompt`, through the tokenizer's chat template when it has one."""
+    if chat_template and tokenizer.chat_template is not None:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text = f"{system}\n\n{prompt}" if system else prompt
+    return tokenizer.encode(text)
+
+
+def cache_stats(model, cache) -> dict:
+    """Tokens held, bytes allocated, and what the other attention path would allocate for them."""
+    tokens = cache[0].offset
+    other = "mha" if model.attention == "mla" else "mla"
+    first = cache[0].keys
+    dtype = DTYPE_NAMES.get(first.dtype, "float32") if first is not None else "float32"
+    return {
+        "tokens": tokens,
+        "attention": model.attention,
+        "nbytes": sum(c.nbytes for c in cache),
+        "other": other,
+        "other_nbytes": memory.cache_bytes(asdict(model.args), other, tokens, dtype=dtype)
+        if tokens
+        else 0,
+        "dtype": dtype,
+    }
+
+
+def format_cache_stats(stats: dict) -> str:
+    ours, other = stats["nbytes"], stats["other_nbytes"]
+    ratio = f" ({max(ours, other) / min(ours, other):.2f}x)" if ours and other else ""
+    return (
+        f"KV cache: {stats['tokens']} tokens, {memory.format_bytes(ours)} "
+        f"({stats['attention']}, {stats['dtype']}); {stats['other']} would need "
+        f"{memory.format_bytes(other)}{ratio}"
+    )
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    min_p: float = DEFAULT_MIN_P,
+    seed: int | None = None,
+    system: str | None = None,
+    chat_template: bool = True,
+    on_text=None,
+):
+    """Generate a reply, calling `on_text(segment)` as it streams.
+
+    Returns the text, the last mlx-lm GenerationResponse and the cache.
+    """
+    if seed is not None:
+        mx.random.seed(seed)
+    tokens = build_prompt(tokenizer, prompt, system, chat_template)
+    cache = model.make_cache()
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
+    text, response = "", None
+    for response in stream_generate(
+        model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
+    ):
+        text += response.text
+        if on_text:
+            on_text(response.text)
+    return text, response, cache
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=cli.DEFAULT_MODEL, help="folder or hub id")
+    parser.add_argument("--prompt", required=True, help="the prompt, or - to read it from stdin")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
+    parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
+    return parser
+
+
+def _main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        cli.fail("--max-tokens must be at least 1")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load(args.model, attention=args.attention)
+    if args.verbose:
+        ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
+        print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)
+    _, response, cache = generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        system=args.system,
+        chat_template=args.chat_template,
+        on_text=lambda t: print(t, end="", flush=True),
+    )
+    print("\n" + "=" * 10)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.1f} tokens-per-sec"
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB")
+    print(format_cache_stats(cache_stats(model, cache)))
+
+
+def main(argv=None):
+    cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""generate and chat driven as a user drives them: subprocesses, stdin, signals, exit codes."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ENV_NO_WARNINGS = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
+
+
+def run(module, *args, stdin=None, timeout=120):
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", f"mlx_mla.{module}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ENV_NO_WARNINGS},
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoints, tmp_path_factory):
+    src, _ = checkpoints["plain_rope", "original"]
+    return str(shutil.copytree(src, tmp_path_factory.mktemp("cli") / "model"))
+
+
+def generated_text(stdout: str) -> str:
+    return stdout.split("\n==========")[0]
+
+
+def test_generate_prints_text_and_statistics(model_dir):
+    out = run("generate", "--model", model_dir, "--prompt", "Hello", "--max-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"Prompt: \d+ tokens, [\d.]+ tokens-per-sec", out.stdout)
+    assert "Generation: 12 tokens" in out.stdout
+    assert re.search(r"Peak memory: [\d.]+ GB", out.stdout)
+    assert re.search(r"KV cache: \d+ tokens, .* \(mla, float32\); mha would need .*x\)", out.stdout)
+    assert generated_text(out.stdout).strip()
+
+
+def test_greedy_generation_is_deterministic_and_equal_for_both_paths(model_dir):
+    args = ("--model", model_dir, "--prompt", "Hello", "--max-tokens", "16", "--temp", "0")
+    texts = [
+        generated_text(run("generate", *args, *extra).stdout)
+        for extra in [(), (), ("--attention", "mha")]
+    ]
+    assert texts[0] and texts[0] == texts[1] == texts[2]
+
+
+def test_seeded_sampling_is_reproducible(model_dir):
+    args = ("--model", model_dir, "--prompt", "Hi", "--max-tokens", "16", "--temp", "1.0")
+    first = run("generate", *args, "--seed", "3").stdout
+    assert generated_text(first) == generated_text(run("generate", *args, "--seed", "3").stdout)
+
+
+def test_prompt_from_stdin_equals_prompt_flag(model_dir):
+    args = ("--model", model_dir, "--max-tokens", "8", "--no-chat-template")
+    piped = run("generate", *args, "--prompt", "-", stdin="Hello there")
+    flagged = run("generate", *args, "--prompt", "Hello there")
+    assert generated_text(piped.stdout) == generated_text(flagged.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model", "--prompt", "x"], "no such folder"),
+        (["--prompt", "x", "--attention", "gqa"], "invalid choice"),
+        (["--prompt", "x", "--max-tokens", "0"], "at least 1"),
+        (["--bogus-flag"], "error"),
+    ],
+)
+def test_generate_bad_input_exits_2_with_one_line(args, message):
+    out = run("generate", *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_generate_unreadable_checkpoint_exits_2(model_dir, tmp_path):
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    for shard in broken.glob("*.safetensors"):
+        shard.write_bytes(b"not safetensors")
+    out = run("generate", "--model", str(broken), "--prompt", "x")
+    assert out.returncode == 2 and "cannot read" in out.stderr and "Traceback" not in out.stderr
+
+
+def stats_lines(stdout):
+    pattern = r"KV cache: (\d+) tokens.*last turn added (\d+) prompt \+ (\d+) generated"
+    return [tuple(map(int, m)) for m in re.findall(pattern, stdout)]
+
+
+def test_chat_answers_two_turns_and_prefills_only_the_new_one(model_dir):
+    script = "Hello\n/stats\nHow are you today?\n/stats\n/exit\n"
+    out = run("chat", "--model", model_dir, "--max-tokens", "10", stdin=script)
+    assert out.returncode == 0, out.stderr
+    (tokens1, prompt1, gen1), (tokens2, prompt2, gen2) = stats_lines(out.stdout)
+    assert gen1 == gen2 == 10
+    assert tokens1 == prompt1 + gen1
+    assert tokens2 - tokens1 == prompt2 + gen2  # grown by the second turn alone
+    assert prompt2 == len("user: How are you today?\nassistant:")  # character tokenizer
+
+
+def test_chat_reset_and_eof(model_dir):
+    out = run("chat", "--model", model_dir, "--max-tokens", "4", stdin="Hi\n/reset\n/stats\n")
+    assert out.returncode == 0
+    assert "[conversation reset]" in out.stdout
+    assert stats_lines(out.stdout)[0][0] == 0
+
+
+def test_chat_refuses_a_message_beyond_the_context(model_dir, tmp_path):
+    small = shutil.copytree(model_dir, tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    out = run("chat", "--model", str(small), "--max-tokens", "4", stdin="x" * 60 + "\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert "does not fit: /reset to start over" in out.stdout
+
+
+def test_chat_ctrl_c_stops_the_reply_not_the_program(model_dir, tmp_path):
+    import os
+
+    long = shutil.copytree(model_dir, tmp_path / "long")
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**6}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_mla.chat", "--model", str(long), "--max-tokens", "100000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ENV_NO_WARNINGS},
+    )
+    proc.stdin.write("Hello\n")
+    proc.stdin.flush()
+    seen = ""
+    while len(seen) < 40:  # the banner, the prompt, then the reply streaming
+        seen += proc.stdout.read(1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("/stats\n/exit\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out
+    assert stats_lines(out), out[-500:]
