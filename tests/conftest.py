@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 YARN = {
     "rope_type": "yarn",
     "factor": 4.0,
-    "original_max_position_embeddings": 16,
+    "original_max_position_embeddings": 128,
     "beta_fast": 32,
     "beta_slow": 1,
     "mscale": 1.0,
@@ -52,7 +52,13 @@ CONFIGS = {
         routed_scaling_factor=2.5,
         attention_bias=True,
         n_shared_experts=2,
-        rope_parameters={"rope_theta": 10000.0, **YARN, "factor": 8.0, "mscale": 0.707},
+        rope_parameters={
+            "rope_theta": 10000.0,
+            **YARN,
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 0.707,
+        },
     ),
     "plain_rope": dict(
         first_k_dense_replace=0,

@@ -155,8 +155,15 @@ def test_stream_generate_gives_same_greedy_tokens_for_both_paths(checkpoints):
     generated = {}
     for mode in MODES:
         model, tokenizer = mlx_mla.load(path, attention=mode)
+        eos = tokenizer.eos_token_id
+        no_eos = [lambda _, logits, eos=eos: logits.at[:, eos].add(-1e9)]
         out = stream_generate(
-            model, tokenizer, "Hello there, my", max_tokens=24, sampler=make_sampler(temp=0.0)
+            model,
+            tokenizer,
+            "Hello there, my",
+            max_tokens=24,
+            sampler=make_sampler(temp=0.0),
+            logits_processors=no_eos,
         )
         generated[mode] = [r.token for r in out]
     assert len(generated["mla"]) == 24
