@@ -1,0 +1,409 @@
+"""Convert a Hugging Face DeepSeek-V2 checkpoint to MLX safetensors, optionally quantized.
+
+python convert.py --hf-path deepseek-ai/DeepSeek-V2-Lite-Chat --mlx-path v2-lite-4bit -q
+
+Tensors are read lazily and written shard by shard, so memory holds about one shard plus one
+tensor's working set, not the model. The output is built in a temporary folder beside --mlx-path
+and renamed into place only when complete.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from . import cli
+from .config import ModelArgs
+from .errors import CheckpointError, ConfigError, MLAError
+from .loading import check_weights, read_config, resolve, weight_files
+from .memory import format_bytes
+from .model import LAYER_KEY, Model, sanitize
+
+DEFAULT_MLX_PATH = "mlx_model"
+DEFAULT_Q_BITS = 4
+DEFAULT_Q_GROUP_SIZE = 64
+DEFAULT_MAX_SHARD_GB = 2.0
+
+DTYPES = ("float16", "bfloat16", "float32")
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.json",
+    "*.jinja",
+)
+ATTENTION_PROJ = re.compile(
+    r"self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|embed_q|unembed_out|o_proj)$"
+)
+EMBEDDINGS = ("model.embed_tokens", "lm_head")
+
+# recipe: (bits of experts and dense MLPs, bits of embeddings, lm_head and attention projections)
+QUANT_RECIPES = {"mixed_4_8": (4, 8), "mixed_3_8": (3, 8), "mixed_2_8": (2, 8)}
+
+
+def quant_bits(path: str, bits: int, quant_recipe: str | None) -> int:
+    if quant_recipe is None:
+        return bits
+    low, high = QUANT_RECIPES[quant_recipe]
+    return high if path in EMBEDDINGS or ATTENTION_PROJ.search(path) else low
+
+
+def quantization_plan(
+    model: Model, q_group_size: int, q_bits: int, quant_recipe: str | None = None
+) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """{module path: (group_size, bits)} for the quantizable modules, and those left in float.
+
+    Quantizable: modules with `to_quantized` (Linear, Embedding, SwitchLinear, MultiLinear) whose
+    input dimension the group size divides. Router gates and norms are never quantized.
+    """
+    plan, left_float = {}, []
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized"):
+            continue
+        if module.weight.shape[-1] % q_group_size:
+            left_float.append(path)
+        else:
+            plan[path] = (q_group_size, quant_bits(path, q_bits, quant_recipe))
+    return dict(sorted(plan.items())), sorted(left_float)
+
+
+def quantization_config(plan: dict, q_group_size: int, q_bits: int) -> dict:
+    """mlx-lm's `quantization` entry: the defaults, plus each module that differs from them."""
+    config = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+    for path, (group_size, bits) in plan.items():
+        if (group_size, bits) != (q_group_size, q_bits):
+            config[path] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    return config
+
+
+def read_lazy(path: Path) -> dict[str, mx.array]:
+    """Every tensor of the checkpoint as a lazy array: only headers are read until evaluation."""
+    weights = {}
+    for file in weight_files(path):
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+    return weights
+
+
+def sanitize_by_layer(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """`sanitize` one layer at a time (lazily), so a mismatch names the layer it is in."""
+    groups: dict[str, dict[str, mx.array]] = {}
+    while weights:
+        name, value = weights.popitem()
+        layer = LAYER_KEY.match(name)
+        groups.setdefault(layer[0] if layer else "", {})[name] = value
+    out = {}
+    for prefix in sorted(groups, key=layer_order):
+        group = groups.pop(prefix)
+        try:
+            out.update(sorted(sanitize(group, args).items()))
+        except ValueError as e:
+            where = prefix.rstrip(".") or "the non-layer tensors"
+            raise CheckpointError(f"{where} does not match config.json: {e}") from None
+    return out
+
+
+def layer_order(prefix: str) -> int:
+    return int(prefix.split(".")[2]) if prefix else -1
+
+
+def convert_tensor(name: str, w: mx.array, plan: dict, dtype) -> dict[str, mx.array]:
+    """One sanitized tensor cast to `dtype`, and quantized when its module is in the plan."""
+    if dtype is not None and mx.issubdtype(w.dtype, mx.floating):
+        w = w.astype(dtype)
+    module, _, param = name.rpartition(".")
+    if param != "weight" or module not in plan:
+        return {name: w}
+    group_size, bits = plan[module]
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    return {name: wq, f"{module}.scales": scales, f"{module}.biases": biases}
+
+
+def plan_shards(items: list[tuple[int, dict]], max_bytes: int) -> list[list[tuple[int, dict]]]:
+    """Group (input bytes, lazy outputs) items into shards of at most max_bytes of output; a
+    bigger item gets a shard of its own."""
+    shards, size = [], 0
+    for item in items:
+        nbytes = sum(v.nbytes for v in item[1].values())
+        if not shards or size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    return shards
+
+
+def save_shard(path: Path, tensors: dict[str, mx.array]):
+    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
+
+
+def check_disk_space(folder: Path, needed: int):
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise MLAError(
+            f"not enough disk space in {folder}: the converted model needs about "
+            f"{format_bytes(needed)}, {format_bytes(free)} is free"
+        )
+
+
+def source_dtype(config: dict, weights: dict[str, mx.array]) -> str:
+    for key in ("torch_dtype", "dtype"):
+        if config.get(key) in DTYPES:
+            return config[key]
+    floating = (w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating))
+    return str(next(floating, mx.float32)).removeprefix("mlx.core.")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for pattern in TOKENIZER_FILES:
+        for file in sorted(src.glob(pattern)):
+            shutil.copy(file, dst / file.name)
+            copied.append(file.name)
+    return copied
+
+
+def model_card(hf_path, mlx_path: Path, flags: str, plan: dict, left_float: list[str]) -> str:
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"# {mlx_path.name}",
+        "",
+        f"MLX weights for mlx-mla, converted from `{hf_path}` on {when} with",
+        "",
+        f"    python convert.py --hf-path {hf_path} --mlx-path {mlx_path} {flags}".rstrip(),
+        "",
+    ]
+    if plan:
+        bits = "/".join(str(b) for b in sorted({b for _, b in plan.values()}))
+        kept = "Router gates and norms stay in float"
+        if left_float:
+            kept += (
+                f", and so do {len(left_float)} modules whose input dimension is not a multiple "
+                f"of the group size: {', '.join(left_float)}"
+            )
+        lines += [f"{len(plan)} modules are quantized (affine, {bits} bits). {kept}.", ""]
+    lines += [
+        "Run it:",
+        "",
+        f'    python -m mlx_mla.generate --model {mlx_path} --prompt "Hello"',
+        "",
+        "or from Python:",
+        "",
+        "    import mlx_mla",
+        f'    model, tokenizer = mlx_mla.load("{mlx_path}")',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def command_flags(dtype, quantize, q_bits, q_group_size, quant_recipe) -> str:
+    flags = [f"--dtype {dtype}"] if dtype else []
+    if quant_recipe:
+        flags.append(f"--quant-recipe {quant_recipe} --q-group-size {q_group_size}")
+    elif quantize:
+        flags.append(f"-q --q-bits {q_bits} --q-group-size {q_group_size}")
+    return " ".join(flags)
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path = DEFAULT_MLX_PATH,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int = DEFAULT_Q_GROUP_SIZE,
+    quant_recipe: str | None = None,
+    max_shard_gb: float = DEFAULT_MAX_SHARD_GB,
+    force: bool = False,
+) -> Path:
+    """Convert a checkpoint folder or hub id to an MLX folder at `mlx_path`, which is returned.
+
+    dtype: output dtype of the float tensors (default: keep the source's). quantize: q_bits
+    (default 4) and q_group_size affine quantization; quant_recipe (implies quantize) picks bits
+    per module, see QUANT_RECIPES. force: replace an existing mlx_path once the new one is complete.
+    """
+    mlx_path = Path(mlx_path).expanduser()
+    q_bits = check_options(dtype, q_bits, q_group_size, quant_recipe)
+    quantize = quantize or quant_recipe is not None
+    if mlx_path.exists() and not force:
+        raise MLAError(f"{mlx_path} already exists; pass --force to replace it")
+
+    src = resolve(hf_path)
+    config = read_config(src)
+    if "quantization" in config or "quantization_config" in config:
+        raise ConfigError(f"{src} is already quantized; convert a float checkpoint")
+    args = ModelArgs.from_dict(config)
+    weights = sanitize_by_layer(read_lazy(src), args)
+    skeleton = Model(args)
+    check_weights(skeleton, weights)
+
+    plan, left_float = {}, []
+    if quantize:
+        plan, left_float = quantization_plan(skeleton, q_group_size, q_bits, quant_recipe)
+        config["quantization"] = quantization_config(plan, q_group_size, q_bits)
+    config["torch_dtype"] = dtype or source_dtype(config, weights)
+    if "dtype" in config:
+        config["dtype"] = config["torch_dtype"]
+    total_in, n_tensors = sum(w.nbytes for w in weights.values()), len(weights)
+    shards = plan_shards(lazy_outputs(weights, plan, dtype), int(max_shard_gb * 1e9))
+    total_out = sum(v.nbytes for shard in shards for _, out in shard for v in out.values())
+    check_disk_space(mlx_path.parent, total_out + (1 << 20))
+
+    if left_float:
+        print(
+            f"{len(left_float)} modules stay in float, their input dimension not being a multiple "
+            f"of {q_group_size} (README.md lists them)"
+        )
+    tmp = mlx_path.parent / f".{mlx_path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        write_shards(tmp, shards, total_in, n_tensors)
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+        copied = copy_tokenizer(src, tmp)
+        flags = command_flags(dtype, quantize, q_bits, q_group_size, quant_recipe)
+        (tmp / "README.md").write_text(model_card(hf_path, mlx_path, flags, plan, left_float))
+        replace(tmp, mlx_path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise MLAError(f"cannot write {mlx_path}: {e}") from None
+        raise
+    if not copied:
+        print(f"no tokenizer files in {src}: {mlx_path} loads with load_model but not with load")
+    print(f"wrote {mlx_path}: {format_bytes(total_out)} in {len(shards)} safetensors file(s)")
+    return mlx_path
+
+
+def lazy_outputs(weights: dict[str, mx.array], plan: dict, dtype: str | None) -> list:
+    """(input bytes, lazy outputs) per tensor, emptying `weights` so that no reference outside the
+    lazy graphs keeps an evaluated input alive."""
+    cast = getattr(mx, dtype) if dtype else None
+    items = []
+    while weights:
+        name = next(iter(weights))
+        w = weights.pop(name)
+        items.append((w.nbytes, convert_tensor(name, w, plan, cast)))
+    return items
+
+
+def check_options(dtype, q_bits, q_group_size, quant_recipe) -> int:
+    """The bits to quantize to; raises ConfigError on a value the CLI choices would refuse."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if q_group_size not in Q_GROUP_SIZES:
+        raise ConfigError(f"q_group_size must be one of {Q_GROUP_SIZES}, not {q_group_size}")
+    if quant_recipe is None:
+        bits = q_bits or DEFAULT_Q_BITS
+        if bits not in Q_BITS:
+            raise ConfigError(f"q_bits must be one of {Q_BITS}, not {bits}")
+        return bits
+    if quant_recipe not in QUANT_RECIPES:
+        raise ConfigError(f"quant recipe {quant_recipe!r} is not one of {', '.join(QUANT_RECIPES)}")
+    low = QUANT_RECIPES[quant_recipe][0]
+    if q_bits not in (None, low):
+        raise ConfigError(
+            f"quant recipe {quant_recipe} quantizes experts to {low} bits, not {q_bits}"
+        )
+    return low
+
+
+def write_shards(folder: Path, shards: list[list[dict]], total_in: int, n_tensors: int):
+    """Evaluate and save one shard at a time, then write the index."""
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map, total_size, done = {}, 0, 0
+    with tqdm(total=total_in, unit="B", unit_scale=True, desc="converting") as bar:
+        for i, name in enumerate(names):
+            shard, shards[i] = shards[i], None
+            tensors = {}
+            for j in range(len(shard)):
+                (nbytes, out), shard[j] = shard[j], None
+                mx.eval(out)
+                tensors.update(out)
+                done += 1
+                bar.update(nbytes)
+                bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
+            del shard, out
+            save_shard(folder / name, tensors)
+            weight_map.update(dict.fromkeys(tensors, name))
+            total_size += sum(v.nbytes for v in tensors.values())
+            del tensors
+            mx.clear_cache()
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def replace(tmp: Path, mlx_path: Path):
+    """Move the finished folder into place; an existing one is removed only after that."""
+    old = None
+    if mlx_path.exists():
+        old = mlx_path.parent / f".{mlx_path.name}.old-{os.getpid()}"
+        mlx_path.rename(old)
+    tmp.rename(mlx_path)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(prog="mlx_mla.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-path", required=True, help="checkpoint folder or hub id")
+    parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help="output folder")
+    parser.add_argument("--dtype", choices=DTYPES, help="float dtype (default: the source's)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize (affine)")
+    parser.add_argument(
+        "--q-bits", type=int, choices=Q_BITS, help=f"bits per weight (default {DEFAULT_Q_BITS})"
+    )
+    parser.add_argument(
+        "--q-group-size", type=int, choices=Q_GROUP_SIZES, default=DEFAULT_Q_GROUP_SIZE
+    )
+    parser.add_argument(
+        "--quant-recipe",
+        choices=QUANT_RECIPES,
+        help="mixed bits (implies -q): mixed_L_H quantizes experts and dense MLPs to L bits, "
+        "embeddings, lm_head and attention projections to H bits",
+    )
+    parser.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=DEFAULT_MAX_SHARD_GB,
+        help="shard size; peak memory is about one shard",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    return parser
+
+
+def _main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        convert(**vars(args))
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.mlx_path} is as it was", file=sys.stderr)
+        sys.exit(130)
+
+
+def main(argv=None):
+    cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    main()
