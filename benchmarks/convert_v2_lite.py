@@ -30,6 +30,7 @@ Q_BITS, Q_GROUP_SIZE = 4, 64
 POOL_BYTES = 64 << 20
 CHUNK_BYTES = 16 << 20
 POLL_S = 0.2
+MIN_AVAILABLE_GB = 1.5
 
 
 def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -153,13 +154,30 @@ def rss_kb(pid: int, field: str) -> int:
     return 0
 
 
+def meminfo_gb(field: str) -> float:
+    lines = Path("/proc/meminfo").read_text().splitlines()
+    return int(next(line for line in lines if line.startswith(field + ":")).split()[1]) / (1 << 20)
+
+
+def drop_page_cache() -> bool:
+    """So that each converter reads the source from disk, whichever runs first (needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def measure(name: str, command: list[str], out: Path, log: Path, rss_limit_gb: float) -> dict:
-    """Run command, polling its RSS; kill it (and say so) if it passes rss_limit_gb."""
+    """Run command, polling its RSS; kill it (and say so) if it passes rss_limit_gb, or if the
+    machine is about to run out of memory (it has no swap, and other work runs on it)."""
     print(f"{name}: {' '.join(command)}", flush=True)
+    cold = drop_page_cache()
     start = time.perf_counter()
     with open(log, "w") as f:
         process = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=f, start_new_session=True)
-    peak_kb, killed_at = 0, None
+    peak_kb, killed_at, reason = 0, None, None
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
@@ -167,6 +185,10 @@ def measure(name: str, command: list[str], out: Path, log: Path, rss_limit_gb: f
         rss = rss_kb(process.pid, "VmRSS")
         peak_kb = max(peak_kb, rss_kb(process.pid, "VmHWM"), rss)
         if killed_at is None and rss > rss_limit_gb * (1 << 20):
+            reason = f"RSS over {rss_limit_gb} GB"
+        elif killed_at is None and meminfo_gb("MemAvailable") < MIN_AVAILABLE_GB:
+            reason = f"machine down to {MIN_AVAILABLE_GB} GB available"
+        if reason and killed_at is None:
             killed_at = rss / (1 << 20)
             os.killpg(process.pid, signal.SIGKILL)
         time.sleep(POLL_S)
@@ -180,7 +202,9 @@ def measure(name: str, command: list[str], out: Path, log: Path, rss_limit_gb: f
         "peak_rss_gb": round(peak_gb, 2),
         "output_gb": round(size / 1e9, 2),
         "returncode": returncode,
+        "page_cache_dropped": cold,
         "killed_at_rss_gb": round(killed_at, 2) if killed_at else None,
+        "killed_because": reason,
         "log": str(log),
     }
     print(json.dumps(result), flush=True)
@@ -193,11 +217,9 @@ def machine() -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem_kb = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
     return {
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"{mem_kb / (1 << 20):.0f} GiB RAM",
+        f"{meminfo_gb('MemTotal'):.0f} GiB RAM",
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "python": platform.python_version(),
@@ -207,7 +229,9 @@ def machine() -> dict:
 def table(results: list[dict]) -> str:
     rows = [("tool", "wall s", "peak RSS GB", "output GB", "note")]
     for r in results:
-        note = f"killed at {r['killed_at_rss_gb']} GB RSS" if r.get("killed_at_rss_gb") else ""
+        note = ""
+        if r.get("killed_at_rss_gb"):
+            note = f"killed at {r['killed_at_rss_gb']} GB RSS ({r['killed_because']})"
         if r.get("returncode") and not note:
             note = f"exit code {r['returncode']}"
         rows.append(

@@ -9,7 +9,6 @@ and renamed into place only when complete.
 
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -44,12 +43,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "*.jinja",
 )
-ATTENTION_PROJ = re.compile(
-    r"self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|embed_q|unembed_out|o_proj)$"
-)
-EMBEDDINGS = ("model.embed_tokens", "lm_head")
-
-# recipe: (bits of experts and dense MLPs, bits of embeddings, lm_head and attention projections)
+# mixed_L_H: routed experts (most of the weights, each seen by few tokens) in L bits; what every
+# token goes through (embeddings, attention, shared experts, dense MLPs, lm_head) in H bits.
 QUANT_RECIPES = {"mixed_4_8": (4, 8), "mixed_3_8": (3, 8), "mixed_2_8": (2, 8)}
 
 
@@ -57,7 +52,7 @@ def quant_bits(path: str, bits: int, quant_recipe: str | None) -> int:
     if quant_recipe is None:
         return bits
     low, high = QUANT_RECIPES[quant_recipe]
-    return high if path in EMBEDDINGS or ATTENTION_PROJ.search(path) else low
+    return low if ".switch_mlp." in path else high
 
 
 def quantization_plan(
@@ -190,14 +185,16 @@ def model_card(hf_path, mlx_path: Path, flags: str, plan: dict, left_float: list
         "",
     ]
     if plan:
-        bits = "/".join(str(b) for b in sorted({b for _, b in plan.values()}))
+        bits = [b for _, b in plan.values()]
+        counts = ", ".join(f"{bits.count(b)} in {b} bits" for b in sorted(set(bits)))
+        group_size = next(iter(plan.values()))[0]
         kept = "Router gates and norms stay in float"
         if left_float:
             kept += (
                 f", and so do {len(left_float)} modules whose input dimension is not a multiple "
                 f"of the group size: {', '.join(left_float)}"
             )
-        lines += [f"{len(plan)} modules are quantized (affine, {bits} bits). {kept}.", ""]
+        lines += [f"Quantized (affine, group size {group_size}): {counts}. {kept}.", ""]
     lines += [
         "Run it:",
         "",
@@ -318,7 +315,7 @@ def check_options(dtype, q_bits, q_group_size, quant_recipe) -> int:
     low = QUANT_RECIPES[quant_recipe][0]
     if q_bits not in (None, low):
         raise ConfigError(
-            f"quant recipe {quant_recipe} quantizes experts to {low} bits, not {q_bits}"
+            f"quant recipe {quant_recipe} puts routed experts in {low} bits, not {q_bits}"
         )
     return low
 
@@ -378,8 +375,8 @@ def setup_arg_parser():
     parser.add_argument(
         "--quant-recipe",
         choices=QUANT_RECIPES,
-        help="mixed bits (implies -q): mixed_L_H quantizes experts and dense MLPs to L bits, "
-        "embeddings, lm_head and attention projections to H bits",
+        help="mixed bits (implies -q): mixed_L_H puts routed experts in L bits, everything else "
+        "(embeddings, attention, shared experts, dense MLPs, lm_head) in H bits",
     )
     parser.add_argument(
         "--max-shard-gb",
