@@ -1,11 +1,13 @@
 """Load a model from a Hugging Face or MLX (convert output) checkpoint folder, or a hub id."""
 
 import json
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import infer_quant_config
@@ -112,6 +114,19 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], quantization: 
     )
 
 
+def upcast_experts_for_cpu(model: nn.Module):
+    """MLX's CPU gather_mm only runs in float32: upcast float (not quantized) expert weights."""
+    experts = [m for _, m in model.named_modules() if isinstance(m, SwitchLinear)]
+    if mx.default_device() != mx.cpu or all(m.weight.dtype == mx.float32 for m in experts):
+        return
+    for m in experts:
+        m.update({k: v.astype(mx.float32) for k, v in m.parameters().items()})
+    print(
+        "note: MLX's CPU backend runs MoE experts in float32 only; expert weights were upcast",
+        file=sys.stderr,
+    )
+
+
 def load_model(path: str | Path, attention: str = "mla") -> Model:
     """The model of a checkpoint folder (Hugging Face or MLX layout) with its weights loaded."""
     path = resolve(path)
@@ -127,6 +142,7 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
         quantize_like(model, weights, args.quantization)
     check_weights(model, weights)
     model.load_weights(list(weights.items()))
+    upcast_experts_for_cpu(model)
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -66,7 +66,7 @@ class MoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
         y = self.switch_mlp(x, inds)  # (B, L, k, D)
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y

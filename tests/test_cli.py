@@ -149,3 +149,28 @@ def test_chat_ctrl_c_stops_the_reply_not_the_program(model_dir, tmp_path):
     assert proc.returncode == 0, err
     assert "[stopped]" in out
     assert stats_lines(out), out[-500:]
+
+
+def test_default_demo_model_writes_the_same_greedy_text_on_both_paths():
+    args = ("--prompt", "ROMEO:", "--max-tokens", "40", "--temp", "0")
+    mla, mha = run("generate", *args), run("generate", *args, "--attention", "mha")
+    assert mla.returncode == 0, mla.stderr
+    text = generated_text(mla.stdout)
+    assert len(text.split()) >= 10 and "\n" in text  # lines of verse, not one run-on token stream
+    assert text == generated_text(mha.stdout)
+    prompt_tokens = int(re.search(r"Prompt: (\d+) tokens", mla.stdout)[1])
+    assert f"KV cache: {prompt_tokens + 40} tokens" in mla.stdout
+
+
+def test_demo_model_has_its_stated_held_out_perplexity():
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+    if not data.exists():
+        pytest.skip(f"{data} not beside the project")
+    readme = (Path(__file__).resolve().parents[1] / "mlx_mla/demo_model/README.md").read_text()
+    stated = float(re.search(r"this conversion: \*\*([\d.]+)\*\*", readme)[1])
+    out = run("perplexity", "--text-file", str(data), "--batch-size", "32", timeout=600)
+    assert out.returncode == 0, out.stderr
+    measured = float(re.search(r"held-out perplexity ([\d.]+)", out.stdout)[1])
+    assert abs(measured - stated) < 0.01
