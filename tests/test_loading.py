@@ -111,3 +111,16 @@ def test_hub_id_offline_says_to_pass_a_local_folder(monkeypatch):
 def test_unknown_attention_mode_is_refused(checkpoint):
     with pytest.raises(ConfigError, match="'gqa' is not one of mla, mha"):
         mlx_mla.load_model(checkpoint, attention="gqa")
+
+
+def test_bfloat16_checkpoint_runs_on_the_cpu_with_a_bfloat16_cache(checkpoint):
+    import numpy as np
+
+    ids = mx.array([[5, 9, 17, 33, 4, 60]])
+    reference = mlx_mla.load_model(checkpoint)(ids)
+    edit_weights(checkpoint, lambda w: w.update({k: v.astype(mx.bfloat16) for k, v in w.items()}))
+    model = mlx_mla.load_model(checkpoint)
+    cache = model.make_cache()
+    logits = model(ids, cache=cache).astype(mx.float32)
+    assert cache[0].keys.dtype == mx.bfloat16
+    assert np.abs(np.array(logits - reference)).max() < 0.1 * np.abs(np.array(reference)).max()
