@@ -21,7 +21,7 @@ from mlx_mla.memory import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path("/work/shared/reference/deepseek-v2-lite/config.json")
+REFERENCE = REPO.parent / "shared/reference/deepseek-v2-lite/config.json"
 
 
 def one_layer(name):
@@ -247,3 +247,21 @@ def test_cli_exits_2_without_traceback_on_a_missing_config():
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "/nonexistent" in result.stderr
+
+
+@pytest.mark.parametrize("tokens", [7, 300])
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_calculator_equals_our_caches_measured_nbytes(checkpoints, attention, tokens):
+    import mlx_mla
+
+    path, _ = checkpoints["q_lora_grouped_scaled", "transformers5"]
+    model = mlx_mla.load_model(path, attention=attention)
+    cache = model.make_cache()
+    ids = mx.array([[(7 * i) % 70 + 3 for i in range(tokens)]])
+    model(ids[:, :-1], cache=cache)
+    model(ids[:, -1:], cache=cache)
+    config = json.loads((path / "config.json").read_text())
+    measured = sum(c.nbytes for c in cache)
+    assert measured == cache_bytes(config, attention, tokens, dtype="float32")
+    exact = bytes_per_token(config, attention, dtype="float32") * tokens
+    assert sum(c.offset * c.nbytes // c.keys.shape[2] for c in cache) == exact
