@@ -238,6 +238,8 @@ def convert(
     mlx_path = Path(mlx_path).expanduser()
     q_bits = check_options(dtype, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
+    if max_shard_gb <= 0:
+        raise ConfigError(f"max_shard_gb must be positive, not {max_shard_gb}")
     if mlx_path.exists() and not force:
         raise MLAError(f"{mlx_path} already exists; pass --force to replace it")
 
