@@ -17,3 +17,13 @@ __all__ = [
     "load",
     "load_model",
 ]
+
+
+def __getattr__(name):
+    # `mlx_mla.convert(...)` converts; importing the module lazily keeps `python -m mlx_mla.convert`
+    # free of runpy's double-import warning.
+    if name == "convert":
+        from importlib import import_module
+
+        return import_module(".convert", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -403,6 +404,15 @@ def _main(argv=None):
 def main(argv=None):
     cli.run(_main, argv)
 
+
+class CallableModule(types.ModuleType):
+    """Lets `mlx_mla.convert(...)` be called like the function, as in mlx-lm."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = CallableModule
 
 if __name__ == "__main__":
     main()

@@ -100,7 +100,7 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
         if key.endswith("self_attn.kv_b_proj.weight"):
             prefix = key.removesuffix("kv_b_proj.weight")
             out[prefix + "embed_q.weight"], out[prefix + "unembed_out.weight"] = split_kv_b_proj(
-                value, args
+                key, value, args
             )
         elif match := EXPERT_KEY.match(key):
             experts.setdefault(f"{match[1]}.switch_mlp.{match[3]}.weight", {})[int(match[2])] = (
@@ -122,9 +122,12 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
     return out
 
 
-def split_kv_b_proj(w: mx.array, args: ModelArgs) -> tuple[mx.array, mx.array]:
+def split_kv_b_proj(name: str, w: mx.array, args: ModelArgs) -> tuple[mx.array, mx.array]:
     """kv_b_proj (H * (nope + v), kv_lora) -> W_UK (H, kv_lora, nope) and W_UV (H, v, kv_lora)."""
     H = args.num_attention_heads
+    expected = (H * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank)
+    if tuple(w.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}, config.json implies {expected}")
     w = w.reshape(H, args.qk_nope_head_dim + args.v_head_dim, -1)  # (H, nope + v, kv_lora)
     w_uk, w_uv = mx.split(w, [args.qk_nope_head_dim], axis=1)
     return mx.contiguous(w_uk.swapaxes(-1, -2)), mx.contiguous(w_uv)

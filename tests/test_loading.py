@@ -62,7 +62,8 @@ def test_unsupported_routing_is_refused(checkpoint):
 def test_shape_disagreement_names_tensor_and_both_shapes(checkpoint):
     edit_config(checkpoint, kv_lora_rank=48)
     with pytest.raises(
-        CheckpointError, match=r"kv_a_proj_with_mqa\.weight has shape \(40, 64\).*\(56, 64\)"
+        CheckpointError,
+        match=r"layers\.\d+\.self_attn\.kv_b_proj\.weight has shape \(112, 32\).*\(112, 48\)",
     ):
         mlx_mla.load_model(checkpoint)
 
@@ -124,3 +125,12 @@ def test_bfloat16_checkpoint_runs_on_the_cpu_with_a_bfloat16_cache(checkpoint):
     logits = model(ids, cache=cache).astype(mx.float32)
     assert cache[0].keys.dtype == mx.bfloat16
     assert np.abs(np.array(logits - reference)).max() < 0.1 * np.abs(np.array(reference)).max()
+
+
+def test_transposed_kv_b_proj_is_refused_not_silently_reshaped(checkpoint):
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    edit_weights(checkpoint, lambda w: w.update({name: mx.contiguous(w[name].T)}))
+    with pytest.raises(
+        CheckpointError, match=r"kv_b_proj\.weight has shape \(32, 112\).*\(112, 32\)"
+    ):
+        mlx_mla.load_model(checkpoint)
