@@ -54,7 +54,7 @@ def format_cache_stats(stats: dict) -> str:
     ours, other = stats["nbytes"], stats["other_nbytes"]
     ratio = f" ({max(ours, other) / min(ours, other):.2f}x)" if ours and other else ""
     return (
-        f"KV cache: {stats['tokens']} tokens, {memory.format_bytes(ours)} "
+        f"KV cache: {stats['tokens']} tokens, {memory.format_bytes(ours)} allocated "
         f"({stats['attention']}, {stats['dtype']}); {stats['other']} would need "
         f"{memory.format_bytes(other)}{ratio}"
     )
