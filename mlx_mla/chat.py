@@ -10,8 +10,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli
-from .attention import ATTENTION_MODES
-from .generate import DEFAULT_MIN_P, DEFAULT_TEMP, DEFAULT_TOP_P, build_prompt, cache_stats
+from .generate import build_prompt, cache_stats
 from .generate import format_cache_stats as format_stats
 from .loading import load
 
@@ -76,14 +75,8 @@ class Chat:
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.chat", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=cli.DEFAULT_MODEL, help="folder or hub id")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP)
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
+    cli.add_model_arguments(parser)
+    cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     return parser
 
 

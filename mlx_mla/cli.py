@@ -4,9 +4,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from .attention import ATTENTION_MODES
 from .errors import MLAError
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MIN_P = 0.0
 EXIT_BAD_INPUT = 2
 
 
@@ -15,6 +19,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int):
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system", default=None, help="system prompt")
 
 
 def fail(message: str):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import cli
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, MLAError
-from .loading import check_weights, read_config, resolve, weight_files
+from .loading import check_weights, read_config, read_weights, resolve
 from .memory import format_bytes
 from .model import LAYER_KEY, Model, sanitize
 
@@ -82,17 +82,6 @@ def quantization_config(plan: dict, q_group_size: int, q_bits: int) -> dict:
         if (group_size, bits) != (q_group_size, q_bits):
             config[path] = {"group_size": group_size, "bits": bits, "mode": "affine"}
     return config
-
-
-def read_lazy(path: Path) -> dict[str, mx.array]:
-    """Every tensor of the checkpoint as a lazy array: only headers are read until evaluation."""
-    weights = {}
-    for file in weight_files(path):
-        try:
-            weights.update(mx.load(str(file)))
-        except Exception as e:
-            raise CheckpointError(f"cannot read {file}: {e}") from None
-    return weights
 
 
 def sanitize_by_layer(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
@@ -249,7 +238,7 @@ def convert(
     if "quantization" in config or "quantization_config" in config:
         raise ConfigError(f"{src} is already quantized; convert a float checkpoint")
     args = ModelArgs.from_dict(config)
-    weights = sanitize_by_layer(read_lazy(src), args)
+    weights = sanitize_by_layer(read_weights(src), args)
     skeleton = Model(args)
     check_weights(skeleton, weights)
 

@@ -11,13 +11,9 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli, memory
-from .attention import ATTENTION_MODES
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
-DEFAULT_TEMP = 0.0
-DEFAULT_TOP_P = 1.0
-DEFAULT_MIN_P = 0.0
 
 DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
 
@@ -65,9 +61,9 @@ def generate(
     tokenizer,
     prompt: str,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    temp: float = DEFAULT_TEMP,
-    top_p: float = DEFAULT_TOP_P,
-    min_p: float = DEFAULT_MIN_P,
+    temp: float = cli.DEFAULT_TEMP,
+    top_p: float = cli.DEFAULT_TOP_P,
+    min_p: float = cli.DEFAULT_MIN_P,
     seed: int | None = None,
     system: str | None = None,
     chat_template: bool = True,
@@ -94,16 +90,10 @@ def generate(
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=cli.DEFAULT_MODEL, help="folder or hub id")
     parser.add_argument("--prompt", required=True, help="the prompt, or - to read it from stdin")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP)
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--system", default=None, help="system prompt")
+    cli.add_model_arguments(parser)
+    cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
-    parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
     parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
     return parser
 

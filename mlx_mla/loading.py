@@ -70,6 +70,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
+    """Every tensor of the checkpoint as a lazy array: only headers are read until evaluation."""
     weights = {}
     for file in weight_files(path):
         try:

@@ -11,7 +11,6 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from . import cli
-from .attention import ATTENTION_MODES
 from .loading import load
 
 DEFAULT_TEXT_FILE = "../shared/data/tinyshakespeare.txt"
@@ -44,12 +43,11 @@ def perplexity(model, tokens: list[int], context: int, batch_size: int = DEFAULT
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.perplexity", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=cli.DEFAULT_MODEL, help="folder or hub id")
+    cli.add_model_arguments(parser)
     parser.add_argument("--text-file", default=DEFAULT_TEXT_FILE)
     parser.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT)
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
     return parser
 
 
