@@ -1,4 +1,4 @@
-"""The latent cache: per token and layer, only c_kv (kv_lora_rank) and the roped k_pe (qk_rope_head_dim)."""
+"""The latent cache: per token and layer, only c_kv (kv_lora_rank) and the roped k_pe."""
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
@@ -12,7 +12,8 @@ class LatentCache(KVCache):
 
     `keys` is the normalised latent c_kv, (B, 1, S, kv_lora_rank); `values` is k_pe after RoPE,
     (B, 1, S, qk_rope_head_dim). Storage grows `step` tokens at a time, so appending a token does
-    not copy the history, and `nbytes` is the memory allocated, unused slots of the last step included.
+    not copy the history, and `nbytes` is the memory allocated, unused slots of the last step
+    included.
     """
 
     @property
