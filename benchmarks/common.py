@@ -450,3 +450,23 @@ def write_json(out: str, name: str, payload: dict) -> Path:
 
 def parse_ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t]
+
+
+def save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_benchmark(name: str, args, quick: dict, run, report, plot) -> None:
+    """Apply --quick, run, print the table, write JSON and the PNG beside it."""
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+    result = run(args)
+    print(report(result))
+    path = write_json(args.out, name, result)
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")

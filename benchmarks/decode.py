@@ -192,21 +192,12 @@ def plot(result: dict, path) -> None:
     ax2.set_yscale("log")
     ax1.legend()
     fig.suptitle(common.plot_title("decode", result))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    result = run(args)
-    print(report(result))
-    path = common.write_json(args.out, "decode", result)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    common.run_benchmark("decode", args, QUICK, run, report, plot)
 
 
 if __name__ == "__main__":
