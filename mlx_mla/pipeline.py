@@ -24,11 +24,12 @@ from mlx_lm.models.cache import KVCache
 from . import memory, stages
 from .cache import LatentCache
 from .config import ModelArgs
-from .errors import MLAError
+from .errors import CheckpointError, MLAError
 from .loading import fill, read_config, read_weights, resolve, tokenizer_of, weight_files
 from .model import DecoderLayer
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+LOAD_ERRORS = (MLAError, OSError, ValueError)
 
 
 class PipelineError(MLAError):
@@ -134,10 +135,10 @@ def plan(path: Path, config: dict, ranks: int, attention: str = "mla", context=N
     at `context` tokens (the model's whole context by default). Weight bytes come from the
     safetensors headers when every file is here, else from config.json."""
     args = ModelArgs.from_dict(config)
-    files = weight_files(path)
-    if all(f.is_file() for f in files):
+    try:
+        files = weight_files(path)
         costs = stages.checkpoint_costs(files, args.num_hidden_layers, args.tie_word_embeddings)
-    else:
+    except CheckpointError:
         costs = stages.config_costs(config)
     context = context or args.max_position_embeddings
     dtype = str(config.get("torch_dtype") or config.get("dtype") or memory.DEFAULT_DTYPE)
@@ -195,19 +196,25 @@ def load(
     context: int | None = None,
 ):
     """This rank's Stage and the tokenizer. Every rank of `group` calls it; `split` gives the
-    layer counts per rank (rank 0 first), else they are planned by `plan`."""
+    layer counts per rank (rank 0 first), else rank 0 plans them (`plan`) and tells the others."""
     group = group or mx.distributed.init()
-    stage, error = None, None
+    stage, tokenizer, error = None, None, None
     try:
         path = resolve(path_or_hub_id)
         config = read_config(path)
         args = ModelArgs.from_dict(config)
-        if split is None:
+        if split is None and group.rank() == 0:
             split = plan(path, config, group.size(), attention, context)
-        stages.check_split(split, group.size(), args.num_hidden_layers)
-        stage = load_stage(path, args, attention, stages.layer_range(split, group.rank()), group)
-        tokenizer = tokenizer_of(path)
-    except (MLAError, OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
+        error = str(e)
+    split = broadcast(group, None if error else split)
+    try:
+        if split is not None and error is None:
+            stages.check_split(split, group.size(), args.num_hidden_layers)
+            layers = stages.layer_range(split, group.rank())
+            stage = load_stage(path, args, attention, layers, group)
+            tokenizer = tokenizer_of(path)
+    except LOAD_ERRORS as e:
         error = str(e)
     agree(group, stage, error)
     return stage, tokenizer
