@@ -1,10 +1,11 @@
-"""Convert a Hugging Face DeepSeek-V2 checkpoint to MLX safetensors, optionally quantized.
+"""Convert a Hugging Face MLA checkpoint to MLX safetensors, optionally quantized.
 
 python convert.py --hf-path deepseek-ai/DeepSeek-V2-Lite-Chat --mlx-path v2-lite-4bit -q
 
 Tensors are read lazily and written shard by shard, so memory holds about one shard plus one
-tensor's working set, not the model. The output is built in a temporary folder beside --mlx-path
-and renamed into place only when complete.
+tensor's working set, not the model. DeepSeek-V3's FP8 weights are dequantised (to bfloat16
+unless --dtype says otherwise) tensor by tensor on the way. The output is built in a temporary
+folder beside --mlx-path and renamed into place only when complete.
 """
 
 import json
@@ -237,9 +238,11 @@ def convert(
         raise MLAError(f"{mlx_path} already exists; pass --force to replace it")
 
     config = read_config(src)
-    if "quantization" in config or "quantization_config" in config:
+    if "quantization" in config:
         raise ConfigError(f"{src} is already quantized; convert a float checkpoint")
     args = ModelArgs.from_dict(config)
+    if config.pop("quantization_config", None):  # FP8 blocks, dequantised by sanitize
+        dtype = dtype or "bfloat16"
     weights = sanitize_by_layer(read_weights(src), args)
     skeleton = Model(args)
     check_weights(skeleton, weights)

@@ -135,6 +135,12 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     args = ModelArgs.from_dict(config)
     model = Model(args, attention)
     weights = read_weights(path)
+    if args.quantization_config:
+        print(
+            "note: FP8 weights are dequantised to bfloat16 at every load; "
+            "python -m mlx_mla.convert does it once",
+            file=sys.stderr,
+        )
     try:
         weights = sanitize(weights, args)
     except ValueError as e:
