@@ -123,7 +123,9 @@ def pipeline_main(args):
     group = mx.distributed.init()
     pipeline.end_on_sigterm(group.rank())
     stages = parse_stages(args.pipeline_stages)
-    model, tokenizer = pipeline.load(args.model, args.attention, group, stages)
+    model, tokenizer = pipeline.load(
+        args.model, args.attention, group, stages, trust_remote_code=args.trust_remote_code
+    )
     tokens = None
     if group.rank() == 0:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -161,7 +163,9 @@ def _main(argv=None):
     if args.pipeline:
         return pipeline_main(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, attention=args.attention)
+    model, tokenizer = load(
+        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+    )
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)

@@ -194,6 +194,7 @@ def load(
     group=None,
     split: list[int] | None = None,
     context: int | None = None,
+    trust_remote_code: bool = False,
 ):
     """This rank's Stage and the tokenizer. Every rank of `group` calls it; `split` gives the
     layer counts per rank (rank 0 first), else rank 0 plans them (`plan`) and tells the others."""
@@ -213,7 +214,7 @@ def load(
             stages.check_split(split, group.size(), args.num_hidden_layers)
             layers = stages.layer_range(split, group.rank())
             stage = load_stage(path, args, attention, layers, group)
-            tokenizer = tokenizer_of(path)
+            tokenizer = tokenizer_of(path, trust_remote_code)
     except LOAD_ERRORS as e:
         error = str(e)
     agree(group, stage, error)
