@@ -56,6 +56,49 @@ PRESETS = {
         "q_lora_rank": 1536,
         **_MLA_DIMS,
     },
+    # DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes.
+    "deepseek-r1": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        **_MLA_DIMS,
+    },
+    # moonshotai/Kimi-K2-Instruct config.json (model_type kimi_k2, the deepseek_v3 architecture).
+    "kimi-k2": {
+        "model_type": "kimi_k2",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "q_lora_rank": 1536,
+        **_MLA_DIMS,
+    },
+    # moonshotai/Moonlight-16B-A3B config.json (deepseek_v3 with V2-Lite's attention shape).
+    "moonlight-16b-a3b": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 2048,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": None,
+        **_MLA_DIMS,
+    },
+    # zai-org/GLM-4.7-Flash config.json, also transformers' Glm4MoeLiteConfig defaults.
+    "glm-4.7-flash": {
+        "model_type": "glm4_moe_lite",
+        "hidden_size": 2048,
+        "num_hidden_layers": 47,
+        "num_attention_heads": 20,
+        "num_key_value_heads": 20,
+        "q_lora_rank": 768,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 256,
+    },
     "deepseek-67b": {
         "model_type": "llama",
         "hidden_size": 8192,

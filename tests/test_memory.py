@@ -56,6 +56,22 @@ def test_presets_hold_the_public_attention_shapes():
             cfg[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
         ]
         assert dims == [512, 64, 128, 128]
+    for name in ("deepseek-r1", "kimi-k2", "moonlight-16b-a3b"):
+        cfg = PRESETS[name]
+        dims = [
+            cfg[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+        ]
+        assert dims == [512, 64, 128, 128]
+    assert [PRESETS["kimi-k2"][k] for k in ("num_hidden_layers", "num_attention_heads")] == [61, 64]
+    moonlight = PRESETS["moonlight-16b-a3b"]
+    assert [moonlight[k] for k in ("num_hidden_layers", "num_attention_heads")] == [27, 16]
+    glm = PRESETS["glm-4.7-flash"]
+    glm_shape = [glm[k] for k in ("num_hidden_layers", "num_attention_heads", "q_lora_rank")]
+    assert glm_shape == [47, 20, 768]
+    glm_dims = [
+        glm[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    ]
+    assert glm_dims == [512, 64, 192, 256]
     for name, layers in [("deepseek-67b", 95), ("llama-2-70b", 80), ("llama-3-70b", 80)]:
         assert PRESETS[name]["num_hidden_layers"] == layers
     for name in ("deepseek-67b", "llama-2-70b", "llama-3-70b", "qwen2.5-72b"):
@@ -250,10 +266,11 @@ def test_cli_exits_2_without_traceback_on_a_missing_config():
 
 @pytest.mark.parametrize("tokens", [7, 300])
 @pytest.mark.parametrize("attention", ["mla", "mha"])
-def test_calculator_equals_our_caches_measured_nbytes(checkpoints, attention, tokens):
+@pytest.mark.parametrize("name", ["q_lora_grouped_scaled", "v3_grouped_q_lora", "glm_lite"])
+def test_calculator_equals_our_caches_measured_nbytes(checkpoints, name, attention, tokens):
     import mlx_mla
 
-    path, _ = checkpoints["q_lora_grouped_scaled", "transformers5"]
+    path, _ = checkpoints[name, "transformers5"]
     model = mlx_mla.load_model(path, attention=attention)
     cache = model.make_cache()
     ids = mx.array([[(7 * i) % 70 + 3 for i in range(tokens)]])
