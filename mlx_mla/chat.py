@@ -1,6 +1,7 @@
 """Chat with an MLA model. One cache is kept across turns, so only the new turn is prefilled.
 
 python -m mlx_mla.chat [--model PATH_OR_HUB_ID]
+mlx.launch --backend ring -n 2 -- python -m mlx_mla.chat --pipeline   # the layers over 2 ranks
 Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C stops a reply.
 """
 
@@ -9,7 +10,7 @@ import signal
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli
+from . import cli, pipeline
 from .generate import build_prompt, cache_stats
 from .generate import format_cache_stats as format_stats
 from .loading import load
@@ -27,6 +28,7 @@ class Chat:
         self.max_tokens = max_tokens
         self.system = system
         self.sampler = make_sampler(**sampling)
+        self.stream_generate = stream_generate  # pipeline.stream_generate on every rank of one
         self.context = model.args.max_position_embeddings
         self.stop = False
         self.reset()
@@ -50,7 +52,7 @@ class Chat:
             return False
         self.stop = False
         generated = 0
-        for response in stream_generate(
+        for response in self.stream_generate(
             self.model,
             self.tokenizer,
             prompt,
@@ -65,10 +67,14 @@ class Chat:
         self.last_turn = (len(prompt), generated)
         return True
 
-    def stats(self) -> str:
+    def stats(self, group=None) -> str:
+        """The cache's size; over a pipeline `group`, that of every rank's layers together."""
         prompt, generated = self.last_turn
+        stats = cache_stats(self.model, self.cache)
+        if group is not None:
+            stats["nbytes"] = sum(r[0] for r in pipeline.gather(group, [stats["nbytes"]]))
         return (
-            f"{format_stats(cache_stats(self.model, self.cache))}; context {self.context}; "
+            f"{format_stats(stats)}; context {self.context}; "
             f"last turn added {prompt} prompt + {generated} generated tokens"
         )
 
@@ -77,7 +83,24 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.chat", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_pipeline_arguments(parser)
     return parser
+
+
+def read_message(group=None) -> str | None:
+    """The next line typed on rank 0 (None at end of input), given to every rank of `group`."""
+    message = None
+    if group is None or group.rank() == 0:
+        while True:
+            try:
+                message = input(">> ")
+                break
+            except EOFError:
+                print()
+                break
+            except KeyboardInterrupt:
+                print()
+    return message if group is None else pipeline.broadcast(group, message)
 
 
 def _main(argv=None):
@@ -86,9 +109,21 @@ def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load(
-        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
-    )
+    group = None
+    if args.pipeline:
+        group = mx.distributed.init()
+        pipeline.end_on_sigterm(group.rank())
+        model, tokenizer = pipeline.load(
+            args.model,
+            args.attention,
+            group,
+            cli.pipeline_stages(args.pipeline_stages),
+            trust_remote_code=args.trust_remote_code,
+        )
+    else:
+        model, tokenizer = load(
+            args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+        )
     chat = Chat(
         model,
         tokenizer,
@@ -98,45 +133,44 @@ def _main(argv=None):
         top_p=args.top_p,
         min_p=args.min_p,
     )
+    if group is not None:
+        chat.stream_generate = pipeline.stream_generate
+    say = print if group is None or group.rank() == 0 else (lambda *a, **k: None)
 
     def interrupt(signum, frame):
         chat.stop = True
 
-    print(f"[{args.model}] {HELP}", flush=True)
+    say(f"[{args.model}] {HELP}", flush=True)
     while True:
-        try:
-            message = input(">> ")
-        except EOFError:
-            print()
+        message = read_message(group)
+        if message is None:
             return
-        except KeyboardInterrupt:
-            print()
-            continue
         command = message.strip()
         if command == "/exit":
             return
         if command == "/reset":
             chat.reset()
-            print("[conversation reset]")
+            say("[conversation reset]")
         elif command == "/stats":
-            print(chat.stats())
+            say(chat.stats(group))
         elif command.startswith("/"):
-            print(f"[unknown command {command}; {HELP}]")
-        elif command:
-            previous = signal.signal(signal.SIGINT, interrupt)
+            say(f"[unknown command {command}; {HELP}]")
+        elif command:  # under mlx.launch Ctrl-C ends every rank: stopping one would desync them
+            handler = interrupt if group is None else signal.getsignal(signal.SIGINT)
+            previous = signal.signal(signal.SIGINT, handler)
             try:
-                fits = chat.reply(message, lambda t: print(t, end="", flush=True))
+                fits = chat.reply(message, lambda t: say(t, end="", flush=True))
             finally:
                 signal.signal(signal.SIGINT, previous)
             if not fits:
-                print(
+                say(
                     f"[the conversation holds {chat.tokens} of the model's {chat.context} "
                     "tokens of context and this message does not fit: /reset to start over]"
                 )
             elif chat.stop:
-                print("\n[stopped]")
+                say("\n[stopped]")
             else:
-                print()
+                say()
 
 
 def main(argv=None):

@@ -53,6 +53,15 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser):
     )
 
 
+def pipeline_stages(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        fail(f"--pipeline-stages must be comma-separated layer counts, not {text!r}")
+
+
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

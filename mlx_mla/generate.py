@@ -99,15 +99,6 @@ def setup_arg_parser():
     return parser
 
 
-def parse_stages(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(t) for t in text.split(",")]
-    except ValueError:
-        cli.fail(f"--pipeline-stages must be comma-separated layer counts, not {text!r}")
-
-
 def print_report(response):
     print("\n" + "=" * 10)
     print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
@@ -122,7 +113,7 @@ def pipeline_main(args):
     """Every rank runs this; rank 0 reads the prompt, samples and prints."""
     group = mx.distributed.init()
     pipeline.end_on_sigterm(group.rank())
-    stages = parse_stages(args.pipeline_stages)
+    stages = cli.pipeline_stages(args.pipeline_stages)
     model, tokenizer = pipeline.load(
         args.model, args.attention, group, stages, trust_remote_code=args.trust_remote_code
     )
@@ -135,8 +126,8 @@ def pipeline_main(args):
     cache = model.make_cache()
     sample = make_sampler(temp=args.temp, top_p=args.top_p, min_p=args.min_p)
     response = None
-    for response in pipeline.stream(
-        model, tokenizer, tokens, cache, sample, max_tokens=args.max_tokens
+    for response in pipeline.stream_generate(
+        model, tokenizer, tokens, sample, cache, max_tokens=args.max_tokens
     ):
         if group.rank() == 0:
             print(response.text, end="", flush=True)

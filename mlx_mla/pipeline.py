@@ -6,7 +6,7 @@ mlx.launch --backend ring -n 2 -- python -m mlx_mla.generate --pipeline --prompt
 As in mlx-lm, rank 0 runs the last layers, the final norm and the head; the highest rank embeds
 the tokens and runs the first layers. Each decode step the hidden state (1, 1, hidden) passes down
 the ranks with send/recv, rank 0 samples, and one all_sum gives every rank the token, so mlx-lm's
-`stream_generate` runs unchanged and in lockstep on every rank (wrap the sampler with `sampler`).
+`stream_generate` runs unchanged and in lockstep on every rank (`pipeline.stream_generate`).
 """
 
 import json
@@ -16,17 +16,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
-from mlx_lm.generate import stream_generate
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.generate import generation_stream
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
 
 from . import memory, stages
-from .cache import LatentCache
 from .config import ModelArgs
 from .errors import CheckpointError, MLAError
 from .loading import fill, read_config, read_weights, resolve, tokenizer_of, weight_files
-from .model import DecoderLayer
+from .model import DecoderLayer, Model
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 LOAD_ERRORS = (MLAError, OSError, ValueError)
@@ -70,9 +69,7 @@ class Stage(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self) -> list:
-        cache_class = LatentCache if self.attention == "mla" else KVCache
-        return [cache_class() for _ in self.layers]
+    make_cache = Model.make_cache
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         cache = cache or [None] * len(self.layers)
@@ -90,7 +87,7 @@ class Stage(nn.Module):
             h = mx.distributed.send(h, self.rank - 1, group=self.group)
             self.bytes_sent += h.nbytes
             if cache[-1] is not None:  # prefill evaluates only the caches: make them carry the send
-                cache[-1].keys = mx.depends(cache[-1].keys, h)
+                cache[-1].keys = tree_map(lambda a: mx.depends(a, h), cache[-1].keys)
             return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
@@ -107,7 +104,7 @@ class Stage(nn.Module):
         return ", ".join(parts)
 
 
-def sampler(sample, group):
+def broadcast_sampler(sample, group):
     """`sample` run on rank 0, its token given to every rank (the others pass zeros to all_sum)."""
 
     def broadcast_sample(logprobs: mx.array) -> mx.array:
@@ -221,21 +218,19 @@ def load(
     return stage, tokenizer
 
 
-def stream(stage: Stage, tokenizer, prompt: list[int] | None, cache, sample, **kwargs):
-    """mlx-lm's `stream_generate` on every rank in lockstep: rank 0's `prompt` (token ids; None
-    elsewhere) goes to every rank, and rank 0's `sample` picks each token for all of them."""
-    prompt = broadcast(stage.group, prompt)
+def stream_generate(model: Stage, tokenizer, prompt, sampler=None, prompt_cache=None, **kwargs):
+    """mlx-lm's `stream_generate`, run by every rank in lockstep: rank 0's `prompt` (token ids)
+    goes to every rank, and rank 0's `sampler` (greedy by default) picks each token for all."""
+    prompt = broadcast(model.group, prompt if model.rank == 0 else None)
+    sample = broadcast_sampler(sampler or (lambda x: mx.argmax(x, axis=-1)), model.group)
     try:
-        yield from stream_generate(
-            stage,
-            tokenizer,
-            prompt,
-            sampler=sampler(sample, stage.group),
-            prompt_cache=cache,
-            **kwargs,
+        yield from mlx_lm_stream_generate(
+            model, tokenizer, prompt, sampler=sample, prompt_cache=prompt_cache, **kwargs
         )
+        # mlx-lm computes one step ahead: let it finish before any other collective runs
+        mx.synchronize(generation_stream)
     except RuntimeError as e:
-        raise PipelineError(f"rank {stage.rank} lost the pipeline: {e}") from None
+        raise PipelineError(f"rank {model.rank} lost the pipeline: {e}") from None
 
 
 def gather(group, values: list[float]) -> list[list[float]]:

@@ -22,8 +22,8 @@ def main(model, attention, out, prompt, max_tokens):
     cache = stage.make_cache()
     tokens = [
         r.token
-        for r in pipeline.stream(
-            stage, tokenizer, prompt, cache, lambda x: mx.argmax(x, -1), max_tokens=int(max_tokens)
+        for r in pipeline.stream_generate(
+            stage, tokenizer, prompt, prompt_cache=cache, max_tokens=int(max_tokens)
         )
     ]
     result = {

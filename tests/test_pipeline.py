@@ -24,17 +24,22 @@ MAX_TOKENS = 8
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
 
 
-def launch(*command, timeout=180) -> subprocess.CompletedProcess:
-    """Two ranks on 127.0.0.1 over the ring backend, on ports nobody else is using."""
+def free_port() -> int:
+    """A port nobody is using; the ring backend takes it and the next one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*command, stdin=None, timeout=180) -> subprocess.CompletedProcess:
+    """Two ranks on 127.0.0.1 over the ring backend."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.fail("mlx.launch is not installed (it comes with mlx): cannot test pipelining")
-    with socket.socket() as s:  # a free port; the ring backend takes it and the next one
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return subprocess.run(
         [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
-        + ["--starting-port", str(port), "--", sys.executable, *command],
+        + ["--starting-port", str(free_port()), "--", sys.executable, *command],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -127,3 +132,13 @@ def test_a_rank_that_cannot_load_its_part_ends_every_rank_with_one_line(checkpoi
         f"{broken}",
     ], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_chat_over_two_ranks_prints_what_one_process_prints(checkpoint):
+    turns = "Hello\n/stats\nthere\n/reset\n/stats\n"
+    args = ["-m", "mlx_mla.chat", "--model", str(checkpoint), "--max-tokens", "8"]
+    single = subprocess.run([sys.executable, *args], input=turns, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    piped = launch(*args, "--pipeline", stdin=turns)
+    assert "KV cache:" in single.stdout
+    assert piped.stdout == single.stdout, piped.stderr
