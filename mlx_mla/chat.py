@@ -1,7 +1,8 @@
 """Chat with an MLA model. One cache is kept across turns, so only the new turn is prefilled.
 
 python -m mlx_mla.chat [--model PATH_OR_HUB_ID]
-mlx.launch --backend ring -n 2 -- python -m mlx_mla.chat --pipeline   # the layers over 2 ranks
+mlx.launch --backend ring -n 2 -- python -m mlx_mla.chat --pipeline   # the layers over 2 ranks;
+    end it with /exit: mlx.launch does not pass Ctrl-D (end of input) on
 Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C stops a reply.
 """
 

@@ -31,20 +31,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*command, stdin=None, timeout=180) -> subprocess.CompletedProcess:
-    """Two ranks on 127.0.0.1 over the ring backend."""
+def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
+    """Two ranks on 127.0.0.1 over the ring backend. mlx.launch never passes end of input on to
+    the ranks (and spins on it), so their stdin is a pipe held open until they are done."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.fail("mlx.launch is not installed (it comes with mlx): cannot test pipelining")
-    return subprocess.run(
-        [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
-        + ["--starting-port", str(free_port()), "--", sys.executable, *command],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"},
-    )
+    read, write = os.pipe()
+    os.write(write, stdin.encode())
+    try:
+        return subprocess.run(
+            [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
+            + ["--starting-port", str(free_port()), "--", sys.executable, *command],
+            stdin=read,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +142,7 @@ def test_a_rank_that_cannot_load_its_part_ends_every_rank_with_one_line(checkpoi
 
 
 def test_chat_over_two_ranks_prints_what_one_process_prints(checkpoint):
-    turns = "Hello\n/stats\nthere\n/reset\n/stats\n"
+    turns = "Hello\n/stats\nthere\n/reset\n/stats\n/exit\n"
     args = ["-m", "mlx_mla.chat", "--model", str(checkpoint), "--max-tokens", "8"]
     single = subprocess.run([sys.executable, *args], input=turns, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
