@@ -216,6 +216,22 @@ class APIHandler(mlx_server.APIHandler):
         self.end_headers()
         self.wfile.write(json.dumps({"error": message}).encode())
 
+    def handle_health_check(self):
+        """mlx-lm's {"status": ...}, plus what the prompt cache holds."""
+        generator = self.response_generator
+        cache = generator.prompt_cache if generator.is_healthy else None
+        body = {"status": "ok" if cache is not None else "unavailable"}
+        if cache is not None:
+            budget = generator.cli_args.prompt_cache_bytes
+            body["prompt_cache"] = {
+                "sequences": len(cache),
+                "bytes": cache.nbytes,
+                "budget": budget,
+            }
+        self._set_completion_headers(200 if cache is not None else 503)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
     def handle_models_request(self):
         model_id = self.response_generator.model_provider.model_id
         models = [{"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}]

@@ -90,7 +90,9 @@ def test_models_lists_the_served_model_without_a_hub_cache(client):
 
 def test_health_answers_ok(server):
     status, data = raw_request(server[1], "GET", "/health")
-    assert status == 200 and json.loads(data) == {"status": "ok"}
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok"
+    assert health["prompt_cache"]["budget"] == 10**9
 
 
 def test_chat_completion_streamed_equals_not_streamed(client):
@@ -186,11 +188,19 @@ def test_server_is_alive_after_bad_requests(server, client):
     assert complete(client, "ROMEO:", 4)
 
 
-def test_mha_server_answers_like_the_mla_one(client, tmp_path):
-    process, url = start_server(tmp_path / "mha.log", "--attention", "mha")
+def test_mha_server_answers_like_mla_and_keeps_its_caches_within_the_byte_budget(client, tmp_path):
+    budget = 250_000  # the demo's expanded cache is 5,120 bytes a token: about 2 of these prompts
+    process, url = start_server(
+        tmp_path / "mha.log", "--attention", "mha", "--prompt-cache-bytes", str(budget)
+    )
     try:
         mha = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         assert complete(mha, "ROMEO:", 12) == complete(client, "ROMEO:", 12)
+        for prompt in PROMPTS:
+            complete(mha, prompt + " " + prompt, 12)
+        status, data = raw_request(url, "GET", "/health")
+        cache = json.loads(data)["prompt_cache"]
+        assert 0 < cache["bytes"] <= budget and 0 < cache["sequences"] < len(PROMPTS)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
