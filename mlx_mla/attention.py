@@ -35,6 +35,7 @@ class Attention(nn.Module):
         self.qk_rope_head_dim = args.qk_rope_head_dim
         self.v_head_dim = args.v_head_dim
         self.scale = args.softmax_scale
+        self.llama_4_scaling = args.llama_4_scaling
         H, qk_dim = self.num_heads, args.qk_head_dim
 
         if self.q_lora_rank is None:
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         self.rope = initialize_rope(
             self.qk_rope_head_dim,
             base=args.rope_theta,
-            traditional=True,
+            traditional=args.rope_interleave,  # rotate pairs (x0, x1), ... or halves
             scaling_config=args.rope_scaling,
             max_position_embeddings=args.max_position_embeddings,
         )
@@ -74,6 +75,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe, offset)
+        if self.llama_4_scaling is not None:
+            q_nope, q_pe = self.scale_queries(q_nope, q_pe, offset)
 
         if self.attention == "mha":
             keys, values = self.expand_kv(c_kv, k_pe)
@@ -97,6 +100,13 @@ class Attention(nn.Module):
 
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * v)
         return self.o_proj(out)
+
+    def scale_queries(self, q_nope, q_pe, offset: int) -> tuple[mx.array, mx.array]:
+        """Mistral 4: queries scaled by 1 + beta * log(1 + floor(position / original_max))."""
+        beta, original_max = self.llama_4_scaling
+        positions = mx.arange(offset, offset + q_nope.shape[2], dtype=mx.float32)[:, None]
+        scale = (1 + beta * mx.log(1 + mx.floor(positions / original_max))).astype(q_nope.dtype)
+        return q_nope * scale, q_pe * scale  # scale: (L, 1)
 
     def expand_kv(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head keys (B, H, S, nope + rope) and values (B, H, S, v) from the latent."""

@@ -24,6 +24,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a tokenizer ships (Kimi, Moonlight)",
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int):

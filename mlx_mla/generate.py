@@ -103,7 +103,9 @@ def _main(argv=None):
     if args.max_tokens < 1:
         cli.fail("--max-tokens must be at least 1")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, attention=args.attention)
+    model, tokenizer = load(
+        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+    )
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)

@@ -16,7 +16,16 @@ from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
 from .model import Model, sanitize
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.jinja",
+    "*.txt",
+    "*.py",
+    "*tiktoken*",
+]
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -135,6 +144,12 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     args = ModelArgs.from_dict(config)
     model = Model(args, attention)
     weights = read_weights(path)
+    if args.quantization_config:
+        print(
+            "note: FP8 weights are dequantised to bfloat16 at every load; "
+            "python -m mlx_mla.convert does it once",
+            file=sys.stderr,
+        )
     try:
         weights = sanitize(weights, args)
     except ValueError as e:
@@ -149,12 +164,34 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     return model
 
 
-def load(path_or_hub_id: str | Path, attention: str = "mla") -> tuple[Model, TokenizerWrapper]:
-    """Model and mlx-lm tokenizer wrapper from a local folder or a hub id."""
+def tokenizer_code(path: Path) -> list[str]:
+    """The Python files a checkpoint's tokenizer would run: its auto_map, or *.py beside it."""
+    files = sorted(p.name for p in path.glob("*.py"))
+    config = path / "tokenizer_config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text()):
+        files = files or ["tokenizer_config.json auto_map"]
+    return files
+
+
+def load(
+    path_or_hub_id: str | Path, attention: str = "mla", trust_remote_code: bool = False
+) -> tuple[Model, TokenizerWrapper]:
+    """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
+    Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
     path = resolve(path_or_hub_id)
+    code = tokenizer_code(path)
+    if code and not trust_remote_code:
+        raise CheckpointError(
+            f"the tokenizer in {path} runs Python code it ships ({', '.join(code)}); "
+            "pass --trust-remote-code (trust_remote_code=True) if you trust it"
+        )
     model = load_model(path, attention)
     try:
-        tokenizer = load_tokenizer(path, eos_token_ids=read_config(path).get("eos_token_id"))
+        tokenizer = load_tokenizer(
+            path,
+            tokenizer_config_extra={"trust_remote_code": trust_remote_code},
+            eos_token_ids=read_config(path).get("eos_token_id"),
+        )
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None
     return model, tokenizer

@@ -43,7 +43,6 @@ MLX_LM_DEFAULTS = dict(
     draft_model=None,
     num_draft_tokens=0,
     pipeline=False,
-    trust_remote_code=False,
     chat_template="",
     use_default_chat_template=False,
     chat_template_args={},
@@ -71,7 +70,11 @@ class ModelProvider(mlx_server.ModelProvider):
         self._load(args.model)
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        model, tokenizer = load(model_path, attention=self.cli_args.attention)
+        model, tokenizer = load(
+            model_path,
+            attention=self.cli_args.attention,
+            trust_remote_code=self.cli_args.trust_remote_code,
+        )
         # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
         # on this thread's stream, which the generation thread cannot do, and shows here whether
         # its cache can be quantized as asked.
