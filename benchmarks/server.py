@@ -34,8 +34,8 @@ from mlx_mla.server import parse_bytes
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT_LAYERS = 4
-DEFAULT_TOKENS = 1000
-DEFAULT_BUDGET = "256MB"
+DEFAULT_TOKENS = 500
+DEFAULT_BUDGET = "128MB"
 DEFAULT_MODES = "mla,mla:4,mha"
 RETURNING = 3  # the newest conversations sent again, the returning ones timed
 FOLLOW_UP = "\nJULIET:\nWhat says my lord to this?\n"

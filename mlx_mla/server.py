@@ -25,7 +25,7 @@ from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import cli
-from .errors import MLAError
+from .cache import GROUP_SIZES, KV_BITS
 from .loading import load
 
 DEFAULT_HOST = "127.0.0.1"
@@ -81,10 +81,7 @@ class ModelProvider(mlx_server.ModelProvider):
         cache = model.make_cache()
         mx.eval(model(mx.array([[0]]), cache=cache))
         if self.cli_args.kv_bits is not None:
-            try:
-                cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
-            except ValueError as e:
-                raise MLAError(f"--kv-bits {self.cli_args.kv_bits}: {e}") from None
+            cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         self.processor = self.draft_model = None
@@ -296,8 +293,12 @@ def setup_arg_parser():
     parser.add_argument(
         "--prompt-cache-size", type=int, default=None, help="at most this many cached prompts"
     )
-    parser.add_argument("--kv-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None)
-    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
+    parser.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None, help="quantize the caches"
+    )
+    parser.add_argument(
+        "--kv-group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_KV_GROUP_SIZE
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.set_defaults(**MLX_LM_DEFAULTS)
     return parser

@@ -206,6 +206,31 @@ def test_mha_server_answers_like_mla_and_keeps_its_caches_within_the_byte_budget
         process.wait(timeout=30)
 
 
+def test_quantized_latent_cache_server_reuses_conversations_and_queues_requests(client, tmp_path):
+    process, url = start_server(tmp_path / "kv4.log", "--kv-bits", "4")
+    try:
+        kv4 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "ROMEO:"}]
+        first = kv4.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=16, temperature=0
+        )
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "JULIET:"},
+        ]
+        second = kv4.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0
+        )
+        assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+        prompts = PROMPTS[:4]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            concurrent = list(pool.map(lambda p: complete(kv4, p, 10), prompts))
+        assert concurrent == [complete(kv4, p, 10) for p in prompts]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
 def test_ctrl_c_while_busy_stops_the_server_quietly(server, client):
     process, url, log = server
     with start_stream(url, 900):  # generating now
