@@ -149,6 +149,10 @@ BAD_REQUESTS = {
     "content a number": dict(messages=[{"role": "user", "content": 5}]),
     "stop a number": dict(stop=5),
     "stream a string": dict(stream="yes"),
+    "stream_options a string": dict(stream=True, stream_options="usage"),
+    "image content": dict(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    ),
 }
 
 
@@ -162,6 +166,18 @@ def test_bad_chat_request_gets_400(server, fields):
 def test_invalid_json_gets_400(server):
     status, data = raw_request(server[1], "POST", "/v1/chat/completions", b'{"messages": [')
     assert status == 400 and "error" in json.loads(data)
+
+
+def test_body_that_is_not_utf8_gets_400(server):
+    status, data = raw_request(server[1], "POST", "/v1/completions", b'{"prompt": "\xff\xfe"}')
+    assert status == 400 and "error" in json.loads(data)
+
+
+def test_null_fields_mean_the_defaults(server):
+    body = {"model": None, "prompt": "ROMEO:", "max_tokens": None, "temperature": None}
+    body |= {"stream": True, "stream_options": {}}
+    status, data = raw_request(server[1], "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200 and data.rstrip().endswith(b"data: [DONE]")
 
 
 def test_prompt_longer_than_the_context_is_refused_at_once(client):
