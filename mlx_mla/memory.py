@@ -216,12 +216,16 @@ def bytes_per_token(
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> int:
-    """Bytes all layers cache per token; with kv_bits, in mlx-lm's QuantizedKVCache layout."""
+    """Bytes all layers cache per token. With kv_bits, rows are laid out as mx.quantize packs them
+    (mlx-lm's QuantizedKVCache); the MLA latent cache quantises c_kv and keeps k_pe in `dtype`
+    (mlx_mla.cache.QuantizedLatentCache)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, not {dtype!r}")
+    rows = cache_layout(config, attention)
+    quantized = [True, False] if attention_kind(config, attention) == "MLA" else [True, True]
     per_layer = sum(
-        heads * _row_bytes(dim, dtype, kv_bits, kv_group_size)
-        for heads, dim in cache_layout(config, attention)
+        heads * _row_bytes(dim, dtype, kv_bits if q else None, kv_group_size)
+        for (heads, dim), q in zip(rows, quantized, strict=True)
     )
     return per_layer * _field(config, "num_hidden_layers")
 
@@ -297,7 +301,8 @@ def _claims() -> list[Claim]:
             0.933,
             six_bit_cut,
             f"holds: 6-bit V2 ({v2_6bit:,.0f}) vs bf16 67B ({llm67b_bf16:,}) bytes/token is "
-            f"{six_bit_cut:.1%} less; mx.quantize 6-bit group-64 with scales ({v2_mx6:,}) gives "
+            f"{six_bit_cut:.1%} less; this project's 6-bit latent cache (c_kv in mx.quantize "
+            f"groups of 64 with scales, k_pe in bf16: {v2_mx6:,}) gives "
             f"{1 - v2_mx6 / llm67b_bf16:.1%}",
         ),
     ]
@@ -356,7 +361,10 @@ def report(name: str, config: dict, contexts: list[int], **quant) -> str:
 def _describe(dtype: str, kv_bits: int | None, kv_group_size: int) -> str:
     if kv_bits is None:
         return dtype
-    return f"{kv_bits}-bit keys/values, group size {kv_group_size}, {dtype} scales"
+    return (
+        f"{kv_bits}-bit keys/values (MLA: c_kv; k_pe stays {dtype}), group size "
+        f"{kv_group_size}, {dtype} scales"
+    )
 
 
 def summary(models: dict[str, dict], **quant) -> str:

@@ -8,6 +8,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_mla import memory
+from mlx_mla.cache import QuantizedLatentCache
 from mlx_mla.memory import (
     CLAIMS,
     PRESETS,
@@ -198,13 +199,13 @@ def test_unquantized_bytes_equal_mlx_lm_kv_cache_nbytes(name, attention, dtype):
     ("name", "attention"),
     [("deepseek-v2-lite", "mla"), ("deepseek-v2-lite", "mha"), ("llama-3-70b", "mha")],
 )
-def test_quantized_bytes_equal_mlx_lm_quantized_kv_cache_nbytes(
-    name, attention, kv_bits, kv_group_size
-):
+def test_quantized_bytes_equal_the_quantized_caches_nbytes(name, attention, kv_bits, kv_group_size):
+    """mla: our QuantizedLatentCache (k_pe kept float); mha: mlx-lm's QuantizedKVCache."""
     config = one_layer(name)
     quant = {"dtype": "bfloat16", "kv_bits": kv_bits, "kv_group_size": kv_group_size}
+    cache_class = QuantizedLatentCache if attention == "mla" else QuantizedKVCache
     for tokens in (5, 257):
-        cache = QuantizedKVCache(group_size=kv_group_size, bits=kv_bits)
+        cache = cache_class(group_size=kv_group_size, bits=kv_bits)
         fill(cache, config, attention, tokens, mx.bfloat16)
         assert cache.nbytes == cache_bytes(config, attention, tokens, **quant)
 
@@ -212,17 +213,15 @@ def test_quantized_bytes_equal_mlx_lm_quantized_kv_cache_nbytes(
 @pytest.mark.parametrize("kv_bits", [3, 5, 6])
 def test_quantized_row_bytes_equal_mx_quantize_for_odd_bit_widths(kv_bits):
     config = one_layer("deepseek-v2-lite")
-    expected = sum(
-        a.nbytes
-        for heads, dim in cache_layout(config, "mla")
-        for a in mx.quantize(mx.zeros((heads, dim), dtype=mx.float16), group_size=64, bits=kv_bits)
-    )
+    c_kv = mx.quantize(mx.zeros((1, 512), dtype=mx.float16), group_size=64, bits=kv_bits)
+    k_pe = mx.zeros((1, 64), dtype=mx.float16)  # kept in float
+    expected = sum(a.nbytes for a in c_kv) + k_pe.nbytes
     assert bytes_per_token(config, "mla", "float16", kv_bits) == expected
 
 
 def test_quantizing_rows_not_a_multiple_of_the_group_size_is_an_error():
-    with pytest.raises(ValueError, match="64 elements cannot be quantized in groups of 128"):
-        bytes_per_token(PRESETS["deepseek-v2-lite"], "mla", kv_bits=4, kv_group_size=128)
+    with pytest.raises(ValueError, match="192 elements cannot be quantized in groups of 128"):
+        bytes_per_token(PRESETS["deepseek-v2-lite"], "mha", kv_bits=4, kv_group_size=128)
 
 
 def test_cli_prints_the_v2_lite_table(capsys):
