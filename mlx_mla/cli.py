@@ -89,6 +89,19 @@ def cache_options(args: argparse.Namespace, model) -> dict:
     }
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run under mlx.launch, each rank loading and caching only its own layers",
+    )
+    parser.add_argument(
+        "--pipeline-stages",
+        default=None,
+        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
+    )
+
+
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
