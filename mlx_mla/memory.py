@@ -130,6 +130,57 @@ PRESETS = {
 }
 
 
+# What the weights need beyond the cache's shapes (from each model's config.json), for --ranks.
+_V3_MOE = {
+    "vocab_size": 129280,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 3,
+}
+WEIGHT_SHAPES = {
+    "deepseek-v2-lite": {
+        "vocab_size": 102400,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek-v2": {
+        "vocab_size": 102400,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 1536,
+        "n_routed_experts": 160,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek-v3": _V3_MOE,
+    "deepseek-r1": _V3_MOE,
+    "kimi-k2": {
+        **_V3_MOE,
+        "vocab_size": 163840,
+        "n_routed_experts": 384,
+        "first_k_dense_replace": 1,
+    },
+    "glm-4.7-flash": {
+        "vocab_size": 154880,
+        "intermediate_size": 10240,
+        "moe_intermediate_size": 1536,
+        "n_routed_experts": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek-67b": {"vocab_size": 102400, "intermediate_size": 22016},
+    "llama-2-70b": {"vocab_size": 32000, "intermediate_size": 28672},
+    "llama-3-70b": {"vocab_size": 128256, "intermediate_size": 28672},
+    "qwen2.5-72b": {"vocab_size": 152064, "intermediate_size": 29568},
+}
+for _name, _shapes in WEIGHT_SHAPES.items():
+    PRESETS[_name] = {**PRESETS[_name], **_shapes}
+
+
 def load_config(path_or_preset: str) -> dict:
     """A preset name, a config.json, or a folder holding one."""
     if path_or_preset in PRESETS:
@@ -405,6 +456,53 @@ def parse_context(text: str) -> list[int]:
     return contexts
 
 
+def ranks_report(
+    name: str, config: dict, ranks: int, contexts: list[int], dtype: str, weight_bits=None
+) -> str:
+    """Per-rank weights and cache when the layers are split into pipeline stages (by weights +
+    cache at the longest context), against tensor parallelism over the heads ("TP")."""
+    from . import stages
+
+    if "vocab_size" not in config or "intermediate_size" not in config:
+        raise ValueError(f"{name} has no weight shapes (vocab_size, ...): pass its config.json")
+    layers = _field(config, "num_hidden_layers")
+    attention = _attentions(config)[0]
+    quantization = config.get("quantization") or {}
+    weight_bits = weight_bits or quantization.get("bits")
+    group_size = quantization.get("group_size", DEFAULT_KV_GROUP_SIZE)
+    costs = stages.config_costs(config, DTYPE_BYTES[dtype], weight_bits, group_size)
+    per_layer = bytes_per_token(config, attention, dtype) // layers
+    longest = max(contexts)
+    split = stages.split_layers(costs, ranks, per_layer * longest)
+    rows = [["rank", "layers", "weights", *(f"cache @{t:,}" for t in contexts), "total"]]
+    for rank in range(ranks):
+        run = stages.layer_range(split, rank)
+        weights = stages.stage_bytes(costs, 0, run.start, run.stop, ranks, ranks - 1 - rank)
+        caches = [per_layer * len(run) * t for t in contexts]
+        rows.append(
+            [str(rank), f"{run.start}-{run.stop - 1}", format_bytes(weights)]
+            + [format_bytes(c) for c in caches]
+            + [format_bytes(weights + per_layer * len(run) * longest)]
+        )
+    # Over heads each rank holds 1/ranks of the weights but, for MLA, all of every layer's c_kv
+    # and k_pe, since every head reads the whole latent; per-head K/V (MHA, GQA) would divide.
+    share = 1 if attention == "mla" else ranks
+    caches = [per_layer * layers * t // share for t in contexts]
+    rows.append(
+        ["TP", "all", format_bytes(costs.total / ranks)]
+        + [format_bytes(c) for c in caches]
+        + [format_bytes(costs.total / ranks + caches[contexts.index(longest)])]
+    )
+    weights = f"{weight_bits}-bit" if weight_bits else dtype
+    return (
+        f"{name} on {ranks} ranks: {layers} layers, {weights} weights "
+        f"({format_bytes(costs.total)} in all), {_column(config, attention)} {dtype} cache; "
+        f"total at {longest:,} tokens\n"
+        "ranks 0..: pipeline stages (rank 0 runs the last layers and the head); "
+        f"TP: tensor parallel over the heads, each rank\n{_table(rows)}"
+    )
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="KV-cache size of MLA vs MHA/GQA models.")
     parser.add_argument(
@@ -420,6 +518,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-bits", type=int, default=None, help="Quantize the cache to N bits")
     parser.add_argument("--kv-group-size", type=int, default=DEFAULT_KV_GROUP_SIZE)
     parser.add_argument("--claims", action="store_true", help="Check public claims and exit")
+    parser.add_argument(
+        "--ranks", type=int, default=None, help="Per-rank weights and cache over N pipeline stages"
+    )
+    parser.add_argument(
+        "--weight-bits", type=int, default=None, help="With --ranks: weights quantized to N bits"
+    )
     return parser
 
 
@@ -432,8 +536,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         contexts = parse_context(args.context)
         models = {name: load_config(name) for name in args.config.split(",")}
-        blocks = [report(name, config, contexts, **quant) for name, config in models.items()]
-        blocks.append(summary(models, **quant))
+        if args.ranks is not None:
+            blocks = [
+                ranks_report(name, config, args.ranks, contexts, args.dtype, args.weight_bits)
+                for name, config in models.items()
+            ]
+        else:
+            blocks = [report(name, config, contexts, **quant) for name, config in models.items()]
+            blocks.append(summary(models, **quant))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -48,6 +48,7 @@ def setup_arg_parser():
     parser.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT)
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    cli.add_cache_arguments(parser)
     return parser
 
 
@@ -57,6 +58,9 @@ def _main(argv=None):
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
+    cli.cache_options(args, model)
+    if args.kv_bits is not None:
+        cli.fail("--kv-bits needs perplexity through the cache; whole windows use no cache")
     tokens = heldout_tokens(tokenizer, text, args.holdout)
     try:
         ppl, count = perplexity(model, tokens, args.context, args.batch_size)
