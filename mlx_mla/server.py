@@ -20,6 +20,7 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
@@ -139,9 +140,13 @@ class OpenAIErrors:
         self.stream, self.handler = stream, handler
 
     def write(self, data: bytes):
-        if self.handler.status >= 400 and data.startswith(b'{"error": "'):
-            kind = "invalid_request_error" if self.handler.status < 500 else "server_error"
-            message = json.loads(data)["error"]
+        status = self.handler.status
+        if status >= 400 and (data.startswith(b'{"error": "') or data == b"Not Found"):
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            if data == b"Not Found":
+                message = f"no such endpoint: {self.handler.command} {self.handler.path}"
+            else:
+                message = json.loads(data)["error"]
             data = json.dumps({"error": {"message": message, "type": kind}}).encode()
         return self.stream.write(data)
 
@@ -268,9 +273,13 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile.write(json.dumps(body).encode())
 
     def handle_models_request(self):
+        """GET /v1/models lists the served model; GET /v1/models/ID describes it."""
         model_id = self.response_generator.model_provider.model_id
-        models = [{"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}]
-        body = json.dumps({"object": "list", "data": models}).encode()
+        model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}
+        asked = unquote(self.path.removeprefix("/v1/models").strip("/"))
+        if asked and asked != model_id:
+            return self.send_error_json(404, f"model {asked!r} is not served here")
+        body = json.dumps(model if asked else {"object": "list", "data": [model]}).encode()
         self._set_completion_headers(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
