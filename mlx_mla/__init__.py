@@ -1,5 +1,6 @@
 """DeepSeek Multi-head Latent Attention for MLX, with a latent KV cache."""
 
+from . import cli  # noqa: F401  first: a tool's Ctrl-C is quiet during the slow imports below
 from .cache import LatentCache
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, MLAError, UnsupportedModelError

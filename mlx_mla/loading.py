@@ -1,6 +1,7 @@
 """Load a model from a Hugging Face or MLX (convert output) checkpoint folder, or a hub id."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +14,12 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import infer_quant_config
 
 from .config import ModelArgs
-from .errors import CheckpointError, ConfigError
+from .errors import BadArgumentError, CheckpointError, ConfigError
 from .model import Model, sanitize
 
 # *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
+# A tokenizer needs one of these; tokenizer_config.json adds its special tokens and chat template.
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*tiktoken*")
 HUB_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -30,6 +33,8 @@ HUB_PATTERNS = [
 
 def resolve(path_or_hub_id: str | Path) -> Path:
     """A local folder, or a hub id fetched with huggingface_hub (cached after the first time)."""
+    if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
+        raise BadArgumentError(f"expected a checkpoint folder or a hub id, not {path_or_hub_id!r}")
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -59,11 +64,27 @@ def read_config(path: Path) -> dict:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
 
 
+def read_index(file: Path) -> dict:
+    """A model.safetensors.index.json: {"weight_map": {tensor name: file name}}."""
+    try:
+        index = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+    ):
+        raise CheckpointError(
+            f"{file} has no weight_map of tensor names to safetensors file names in its folder"
+        )
+    return index
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, as listed by its index when there is one."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(read_index(index)["weight_map"].values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{index.name} lists {missing[0]}, which is not in {path}")
@@ -164,6 +185,19 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     return model
 
 
+def check_tokenizer_files(path: Path):
+    """Refuse, naming what is missing, a folder with no vocabulary file for a tokenizer."""
+    if any(next(path.glob(pattern), None) for pattern in TOKENIZER_VOCABULARIES):
+        return
+    also = ""
+    if not (path / "tokenizer_config.json").is_file():
+        also = "; tokenizer_config.json is missing too"
+    raise CheckpointError(
+        f"no tokenizer in {path}: none of {', '.join(TOKENIZER_VOCABULARIES)} is there{also}; "
+        "copy them from the original checkpoint (load_model loads the weights alone)"
+    )
+
+
 def tokenizer_code(path: Path) -> list[str]:
     """The Python files a checkpoint's tokenizer would run: its auto_map, or *.py beside it."""
     files = sorted(p.name for p in path.glob("*.py"))
@@ -179,6 +213,7 @@ def load(
     """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
     Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
     path = resolve(path_or_hub_id)
+    check_tokenizer_files(path)
     code = tokenizer_code(path)
     if code and not trust_remote_code:
         raise CheckpointError(
