@@ -1,7 +1,7 @@
 """DeepSeek Multi-head Latent Attention for MLX, with a latent KV cache."""
 
-from . import cli  # noqa: F401  first: a tool's Ctrl-C is quiet during the slow imports below
-from .cache import LatentCache
+from . import startup  # noqa: F401  first: a tool's Ctrl-C is quiet during the slow imports below
+from .cache import LatentCache, QuantizationError, QuantizedLatentCache
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, MLAError, UnsupportedModelError
 from .loading import load, load_model
@@ -14,6 +14,8 @@ __all__ = [
     "MLAError",
     "Model",
     "ModelArgs",
+    "QuantizationError",
+    "QuantizedLatentCache",
     "UnsupportedModelError",
     "load",
     "load_model",

@@ -23,8 +23,17 @@ HELP = "commands: /reset, /stats, /exit; Ctrl-C stops a reply, Ctrl-D exits"
 class Chat:
     """A conversation: the model, its cache, and what the last turn added to it."""
 
-    def __init__(self, model, tokenizer, max_tokens=DEFAULT_MAX_TOKENS, system=None, **sampling):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_tokens=DEFAULT_MAX_TOKENS,
+        system=None,
+        cache_options=None,
+        **sampling,
+    ):
         self.model = model
+        self.cache_options = cache_options or {}
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.system = system
@@ -61,6 +70,7 @@ class Chat:
             max_tokens=max_tokens,
             sampler=self.sampler,
             prompt_cache=self.cache,
+            **self.cache_options,
         ):
             on_text(response.text)
             generated = response.generation_tokens
@@ -81,6 +91,7 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.chat", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_cache_arguments(parser)
     return parser
 
 
@@ -98,6 +109,7 @@ def _main(argv=None):
         tokenizer,
         max_tokens=args.max_tokens,
         system=args.system,
+        cache_options=cli.cache_options(args, model),
         temp=args.temp,
         top_p=args.top_p,
         min_p=args.min_p,

@@ -8,14 +8,20 @@ import signal
 import sys
 from pathlib import Path
 
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+
+from .attention import ATTENTION_MODES
+from .cache import GROUP_SIZES, KV_BITS, check_kv_quantization
 from .errors import BadArgumentError, MLAError
+from .startup import EXIT_INTERRUPTED, exit_interrupted
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
+DEFAULT_KV_GROUP_SIZE = 64
+DEFAULT_PREFILL_STEP_SIZE = 2048
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
@@ -80,8 +86,6 @@ def read_text_file(path: str, flag: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
-    from .attention import ATTENTION_MODES
-
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
     parser.add_argument(
@@ -121,6 +125,59 @@ def check_generation_arguments(**values):
             raise BadArgumentError(f"{name} {e}") from None
 
 
+def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
+    """mlx-lm's KV-cache flags: quantise the cache once it holds --quantized-kv-start tokens."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=KV_BITS,
+        default=None,
+        help="quantize the KV cache to this many bits (mla: c_kv; mha: keys and values)",
+    )
+    parser.add_argument(
+        "--kv-group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_KV_GROUP_SIZE
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=nonnegative_int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        help="tokens in the cache before it is quantized (with --kv-bits)",
+    )
+    if prefill:
+        parser.add_argument(
+            "--prefill-step-size",
+            type=positive_int,
+            default=DEFAULT_PREFILL_STEP_SIZE,
+            help="prompt tokens processed per step",
+        )
+
+
+def cache_options(args: argparse.Namespace, model) -> dict:
+    """The add_cache_arguments flags as mlx-lm's generate_step keyword arguments, checked against
+    the model's cached head dims (a bad combination is one line, before any generation)."""
+    if args.kv_bits is not None:
+        check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
+    return {
+        "kv_bits": args.kv_bits,
+        "kv_group_size": args.kv_group_size,
+        "quantized_kv_start": args.quantized_kv_start,
+        **({"prefill_step_size": args.prefill_step_size} if "prefill_step_size" in args else {}),
+    }
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run under mlx.launch, each rank loading and caching only its own layers",
+    )
+    parser.add_argument(
+        "--pipeline-stages",
+        default=None,
+        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
+    )
+
+
 def fail(message: str):
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     print(f"error: {' '.join(lines)}", file=sys.stderr)
@@ -133,8 +190,9 @@ def run(main, argv=None):
     if signal.getsignal(signal.SIGINT) is exit_interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        main(argv)
+        result = main(argv)
         sys.stdout.flush()
+        return result
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
@@ -143,25 +201,3 @@ def run(main, argv=None):
         sys.exit(EXIT_BROKEN_PIPE)
     except (MLAError, OSError) as e:
         fail(str(e))
-
-
-def exit_interrupted(signum, frame):
-    os._exit(EXIT_INTERRUPTED)
-
-
-def quiet_interrupt_while_a_tool_starts():
-    """A tool spends seconds importing before `run` can catch Ctrl-C: meanwhile, exit with 130.
-    Only for `python -m mlx_mla.<tool>`, the `mlx_mla.<tool>` scripts and the project's
-    convert.py; a program importing mlx_mla keeps Python's handler."""
-    launcher = sys.argv[0] if sys.argv else ""
-    convert_script = Path(__file__).resolve().parent.parent / "convert.py"
-    if (
-        launcher == "-m"
-        or Path(launcher).name.startswith("mlx_mla.")
-        or Path(launcher).resolve() == convert_script
-    ):
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, exit_interrupted)
-
-
-quiet_interrupt_while_a_tool_starts()

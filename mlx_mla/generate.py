@@ -10,7 +10,8 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory
+from . import cli, memory, pipeline
+from .cache import QUANTIZED_CACHES
 from .errors import ContextError
 from .loading import load
 
@@ -30,30 +31,46 @@ def build_prompt(tokenizer, prompt: str, system: str | None = None, chat_templat
 
 
 def cache_stats(model, cache) -> dict:
-    """Tokens held, bytes allocated, and what the other attention path would allocate for them."""
-    tokens = cache[0].offset
+    """Tokens held, bytes allocated, bits, and what the other attention path would allocate for
+    them at the same bits (in float where the other path's head dims cannot take them)."""
+    first = cache[0]
+    tokens = first.offset
+    quantized = isinstance(first, QUANTIZED_CACHES)
+    stored = first.keys[1] if quantized else first.keys  # a quantized cache's scales are float
+    dtype = DTYPE_NAMES.get(stored.dtype, "float32") if stored is not None else "float32"
+    quant = {"kv_bits": first.bits, "kv_group_size": first.group_size} if quantized else {}
     other = "mha" if model.attention == "mla" else "mla"
-    first = cache[0].keys
-    dtype = DTYPE_NAMES.get(first.dtype, "float32") if first is not None else "float32"
+    config = asdict(model.args)
+    try:
+        other_nbytes = memory.cache_bytes(config, other, tokens, dtype=dtype, **quant)
+        other_bits = quant.get("kv_bits")
+    except ValueError:  # its head dims do not divide by the group size
+        other_nbytes, other_bits = memory.cache_bytes(config, other, tokens, dtype=dtype), None
     return {
         "tokens": tokens,
         "attention": model.attention,
         "nbytes": sum(c.nbytes for c in cache),
-        "other": other,
-        "other_nbytes": memory.cache_bytes(asdict(model.args), other, tokens, dtype=dtype)
-        if tokens
-        else 0,
         "dtype": dtype,
+        **quant,
+        "other": other,
+        "other_nbytes": other_nbytes if tokens else 0,
+        "other_kv_bits": other_bits,
     }
 
 
 def format_cache_stats(stats: dict) -> str:
     ours, other = stats["nbytes"], stats["other_nbytes"]
     ratio = f" ({max(ours, other) / min(ours, other):.2f}x)" if ours and other else ""
+    if stats.get("kv_bits"):
+        what = "c_kv" if stats["attention"] == "mla" else "keys and values"
+        bits = f"{stats['kv_bits']}-bit {what}, group {stats['kv_group_size']}"
+    else:
+        bits = "not quantized"
+    other_bits = f" at {stats['other_kv_bits']} bits" if stats["other_kv_bits"] else ""
     return (
         f"KV cache: {stats['tokens']} tokens, {memory.format_bytes(ours)} allocated "
-        f"({stats['attention']}, {stats['dtype']}); {stats['other']} would need "
-        f"{memory.format_bytes(other)}{ratio}"
+        f"({stats['attention']}, {stats['dtype']}, {bits}); {stats['other']} would need "
+        f"{memory.format_bytes(other)}{other_bits}{ratio}"
     )
 
 
@@ -86,8 +103,10 @@ def generate(
     system: str | None = None,
     chat_template: bool = True,
     on_text=None,
+    **cache_options,
 ):
-    """Generate a reply, calling `on_text(segment)` as it streams.
+    """Generate a reply, calling `on_text(segment)` as it streams. `cache_options` go to mlx-lm's
+    generate_step: kv_bits, kv_group_size, quantized_kv_start, prefill_step_size.
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
@@ -102,7 +121,13 @@ def generate(
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
     text, response = "", None
     for response in stream_generate(
-        model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=cache,
+        **cache_options,
     ):
         text += response.text
         if on_text:
@@ -117,17 +142,81 @@ def setup_arg_parser():
     )
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_cache_arguments(parser)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
+    cli.add_pipeline_arguments(parser)
     return parser
+
+
+def parse_stages(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        cli.fail(f"--pipeline-stages must be comma-separated layer counts, not {text!r}")
+
+
+def print_report(response):
+    print("\n" + "=" * 10)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.1f} tokens-per-sec"
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB")
+
+
+def pipeline_main(args):
+    """Every rank runs this; rank 0 reads the prompt, samples and prints."""
+    group = mx.distributed.init()
+    pipeline.end_on_sigterm(group.rank())
+    stages = parse_stages(args.pipeline_stages)
+    model, tokenizer = pipeline.load(
+        args.model, args.attention, group, stages, trust_remote_code=args.trust_remote_code
+    )
+    tokens = None
+    if group.rank() == 0:
+        prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
+        tokens = build_prompt(tokenizer, prompt, args.system, args.chat_template)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    cache = model.make_cache()
+    sample = make_sampler(temp=args.temp, top_p=args.top_p, min_p=args.min_p)
+    response = None
+    for response in pipeline.stream(
+        model, tokenizer, tokens, cache, sample, max_tokens=args.max_tokens
+    ):
+        if group.rank() == 0:
+            print(response.text, end="", flush=True)
+    ours = [model.layer_range.start, model.layer_range.stop, model.parameter_bytes()]
+    ours += [sum(c.nbytes for c in cache), mx.get_peak_memory(), model.bytes_sent]
+    ours += [model.tokens_seen]
+    rows = pipeline.gather(group, ours)
+    if group.rank() != 0:
+        return
+    print_report(response)
+    for rank, (start, stop, weights, cache_bytes, peak, sent, seen) in enumerate(rows):
+        per_token = f", sent {sent / seen:,.0f} B/token" if sent else ""
+        print(
+            f"rank {rank}: layers {start:.0f}-{stop - 1:.0f}, weights "
+            f"{memory.format_bytes(weights)}, cache {memory.format_bytes(cache_bytes)} "
+            f"({args.attention}), peak memory {peak / 1e9:.3f} GB{per_token}"
+        )
 
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
+    if args.pipeline:
+        if args.kv_bits is not None:
+            cli.fail("--kv-bits is not supported with --pipeline")
+        return pipeline_main(args)
     prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
+    options = cli.cache_options(args, model)
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)
@@ -143,14 +232,9 @@ def _main(argv=None):
         system=args.system,
         chat_template=args.chat_template,
         on_text=lambda t: print(t, end="", flush=True),
+        **options,
     )
-    print("\n" + "=" * 10)
-    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
-    print(
-        f"Generation: {response.generation_tokens} tokens, "
-        f"{response.generation_tps:.1f} tokens-per-sec"
-    )
-    print(f"Peak memory: {response.peak_memory:.3f} GB")
+    print_report(response)
     print(format_cache_stats(cache_stats(model, cache)))
 
 

@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import infer_quant_config
 
-from .config import ModelArgs
+from .config import ModelArgs, check_types
 from .errors import BadArgumentError, CheckpointError, ConfigError
 from .model import Model, sanitize
 
@@ -59,9 +59,11 @@ def read_config(path: Path) -> dict:
     if not file.is_file():
         raise ConfigError(f"{path} has no config.json: is it a model folder?")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    check_types(config)
+    return config
 
 
 def read_index(file: Path) -> dict:
@@ -80,11 +82,13 @@ def read_index(file: Path) -> dict:
     return index
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, as listed by its index when there is one."""
+def weight_files(path: Path, keep=None) -> list[Path]:
+    """The safetensors files of a checkpoint, as listed by its index when there is one; with
+    `keep(tensor_name)`, only the files the index lists for the kept tensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(read_index(index)["weight_map"].values()))
+        weight_map = read_index(index)["weight_map"]
+        names = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{index.name} lists {missing[0]}, which is not in {path}")
@@ -99,14 +103,16 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """Every tensor of the checkpoint as a lazy array: only headers are read until evaluation."""
+def read_weights(path: Path, keep=None) -> dict[str, mx.array]:
+    """Every tensor of the checkpoint (or those `keep(name)` accepts) as a lazy array: only
+    headers are read until evaluation."""
     weights = {}
-    for file in weight_files(path):
+    for file in weight_files(path, keep):
         try:
-            weights.update(mx.load(str(file)))
+            tensors = mx.load(str(file))
         except Exception as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
+        weights.update({k: v for k, v in tensors.items() if keep is None or keep(k)})
     return weights
 
 
@@ -164,7 +170,12 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     config = read_config(path)
     args = ModelArgs.from_dict(config)
     model = Model(args, attention)
-    weights = read_weights(path)
+    fill(model, read_weights(path), args)
+    return model
+
+
+def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs):
+    """Load checkpoint tensors (Hugging Face or MLX names) into a model built from `args`."""
     if args.quantization_config:
         print(
             "note: FP8 weights are dequantised to bfloat16 at every load; "
@@ -182,7 +193,6 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     upcast_experts_for_cpu(model)
     mx.eval(model.parameters())
     model.eval()
-    return model
 
 
 def check_tokenizer_files(path: Path):
@@ -213,6 +223,11 @@ def load(
     """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
     Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
     path = resolve(path_or_hub_id)
+    tokenizer = tokenizer_of(path, trust_remote_code)
+    return load_model(path, attention), tokenizer
+
+
+def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrapper:
     check_tokenizer_files(path)
     code = tokenizer_code(path)
     if code and not trust_remote_code:
@@ -220,13 +235,11 @@ def load(
             f"the tokenizer in {path} runs Python code it ships ({', '.join(code)}); "
             "pass --trust-remote-code (trust_remote_code=True) if you trust it"
         )
-    model = load_model(path, attention)
     try:
-        tokenizer = load_tokenizer(
+        return load_tokenizer(
             path,
             tokenizer_config_extra={"trust_remote_code": trust_remote_code},
             eos_token_ids=read_config(path).get("eos_token_id"),
         )
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None
-    return model, tokenizer

@@ -5,10 +5,9 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
 
 from .attention import ATTENTION_MODES, Attention
-from .cache import LatentCache
+from .cache import ExpandedKVCache, LatentCache
 from .config import ModelArgs
 from .errors import ConfigError
 from .moe import MLP, MoE
@@ -71,7 +70,7 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list:
-        cache_class = LatentCache if self.attention == "mla" else KVCache
+        cache_class = LatentCache if self.attention == "mla" else ExpandedKVCache
         return [cache_class() for _ in self.layers]
 
     def sanitize(self, weights: dict) -> dict:

@@ -52,6 +52,7 @@ def setup_arg_parser():
     parser.add_argument("--holdout", type=cli.open_fraction, default=DEFAULT_HOLDOUT)
     parser.add_argument("--context", type=cli.positive_int, default=DEFAULT_CONTEXT)
     parser.add_argument("--batch-size", type=cli.positive_int, default=DEFAULT_BATCH_SIZE)
+    cli.add_cache_arguments(parser)
     return parser
 
 
@@ -61,6 +62,9 @@ def _main(argv=None):
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
+    cli.cache_options(args, model)
+    if args.kv_bits is not None:
+        cli.fail("--kv-bits needs perplexity through the cache; whole windows use no cache")
     tokens = heldout_tokens(tokenizer, text, args.holdout)
     try:
         ppl, count = perplexity(model, tokens, args.context, args.batch_size)

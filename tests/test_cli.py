@@ -42,7 +42,10 @@ def test_generate_prints_text_and_statistics(model_dir):
     assert re.search(r"Prompt: \d+ tokens, [\d.]+ tokens-per-sec", out.stdout)
     assert "Generation: 12 tokens" in out.stdout
     assert re.search(r"Peak memory: [\d.]+ GB", out.stdout)
-    assert re.search(r"KV cache: \d+ tokens, .* \(mla, float32\); mha would need .*x\)", out.stdout)
+    assert re.search(
+        r"KV cache: \d+ tokens, .* \(mla, float32, not quantized\); mha would need .*x\)",
+        out.stdout,
+    )
     assert generated_text(out.stdout).strip()
 
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, TORCH_CLASSES
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import mlx_mla
 from mlx_mla import LatentCache
+from mlx_mla.cache import ExpandedKVCache
 
 TOL = 1e-4
 LAYOUTS = ("original", "transformers5")
@@ -93,7 +94,7 @@ def test_cache_nbytes_is_exact(checkpoints, name, mode, n_tokens):
     model = mlx_mla.load_model(path, attention=mode)
     args = model.args
     cache = model.make_cache()
-    assert all(type(c) is (LatentCache if mode == "mla" else KVCache) for c in cache)
+    assert all(type(c) is (LatentCache if mode == "mla" else ExpandedKVCache) for c in cache)
     ids = tokens(n_tokens, seed=3)
     if n_tokens > 1:
         mlx_logits(model, ids[:, : n_tokens - 1], cache)
