@@ -223,6 +223,7 @@ def load(
     """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
     Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
     path = resolve(path_or_hub_id)
+    ModelArgs.from_dict(read_config(path))  # transformers reads config.json too: name its faults
     tokenizer = tokenizer_of(path, trust_remote_code)
     return load_model(path, attention), tokenizer
 
