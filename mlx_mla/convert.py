@@ -45,6 +45,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.json",
     "*.jinja",
+    "tokenization_*.py",  # tokenizers that ship code (Kimi, Moonlight), and their vocabulary
+    "tiktoken.model",
 )
 # mixed_L_H: routed experts (most of the weights, each seen by few tokens) in L bits; what every
 # token goes through (embeddings, attention, shared experts, dense MLPs, lm_head) in H bits.
