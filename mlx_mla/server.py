@@ -386,8 +386,6 @@ def stop_on_sigterm(signum, frame):
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        cli.fail("--max-tokens must be at least 1")
     if args.port < 0 or args.port > 65535:
         cli.fail("--port must be between 0 and 65535")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
