@@ -7,12 +7,14 @@ Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C s
 """
 
 import signal
+import sys
 
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli, pipeline
-from .generate import build_prompt, cache_stats
+from .errors import ContextError
+from .generate import build_prompt, cache_stats, fit_context
 from .generate import format_cache_stats as format_stats
 from .loading import load
 
@@ -23,11 +25,21 @@ HELP = "commands: /reset, /stats, /exit; Ctrl-C stops a reply, Ctrl-D exits"
 class Chat:
     """A conversation: the model, its cache, and what the last turn added to it."""
 
-    def __init__(self, model, tokenizer, max_tokens=DEFAULT_MAX_TOKENS, system=None, **sampling):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_tokens=DEFAULT_MAX_TOKENS,
+        system=None,
+        cache_options=None,
+        **sampling,
+    ):
         self.model = model
+        self.cache_options = cache_options or {}
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.system = system
+        cli.check_generation_arguments(max_tokens=max_tokens, **sampling)
         self.sampler = make_sampler(**sampling)
         self.stream_generate = stream_generate  # pipeline.stream_generate on every rank of one
         self.context = model.args.max_position_embeddings
@@ -48,8 +60,9 @@ class Chat:
         prompt = build_prompt(self.tokenizer, message, system)
         if self.tokens and prompt[:1] == [self.tokenizer.bos_token_id]:
             prompt = prompt[1:]  # the conversation already began with it
-        room = self.context - self.tokens - len(prompt)
-        if room < 1:
+        try:
+            max_tokens = fit_context(self.context, self.tokens + len(prompt), self.max_tokens)
+        except ContextError:
             return False
         self.stop = False
         generated = 0
@@ -57,9 +70,10 @@ class Chat:
             self.model,
             self.tokenizer,
             prompt,
-            max_tokens=min(self.max_tokens, room),
+            max_tokens=max_tokens,
             sampler=self.sampler,
             prompt_cache=self.cache,
+            **self.cache_options,
         ):
             on_text(response.text)
             generated = response.generation_tokens
@@ -84,23 +98,27 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.chat", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_cache_arguments(parser)
     cli.add_pipeline_arguments(parser)
     return parser
 
 
 def read_message(group=None) -> str | None:
-    """The next line typed on rank 0 (None at end of input), given to every rank of `group`."""
+    """The next UTF-8 line typed on rank 0 (None at end of input), given to every rank."""
     message = None
     if group is None or group.rank() == 0:
         while True:
             try:
                 message = input(">> ")
-                break
             except EOFError:
                 print()
                 break
             except KeyboardInterrupt:
                 print()
+                continue
+            if not cli.has_undecodable_bytes(message):
+                break
+            print("error: that line is not UTF-8 text; it was skipped", file=sys.stderr)
     return message if group is None else pipeline.broadcast(group, message)
 
 
@@ -130,10 +148,12 @@ def _main(argv=None):
         tokenizer,
         max_tokens=args.max_tokens,
         system=args.system,
+        cache_options=cli.cache_options(args, model),
         temp=args.temp,
         top_p=args.top_p,
         min_p=args.min_p,
     )
+
     if group is not None:
         chat.stream_generate = pipeline.stream_generate
     say = print if group is None or group.rank() == 0 else (lambda *a, **k: None)
@@ -141,6 +161,7 @@ def _main(argv=None):
     def interrupt(signum, frame):
         chat.stop = True
 
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is skipped, below
     say(f"[{args.model}] {HELP}", flush=True)
     while True:
         message = read_message(group)

@@ -11,6 +11,8 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli, memory, pipeline
+from .cache import QUANTIZED_CACHES
+from .errors import ContextError
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -29,31 +31,64 @@ def build_prompt(tokenizer, prompt: str, system: str | None = None, chat_templat
 
 
 def cache_stats(model, cache) -> dict:
-    """Tokens held, bytes allocated, and what the other attention path would allocate for them."""
-    tokens = cache[0].offset
+    """Tokens held, bytes allocated, bits, and what the other attention path would allocate for
+    them at the same bits (in float where the other path's head dims cannot take them)."""
+    first = cache[0]
+    tokens = first.offset
+    quantized = isinstance(first, QUANTIZED_CACHES)
+    stored = first.keys[1] if quantized else first.keys  # a quantized cache's scales are float
+    dtype = DTYPE_NAMES.get(stored.dtype, "float32") if stored is not None else "float32"
+    quant = {"kv_bits": first.bits, "kv_group_size": first.group_size} if quantized else {}
     other = "mha" if model.attention == "mla" else "mla"
-    first = cache[0].keys
-    dtype = DTYPE_NAMES.get(first.dtype, "float32") if first is not None else "float32"
+    config = asdict(model.args)
+    try:
+        other_nbytes = memory.cache_bytes(config, other, tokens, dtype=dtype, **quant)
+        other_bits = quant.get("kv_bits")
+    except ValueError:  # its head dims do not divide by the group size
+        other_nbytes, other_bits = memory.cache_bytes(config, other, tokens, dtype=dtype), None
     return {
         "tokens": tokens,
         "attention": model.attention,
         "nbytes": sum(c.nbytes for c in cache),
-        "other": other,
-        "other_nbytes": memory.cache_bytes(asdict(model.args), other, tokens, dtype=dtype)
-        if tokens
-        else 0,
         "dtype": dtype,
+        **quant,
+        "other": other,
+        "other_nbytes": other_nbytes if tokens else 0,
+        "other_kv_bits": other_bits,
     }
 
 
 def format_cache_stats(stats: dict) -> str:
     ours, other = stats["nbytes"], stats["other_nbytes"]
     ratio = f" ({max(ours, other) / min(ours, other):.2f}x)" if ours and other else ""
+    if stats.get("kv_bits"):
+        what = "c_kv" if stats["attention"] == "mla" else "keys and values"
+        bits = f"{stats['kv_bits']}-bit {what}, group {stats['kv_group_size']}"
+    else:
+        bits = "not quantized"
+    other_bits = f" at {stats['other_kv_bits']} bits" if stats["other_kv_bits"] else ""
     return (
         f"KV cache: {stats['tokens']} tokens, {memory.format_bytes(ours)} allocated "
-        f"({stats['attention']}, {stats['dtype']}); {stats['other']} would need "
-        f"{memory.format_bytes(other)}{ratio}"
+        f"({stats['attention']}, {stats['dtype']}, {bits}); {stats['other']} would need "
+        f"{memory.format_bytes(other)}{other_bits}{ratio}"
     )
+
+
+def fit_context(context: int, used: int, max_tokens: int) -> int:
+    """max_tokens, capped (with a note) so that the reply fits the model's context after the `used`
+    tokens (conversation and prompt); refused when no room is left."""
+    room = context - used
+    if room < 1:
+        raise ContextError(
+            f"the prompt is {used} tokens and the model's context {context}: no room for a reply"
+        )
+    if max_tokens > room:
+        print(
+            f"note: --max-tokens {max_tokens} capped at {room}: {used} of the model's {context} "
+            "tokens of context are taken",
+            file=sys.stderr,
+        )
+    return min(max_tokens, room)
 
 
 def generate(
@@ -68,19 +103,31 @@ def generate(
     system: str | None = None,
     chat_template: bool = True,
     on_text=None,
+    **cache_options,
 ):
-    """Generate a reply, calling `on_text(segment)` as it streams.
+    """Generate a reply, calling `on_text(segment)` as it streams. `cache_options` go to mlx-lm's
+    generate_step: kv_bits, kv_group_size, quantized_kv_start, prefill_step_size.
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
+    cli.check_generation_arguments(
+        max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, seed=seed
+    )
     if seed is not None:
         mx.random.seed(seed)
     tokens = build_prompt(tokenizer, prompt, system, chat_template)
+    max_tokens = fit_context(model.args.max_position_embeddings, len(tokens), max_tokens)
     cache = model.make_cache()
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
     text, response = "", None
     for response in stream_generate(
-        model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=cache,
+        **cache_options,
     ):
         text += response.text
         if on_text:
@@ -90,9 +137,12 @@ def generate(
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", required=True, help="the prompt, or - to read it from stdin")
+    parser.add_argument(
+        "--prompt", type=cli.text, required=True, help="the prompt, or - to read it from stdin"
+    )
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_cache_arguments(parser)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
     cli.add_pipeline_arguments(parser)
@@ -119,15 +169,16 @@ def pipeline_main(args):
     )
     tokens = None
     if group.rank() == 0:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
         tokens = build_prompt(tokenizer, prompt, args.system, args.chat_template)
     if args.seed is not None:
         mx.random.seed(args.seed)
     cache = model.make_cache()
     sample = make_sampler(temp=args.temp, top_p=args.top_p, min_p=args.min_p)
     response = None
+    options = cli.cache_options(args, model)
     for response in pipeline.stream_generate(
-        model, tokenizer, tokens, sample, cache, max_tokens=args.max_tokens
+        model, tokenizer, tokens, sample, cache, max_tokens=args.max_tokens, **options
     ):
         if group.rank() == 0:
             print(response.text, end="", flush=True)
@@ -149,14 +200,13 @@ def pipeline_main(args):
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        cli.fail("--max-tokens must be at least 1")
     if args.pipeline:
         return pipeline_main(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
+    options = cli.cache_options(args, model)
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)
@@ -172,6 +222,7 @@ def _main(argv=None):
         system=args.system,
         chat_template=args.chat_template,
         on_text=lambda t: print(t, end="", flush=True),
+        **options,
     )
     print_report(response)
     print(format_cache_stats(cache_stats(model, cache)))
