@@ -100,7 +100,7 @@ GENERATION_CHECKS = {
     "temp": nonnegative_float,
     "top_p": probability,
     "min_p": probability,
-    "seed": nonnegative_int,
+    "seed": checked(int, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
 }
 
 
