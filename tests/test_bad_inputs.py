@@ -220,6 +220,11 @@ CASES = {
             None,
             "the prompt is 6\\d\\d tokens and the model's context 512: no room",
         ),
+        "perplexity_windows_beyond_context": (
+            (*PPL[:-1], "{readme}", "--context", "513"),
+            None,
+            "windows of 513 tokens are beyond the model's context of 512",
+        ),
         "prompt_fills_context": (
             ("generate", "--model", "{model}", "--prompt", "x" * 60),
             edit_config(max_position_embeddings=40),
@@ -240,6 +245,16 @@ CASES = {
         ),
         "config_bool_for_int": (GEN, edit_config(vocab_size=True), "vocab_size must be an int"),
         "config_zero_heads": (GEN, edit_config(num_attention_heads=0), "num_attention_heads must"),
+        "config_negative_size": (
+            GEN,
+            edit_config(intermediate_size=-8),
+            "intermediate_size cannot",
+        ),
+        "config_nan": (
+            GEN,
+            write("config.json", '{"model_type": "deepseek_v2", "rope_theta": NaN}'),
+            "field rope_theta cannot be nan",
+        ),
         "config_rope_factor_text": (
             GEN,
             edit_config(rope_scaling={"type": "yarn", "factor": "four"}),
@@ -294,7 +309,7 @@ def model(checkpoints, tmp_path) -> Path:
 
 def fill(argv, model: Path, tmp_path: Path) -> list[str]:
     shard = sorted(model.glob("*.safetensors"))[0]
-    values = {"model": model, "out": tmp_path / "out", "text": shard}
+    values = {"model": model, "out": tmp_path / "out", "text": shard, "readme": ROOT / "README.md"}
     return [a.format(**values) if "{" in a else a for a in argv]
 
 
