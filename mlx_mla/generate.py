@@ -140,7 +140,7 @@ def generate(
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--prompt", type=cli.text, required=True, help="the prompt, or - to read it from stdin"
+        "--prompt", type=cli.utf8_text, required=True, help="the prompt, or - to read it from stdin"
     )
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
