@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import cli
 from .config import ModelArgs
-from .errors import CheckpointError, ConfigError, MLAError
+from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
 from .loading import check_weights, read_config, read_weights, resolve
 from .memory import format_bytes
 from .model import LAYER_KEY, Model, sanitize
@@ -229,6 +229,8 @@ def convert(
     (default 4) and q_group_size affine quantization; quant_recipe (implies quantize) picks bits
     per module, see QUANT_RECIPES. force: replace an existing mlx_path once the new one is complete.
     """
+    if not isinstance(mlx_path, (str, os.PathLike)) or not str(mlx_path):
+        raise BadArgumentError(f"mlx_path must be a folder path, not {mlx_path!r}")
     mlx_path = Path(mlx_path).expanduser()
     q_bits = check_options(dtype, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
@@ -423,7 +425,7 @@ def setup_arg_parser():
     )
     parser.add_argument(
         "--max-shard-gb",
-        type=float,
+        type=cli.positive_float,
         default=DEFAULT_MAX_SHARD_GB,
         help="shard size; peak memory is about one shard",
     )

@@ -10,6 +10,7 @@ Ctrl-C.
 
 import argparse
 import copy
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import cli
-from .errors import MLAError
+from .cache import GROUP_SIZES, KV_BITS
 from .loading import load
 
 DEFAULT_HOST = "127.0.0.1"
@@ -35,6 +36,7 @@ DEFAULT_PROMPT_CACHE_BYTES = "1GB"
 DEFAULT_KV_GROUP_SIZE = 64
 DEMO_MODEL_ID = "mlx-mla-demo"
 SHUTDOWN_WAIT_S = 2.0
+MAX_REQUEST_BYTES = 16 * 2**20
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
 # Options of mlx-lm's server that we do not expose, at the values a single local model needs.
@@ -46,17 +48,12 @@ MLX_LM_DEFAULTS = dict(
     chat_template="",
     use_default_chat_template=False,
     chat_template_args={},
-    allowed_origins=["*"],
     top_k=0,
     decode_concurrency=32,
     prompt_concurrency=8,
     prefill_step_size=2048,
     quantized_kv_start=0,
 )
-
-
-class PromptTooLong(ValueError):
-    pass
 
 
 class ModelProvider(mlx_server.ModelProvider):
@@ -81,10 +78,7 @@ class ModelProvider(mlx_server.ModelProvider):
         cache = model.make_cache()
         mx.eval(model(mx.array([[0]]), cache=cache))
         if self.cli_args.kv_bits is not None:
-            try:
-                cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
-            except ValueError as e:
-                raise MLAError(f"--kv-bits {self.cli_args.kv_bits}: {e}") from None
+            cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         self.processor = self.draft_model = None
@@ -111,11 +105,10 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         with self.tokenizer_lock:
             return super()._tokenize(tokenizer, request, args)
 
-    def stop(self, timeout: float) -> bool:
-        """Ask the generation thread to stop; whether it did within `timeout` seconds."""
+    def stop(self, timeout: float):
+        """Ask the generation thread to stop, and wait for it at most `timeout` seconds."""
         self._stop = True
         self._generation_thread.join(timeout)
-        return not self._generation_thread.is_alive()
 
     def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
         args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
@@ -170,7 +163,27 @@ class APIHandler(mlx_server.APIHandler):
         self.status = code
         super().send_response(code, message)
 
+    def do_POST(self):
+        """Refuse what mlx-lm's do_POST would fail on without an answer (a body that is not UTF-8,
+        a negative Content-Length) or take too long to read, then hand over to it."""
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return self.send_error_json(400, "invalid Content-Length header")
+            if int(length) > MAX_REQUEST_BYTES:
+                return self.send_error_json(413, f"request body over {MAX_REQUEST_BYTES} bytes")
+            body = self.rfile.read(int(length))
+            try:
+                body.decode()
+            except UnicodeDecodeError:
+                return self.send_error_json(400, "the request body is not UTF-8")
+            self.rfile = io.BytesIO(body)
+        super().do_POST()
+
     def validate_model_parameters(self):
+        for name, default in self.defaults_for_null().items():
+            if getattr(self, name) is None:  # OpenAI reads null as "the default"
+                setattr(self, name, default)
         super().validate_model_parameters()
         if self.adapter is not None or "draft_model" in self.body:
             raise ValueError("adapters and draft models are not supported by this server")
@@ -183,12 +196,31 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("stop must be a string or a list of strings")
         if not isinstance(self.stream_options, dict | None):
             raise ValueError("stream_options must be an object")
+        if self.stream_options is not None:
+            include_usage = self.stream_options.get("include_usage", False)
+            if not isinstance(include_usage, bool):
+                raise ValueError("stream_options.include_usage must be a boolean")
+            self.stream_options = {"include_usage": include_usage}
         if not isinstance(self.chat_template_kwargs, dict | None):
             raise ValueError("chat_template_kwargs must be an object")
         if self.path.endswith("chat/completions"):
             check_messages(self.body.get("messages"))
         elif not isinstance(self.body.get("prompt"), str):
             raise ValueError("prompt must be a string")
+
+    def defaults_for_null(self) -> dict:
+        args = self.response_generator.cli_args
+        return {
+            "stream": False,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temp,
+            "top_p": args.top_p,
+            "min_p": args.min_p,
+            "top_k": args.top_k,
+            "logprobs": False,
+            "top_logprobs": -1,
+            "requested_model": "default_model",
+        }
 
     def handle_completion(self, request, stop_words):
         provider = self.response_generator.model_provider
@@ -218,6 +250,22 @@ class APIHandler(mlx_server.APIHandler):
         self._set_completion_headers(status)
         self.end_headers()
         self.wfile.write(json.dumps({"error": message}).encode())
+
+    def handle_health_check(self):
+        """mlx-lm's {"status": ...}, plus what the prompt cache holds."""
+        generator = self.response_generator
+        cache = generator.prompt_cache if generator.is_healthy else None
+        body = {"status": "ok" if cache is not None else "unavailable"}
+        if cache is not None:
+            budget = generator.cli_args.prompt_cache_bytes
+            body["prompt_cache"] = {
+                "sequences": len(cache),
+                "bytes": cache.nbytes,
+                "budget": budget,
+            }
+        self._set_completion_headers(200 if cache is not None else 503)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
 
     def handle_models_request(self):
         model_id = self.response_generator.model_provider.model_id
@@ -280,8 +328,18 @@ def setup_arg_parser():
     parser.add_argument(
         "--prompt-cache-size", type=int, default=None, help="at most this many cached prompts"
     )
-    parser.add_argument("--kv-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None)
-    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
+    parser.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None, help="quantize the caches"
+    )
+    parser.add_argument(
+        "--kv-group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_KV_GROUP_SIZE
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        type=lambda x: [o for o in x.split(",") if o],
+        default=[],
+        help="comma-separated web origins that may call the server from a browser (* for any)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     parser.set_defaults(**MLX_LM_DEFAULTS)
     return parser
@@ -319,8 +377,6 @@ def stop_on_sigterm(signum, frame):
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        cli.fail("--max-tokens must be at least 1")
     if args.port < 0 or args.port > 65535:
         cli.fail("--port must be between 0 and 65535")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")

@@ -76,7 +76,7 @@ def test_prompt_from_stdin_equals_prompt_flag(model_dir):
     [
         (["--model", "/nonexistent/model", "--prompt", "x"], "no such folder"),
         (["--prompt", "x", "--attention", "gqa"], "invalid choice"),
-        (["--prompt", "x", "--max-tokens", "0"], "at least 1"),
+        (["--prompt", "x", "--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1"),
         (["--bogus-flag"], "error"),
     ],
 )
