@@ -20,20 +20,20 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import cli
-from .cache import GROUP_SIZES, KV_BITS
+from .cache import check_kv_quantization
 from .loading import load
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PROMPT_CACHE_BYTES = "1GB"
-DEFAULT_KV_GROUP_SIZE = 64
 DEMO_MODEL_ID = "mlx-mla-demo"
 SHUTDOWN_WAIT_S = 2.0
 MAX_REQUEST_BYTES = 16 * 2**20
@@ -48,11 +48,8 @@ MLX_LM_DEFAULTS = dict(
     chat_template="",
     use_default_chat_template=False,
     chat_template_args={},
-    top_k=0,
     decode_concurrency=32,
     prompt_concurrency=8,
-    prefill_step_size=2048,
-    quantized_kv_start=0,
 )
 
 
@@ -72,13 +69,12 @@ class ModelProvider(mlx_server.ModelProvider):
             attention=self.cli_args.attention,
             trust_remote_code=self.cli_args.trust_remote_code,
         )
+        args = self.cli_args
+        if args.kv_bits is not None:
+            check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
         # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
-        # on this thread's stream, which the generation thread cannot do, and shows here whether
-        # its cache can be quantized as asked.
-        cache = model.make_cache()
-        mx.eval(model(mx.array([[0]]), cache=cache))
-        if self.cli_args.kv_bits is not None:
-            cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
+        # on this thread's stream: the generation thread cannot.
+        mx.eval(model(mx.array([[0]]), cache=model.make_cache()))
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         self.processor = self.draft_model = None
@@ -139,9 +135,13 @@ class OpenAIErrors:
         self.stream, self.handler = stream, handler
 
     def write(self, data: bytes):
-        if self.handler.status >= 400 and data.startswith(b'{"error": "'):
-            kind = "invalid_request_error" if self.handler.status < 500 else "server_error"
-            message = json.loads(data)["error"]
+        status = self.handler.status
+        if status >= 400 and (data.startswith(b'{"error": "') or data == b"Not Found"):
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            if data == b"Not Found":
+                message = f"no such endpoint: {self.handler.command} {self.handler.path}"
+            else:
+                message = json.loads(data)["error"]
             data = json.dumps({"error": {"message": message, "type": kind}}).encode()
         return self.stream.write(data)
 
@@ -268,9 +268,13 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile.write(json.dumps(body).encode())
 
     def handle_models_request(self):
+        """GET /v1/models lists the served model; GET /v1/models/ID describes it."""
         model_id = self.response_generator.model_provider.model_id
-        models = [{"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}]
-        body = json.dumps({"object": "list", "data": models}).encode()
+        model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}
+        asked = unquote(self.path.removeprefix("/v1/models").strip("/"))
+        if asked and asked != model_id:
+            return self.send_error_json(404, f"model {asked!r} is not served here")
+        body = json.dumps(model if asked else {"object": "list", "data": [model]}).encode()
         self._set_completion_headers(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -316,9 +320,10 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.server", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    port = cli.checked(int, lambda v: 0 <= v <= 65535, "a port from 0 to 65535")
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT, help="0 picks a free port")
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-k", type=cli.nonnegative_int, default=0)
     parser.add_argument(
         "--prompt-cache-bytes",
         type=parse_bytes,
@@ -326,14 +331,12 @@ def setup_arg_parser():
         help=f"memory for recent conversations' caches (default {DEFAULT_PROMPT_CACHE_BYTES})",
     )
     parser.add_argument(
-        "--prompt-cache-size", type=int, default=None, help="at most this many cached prompts"
+        "--prompt-cache-size",
+        type=cli.positive_int,
+        default=None,
+        help="at most this many cached prompts",
     )
-    parser.add_argument(
-        "--kv-bits", type=int, choices=KV_BITS, default=None, help="quantize the caches"
-    )
-    parser.add_argument(
-        "--kv-group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_KV_GROUP_SIZE
-    )
+    cli.add_cache_arguments(parser)
     parser.add_argument(
         "--allowed-origins",
         type=lambda x: [o for o in x.split(",") if o],
@@ -341,7 +344,8 @@ def setup_arg_parser():
         help="comma-separated web origins that may call the server from a browser (* for any)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
-    parser.set_defaults(**MLX_LM_DEFAULTS)
+    # Quantize from the first token, so that --kv-bits applies to every stored conversation.
+    parser.set_defaults(**MLX_LM_DEFAULTS, quantized_kv_start=0)
     return parser
 
 
@@ -377,8 +381,6 @@ def stop_on_sigterm(signum, frame):
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.port < 0 or args.port > 65535:
-        cli.fail("--port must be between 0 and 65535")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     if args.seed is not None:
@@ -387,10 +389,7 @@ def _main(argv=None):
 
 
 def main(argv=None):
-    try:
-        cli.run(_main, argv)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,17 @@ def test_models_lists_the_served_model_without_a_hub_cache(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_model_is_retrieved_by_id_and_an_unknown_one_is_not_found(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.models.retrieve("gpt-4")
+
+
+def test_unknown_endpoint_gets_a_json_404(server):
+    status, data = raw_request(server[1], "POST", "/v1/embeddings", b"{}")
+    assert status == 404 and "no such endpoint" in json.loads(data)["error"]["message"]
+
+
 def test_health_answers_ok(server):
     status, data = raw_request(server[1], "GET", "/health")
     health = json.loads(data)
