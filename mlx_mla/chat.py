@@ -6,6 +6,7 @@ mlx.launch --backend ring -n 2 -- python -m mlx_mla.chat --pipeline   # the laye
 Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C stops a reply.
 """
 
+import io
 import signal
 import sys
 
@@ -161,7 +162,8 @@ def _main(argv=None):
     def interrupt(signum, frame):
         chat.stop = True
 
-    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is skipped, below
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 is skipped, below
+        sys.stdin.reconfigure(errors="surrogateescape")
     say(f"[{args.model}] {HELP}", flush=True)
     while True:
         message = read_message(group)
