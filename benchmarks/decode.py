@@ -4,6 +4,7 @@ with float caches and, with --kv-bits, quantized ones.
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python -m benchmarks.decode
 python -m benchmarks.decode --kv-bits 4 --layers 4 --contexts 1024,4096,16384,32768
 python -m benchmarks.decode --quick
+python -m benchmarks.decode --geometry v3        # or glm-4.7-flash: against mlx-lm's own model
 
 The caches are filled with random latents (expanded through the same W_UK/W_UV for the expanded
 contenders) instead of prefilling, and quantized by mlx-lm's own maybe_quantize_kv_cache (what
@@ -30,10 +31,16 @@ QUICK = {"layers": 2, "contexts": "1024,4096", "steps": 2}
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=common.DEFAULT_LAYERS)
-    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS, help="Comma-separated tokens")
+    parser.add_argument(
+        "--geometry",
+        choices=common.GEOMETRIES,
+        default=common.DEFAULT_GEOMETRY,
+        help="whose attention shape and router, against mlx-lm's model of that family",
+    )
+    parser.add_argument("--layers", type=int, help="default: the geometry's (8; 2 for v3)")
+    parser.add_argument("--contexts", help=f"Comma-separated tokens (default {DEFAULT_CONTEXTS})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Timed rounds")
-    parser.add_argument("--contenders", default=",".join(common.CONTENDERS))
+    parser.add_argument("--contenders", help="default: the geometry's")
     cli.add_cache_arguments(parser, prefill=False)
     parser.add_argument("--out", default=common.DEFAULT_OUT, help="Folder for JSON and PNG")
     parser.add_argument("--quick", action="store_true", help=f"Smoke test: {QUICK}")
@@ -119,9 +126,11 @@ def measure_context(context, models, cfg, expander, args, weight_bytes) -> list[
 def run(args) -> dict:
     info = common.machine_info()
     bandwidth = common.measure_bandwidth()
-    cfg = common.bench_config(args.layers)
+    _, _, contenders, layers, contexts = common.GEOMETRIES[args.geometry]
+    cfg = common.bench_config(args.layers or layers, args.geometry)
     weights = common.random_weights(cfg)
-    names = args.contenders.split(",")
+    names = args.contenders.split(",") if args.contenders else list(contenders)
+    args.contexts = args.contexts or contexts or DEFAULT_CONTEXTS
     models = {name: common.build(name, cfg, weights) for name in names}
     expander = common.build("mha", cfg, weights)
     logits = common.check_logits(models)
@@ -131,6 +140,7 @@ def run(args) -> dict:
         rows += measure_context(context, models, cfg, expander, args, weight_bytes)
     return {
         "benchmark": "decode",
+        "geometry": args.geometry,
         "machine": info,
         "bandwidth": bandwidth,
         "config": cfg,
@@ -142,7 +152,11 @@ def run(args) -> dict:
         "active_weight_bytes": weight_bytes,
         "logits_check": logits,
         "rows": rows,
-        "targets": targets(rows, args.kv_bits),
+        "targets": (
+            targets(rows, args.kv_bits)
+            if args.geometry == "v2-lite"
+            else family_targets(rows, names)
+        ),
     }
 
 
@@ -181,11 +195,32 @@ def targets(rows, kv_bits=None) -> list[dict]:
     if kv_bits:
         quantized = lookup(rows, label("mla", kv_bits), top)
         share = None
-        if quantized:  # one layer's float32 latent over the step's working memory
+        if quantized:  # one layer's float32 latent (kv_lora_rank 512) over the step memory
             share = top * 512 * 4 / max(quantized["step_working_memory"], 1)
         what = f"one float latent layer / mla kv{kv_bits} step memory at {top}"
         items.append(common.target(what, share, 1))
     return items
+
+
+def family_targets(rows, names) -> list[dict]:
+    """Ours against mlx-lm's own model of the family, at every context measured."""
+    contexts = sorted({r["context"] for r in rows})
+    ours = [r for r in rows if r["contender"] in ("mla", "mha") and "error" not in r]
+    exact = (
+        sum(r["cache_nbytes"] == r["calculator_bytes"] for r in ours) / len(ours) if ours else None
+    )
+    out = []
+    for reference in (n for n in names if n in common.MLX_LM_MODELS):
+        for context in contexts:
+            out.append(
+                common.target(
+                    f"mla/{reference} tok/s at {context}",
+                    ratio(rows, "mla", reference, context),
+                    1.0,
+                )
+            )
+    out.append(common.target("share of mla/mha rows with cache nbytes == calculator", exact, 1.0))
+    return out
 
 
 def report(result: dict) -> str:

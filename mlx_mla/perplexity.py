@@ -4,13 +4,13 @@ python -m mlx_mla.perplexity --text-file ../shared/data/tinyshakespeare.txt --ho
 """
 
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
 from . import cli
+from .errors import BadArgumentError
 from .loading import load
 
 DEFAULT_TEXT_FILE = "../shared/data/tinyshakespeare.txt"
@@ -21,11 +21,15 @@ DEFAULT_BATCH_SIZE = 8
 
 def heldout_tokens(tokenizer, text: str, holdout: float) -> list[int]:
     """Tokens of the last `holdout` fraction of the text, split by characters."""
+    if not 0 < holdout < 1:
+        raise BadArgumentError(f"holdout must be between 0 and 1, both excluded, not {holdout}")
     return tokenizer.encode(text[int(len(text) * (1 - holdout)) :], add_special_tokens=False)
 
 
 def perplexity(model, tokens: list[int], context: int, batch_size: int = DEFAULT_BATCH_SIZE):
     """exp(mean next-token NLL) over non-overlapping windows of `context` tokens."""
+    if context < 1 or batch_size < 1:
+        raise BadArgumentError(f"context and batch_size must be >= 1, not {context}, {batch_size}")
     n_windows = (len(tokens) - 1) // context
     if n_windows < 1:
         raise ValueError(f"need more than {context} tokens, got {len(tokens)}")
@@ -45,16 +49,16 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.perplexity", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     parser.add_argument("--text-file", default=DEFAULT_TEXT_FILE)
-    parser.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT)
-    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--holdout", type=cli.open_fraction, default=DEFAULT_HOLDOUT)
+    parser.add_argument("--context", type=cli.positive_int, default=DEFAULT_CONTEXT)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=DEFAULT_BATCH_SIZE)
     cli.add_cache_arguments(parser)
     return parser
 
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    text = Path(args.text_file).read_text()
+    text = cli.read_text_file(args.text_file, "--text-file")
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
