@@ -4,6 +4,7 @@ python -m mlx_mla.chat [--model PATH_OR_HUB_ID]
 Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C stops a reply.
 """
 
+import io
 import signal
 import sys
 
@@ -118,7 +119,8 @@ def _main(argv=None):
     def interrupt(signum, frame):
         chat.stop = True
 
-    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is skipped, below
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 is skipped, below
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"[{args.model}] {HELP}", flush=True)
     while True:
         try:

@@ -44,7 +44,6 @@ def checked(convert, accept, expected: str):
             raise argparse.ArgumentTypeError(f"must be {expected}, not {text!r}")
         return value
 
-    parse.__name__ = expected
     return parse
 
 
@@ -55,7 +54,7 @@ nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 probability = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 open_fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1, both excluded")
-text = checked(str, lambda v: not has_undecodable_bytes(v), "UTF-8 text")
+utf8_text = checked(str, lambda v: not has_undecodable_bytes(v), "UTF-8 text")
 
 
 def has_undecodable_bytes(value: str) -> bool:
@@ -100,7 +99,7 @@ GENERATION_CHECKS = {
     "temp": nonnegative_float,
     "top_p": probability,
     "min_p": probability,
-    "seed": nonnegative_int,
+    "seed": checked(int, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
 }
 
 
@@ -111,7 +110,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int):
     parser.add_argument("--top-p", type=checks["top_p"], default=DEFAULT_TOP_P)
     parser.add_argument("--min-p", type=checks["min_p"], default=DEFAULT_MIN_P)
     parser.add_argument("--seed", type=checks["seed"], default=None)
-    parser.add_argument("--system", type=text, default=None, help="system prompt")
+    parser.add_argument("--system", type=utf8_text, default=None, help="system prompt")
 
 
 def check_generation_arguments(**values):
@@ -119,6 +118,8 @@ def check_generation_arguments(**values):
     for name, value in values.items():
         if value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadArgumentError(f"{name} must be a number, not {value!r}")
         try:
             GENERATION_CHECKS[name](str(value))
         except argparse.ArgumentTypeError as e:

@@ -228,9 +228,20 @@ class ModelArgs:
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     def validate(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if (
+                type(value) is float
+                and not math.isfinite(value)
+                or type(value) is int
+                and value < 0
+            ):
+                raise ConfigError(f"config.json field {field.name} cannot be {value}")
         for name in POSITIVE_FIELDS:
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise ConfigError(
+                    f"config.json field {name} must be at least 1, not {getattr(self, name)}"
+                )
         if self.quantization is not None:
             for key in ("group_size", "bits"):
                 if type(self.quantization.get(key)) is not int:

@@ -12,7 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import cli, memory, pipeline
 from .cache import QUANTIZED_CACHES
-from .errors import ContextError
+from .errors import BadArgumentError, ContextError
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -113,9 +113,13 @@ def generate(
     cli.check_generation_arguments(
         max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, seed=seed
     )
+    if not isinstance(prompt, str):
+        raise BadArgumentError(f"prompt must be a string, not {prompt!r}")
     if seed is not None:
         mx.random.seed(seed)
     tokens = build_prompt(tokenizer, prompt, system, chat_template)
+    if not tokens:
+        raise BadArgumentError("the prompt is empty: there is nothing to continue")
     max_tokens = fit_context(model.args.max_position_embeddings, len(tokens), max_tokens)
     cache = model.make_cache()
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
@@ -138,7 +142,7 @@ def generate(
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--prompt", type=cli.text, required=True, help="the prompt, or - to read it from stdin"
+        "--prompt", type=cli.utf8_text, required=True, help="the prompt, or - to read it from stdin"
     )
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)

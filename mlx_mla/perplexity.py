@@ -10,7 +10,7 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from . import cli
-from .errors import BadArgumentError
+from .errors import BadArgumentError, ContextError
 from .loading import load
 
 DEFAULT_TEXT_FILE = "../shared/data/tinyshakespeare.txt"
@@ -30,6 +30,11 @@ def perplexity(model, tokens: list[int], context: int, batch_size: int = DEFAULT
     """exp(mean next-token NLL) over non-overlapping windows of `context` tokens."""
     if context < 1 or batch_size < 1:
         raise BadArgumentError(f"context and batch_size must be >= 1, not {context}, {batch_size}")
+    if context > model.args.max_position_embeddings:
+        raise ContextError(
+            f"windows of {context} tokens are beyond the model's context of "
+            f"{model.args.max_position_embeddings}"
+        )
     n_windows = (len(tokens) - 1) // context
     if n_windows < 1:
         raise ValueError(f"need more than {context} tokens, got {len(tokens)}")

@@ -193,7 +193,9 @@ CASES = {
         "temp_inf_chat": ((*CHAT, "--temp", "inf"), None, "--temp: must be a finite number"),
         "top_p_2": ((*GEN, "--top-p", "2"), None, "--top-p: must be a number from 0 to 1"),
         "min_p_negative": ((*GEN, "--min-p", "-3"), None, "--min-p: must be a number from 0"),
-        "seed_negative": ((*GEN, "--seed", "-5"), None, "--seed: must be an integer >= 0"),
+        "seed_negative": ((*GEN, "--seed", "-5"), None, "--seed: must be an integer from 0"),
+        "seed_beyond_64_bits": ((*GEN, "--seed", str(2**64)), None, "--seed: must be an int"),
+        "empty_prompt": ((*GEN[:-1], "", "--no-chat-template"), None, "the prompt is empty"),
         "max_tokens_0": ((*GEN, "--max-tokens", "0"), None, "--max-tokens: must be an integer"),
         "chat_max_tokens_0": ((*CHAT, "--max-tokens", "0"), None, "--max-tokens: must be an"),
         "chat_max_tokens_-1": ((*CHAT, "--max-tokens", "-1"), None, "--max-tokens: must be an"),
@@ -218,6 +220,11 @@ CASES = {
             None,
             "the prompt is 6\\d\\d tokens and the model's context 512: no room",
         ),
+        "perplexity_windows_beyond_context": (
+            (*PPL[:-1], "{readme}", "--context", "513"),
+            None,
+            "windows of 513 tokens are beyond the model's context of 512",
+        ),
         "prompt_fills_context": (
             ("generate", "--model", "{model}", "--prompt", "x" * 60),
             edit_config(max_position_embeddings=40),
@@ -238,6 +245,16 @@ CASES = {
         ),
         "config_bool_for_int": (GEN, edit_config(vocab_size=True), "vocab_size must be an int"),
         "config_zero_heads": (GEN, edit_config(num_attention_heads=0), "num_attention_heads must"),
+        "config_negative_size": (
+            GEN,
+            edit_config(intermediate_size=-8),
+            "intermediate_size cannot",
+        ),
+        "config_nan": (
+            GEN,
+            write("config.json", '{"model_type": "deepseek_v2", "rope_theta": NaN}'),
+            "field rope_theta cannot be nan",
+        ),
         "config_rope_factor_text": (
             GEN,
             edit_config(rope_scaling={"type": "yarn", "factor": "four"}),
@@ -292,7 +309,7 @@ def model(checkpoints, tmp_path) -> Path:
 
 def fill(argv, model: Path, tmp_path: Path) -> list[str]:
     shard = sorted(model.glob("*.safetensors"))[0]
-    values = {"model": model, "out": tmp_path / "out", "text": shard}
+    values = {"model": model, "out": tmp_path / "out", "text": shard, "readme": ROOT / "README.md"}
     return [a.format(**values) if "{" in a else a for a in argv]
 
 
@@ -324,30 +341,15 @@ def generation_tokens(stdout: str) -> int:
     return int(re.search(r"Generation: (\d+) tokens", stdout)[1])
 
 
-def test_max_tokens_beyond_the_context_is_capped_with_a_note(model, tmp_path, capsys):
+def test_max_tokens_beyond_the_context_is_capped_with_a_note(model, capsys):
     edit_config(max_position_embeddings=40)(model)
     argv = ["--model", model, "--prompt", "x" * 10, "--max-tokens", "100", "--no-chat-template"]
-    code, err = run_main(import_module("mlx_mla.generate").main, argv, capsys)
-    assert code == 0 and "Traceback" not in err
-    assert err.strip() == (
+    import_module("mlx_mla.generate").main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert out.err.strip() == (
         "note: --max-tokens 100 capped at 30: 10 of the model's 40 tokens of context are taken"
     )
-
-
-def test_generate_output_after_the_cap_is_as_long_as_the_room(model):
-    edit_config(max_position_embeddings=40)(model)
-    out = run_tool(
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        "x" * 10,
-        "--max-tokens",
-        "100",
-        "--no-chat-template",
-    )
-    assert out.returncode == 0, out.stderr
-    assert generation_tokens(out.stdout.decode()) == 30
+    assert generation_tokens(out.out) == 30
 
 
 def test_chat_caps_a_reply_at_the_room_left_with_a_note(model):
@@ -451,15 +453,19 @@ def test_library_calls_with_values_they_cannot_mean_raise_mla_errors(model, tmp_
         mlx_mla.convert(model, None)
     with pytest.raises(mlx_mla.ConfigError, match="max_shard_gb must be a positive"):
         mlx_mla.convert(model, tmp_path / "out", max_shard_gb=float("nan"))
+    with pytest.raises(mlx_mla.ConfigError, match="max_shard_gb must be a positive"):
+        mlx_mla.convert(model, tmp_path / "out", max_shard_gb="2")
     loaded, tokenizer = mlx_mla.load(model)
     for bad, message in [
         ({"temp": -1}, "temp must be a finite number >= 0"),
         ({"top_p": float("nan")}, "top_p must be a number from 0 to 1"),
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-        ({"seed": -5}, "seed must be an integer >= 0"),
+        ({"seed": -5}, "seed must be an integer from 0 to 2\\*\\*64 - 1"),
+        ({"max_tokens": "5"}, "max_tokens must be a number, not '5'"),
+        ({"prompt": None}, "prompt must be a string, not None"),
     ]:
         with pytest.raises(mlx_mla.BadArgumentError, match=message):
-            generate(loaded, tokenizer, "Hi", **bad)
+            generate(loaded, tokenizer, **{"prompt": "Hi", **bad})
     with pytest.raises(mlx_mla.BadArgumentError, match="min_p"):
         Chat(loaded, tokenizer, min_p=2.0)
     with pytest.raises(mlx_mla.ContextError, match="no room for a reply"):
