@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory
+from . import cli, memory, prompt_cache
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -68,15 +68,20 @@ def generate(
     system: str | None = None,
     chat_template: bool = True,
     on_text=None,
+    cache: list | None = None,
 ):
-    """Generate a reply, calling `on_text(segment)` as it streams.
+    """Generate a reply, calling `on_text(segment)` as it streams; `cache` (e.g. from a prompt-cache
+    file) holds tokens the prompt continues.
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
     if seed is not None:
         mx.random.seed(seed)
     tokens = build_prompt(tokenizer, prompt, system, chat_template)
-    cache = model.make_cache()
+    if cache is None:
+        cache = model.make_cache()
+    elif cache[0].offset and tokens[:1] == [tokenizer.bos_token_id]:
+        tokens = tokens[1:]  # the cached text already began with it
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
     text, response = "", None
     for response in stream_generate(
@@ -95,6 +100,9 @@ def setup_arg_parser():
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
+    parser.add_argument(
+        "--prompt-cache-file", help="continue from this cache (see mlx_mla.cache_prompt)"
+    )
     return parser
 
 
@@ -104,6 +112,12 @@ def _main(argv=None):
         cli.fail("--max-tokens must be at least 1")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load(args.model, attention=args.attention)
+    cache = None
+    if args.prompt_cache_file:
+        if args.system:
+            cli.fail("--system cannot follow the text of a --prompt-cache-file")
+        expected = prompt_cache.describe(model, args.model, None, 0)
+        cache, _ = prompt_cache.load(args.prompt_cache_file, expected)
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)
@@ -119,6 +133,7 @@ def _main(argv=None):
         system=args.system,
         chat_template=args.chat_template,
         on_text=lambda t: print(t, end="", flush=True),
+        cache=cache,
     )
     print("\n" + "=" * 10)
     print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
