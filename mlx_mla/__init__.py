@@ -1,6 +1,6 @@
 """DeepSeek Multi-head Latent Attention for MLX, with a latent KV cache."""
 
-from .cache import LatentCache
+from .cache import LatentCache, QuantizationError, QuantizedLatentCache
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, MLAError, UnsupportedModelError
 from .loading import load, load_model
@@ -13,6 +13,8 @@ __all__ = [
     "MLAError",
     "Model",
     "ModelArgs",
+    "QuantizationError",
+    "QuantizedLatentCache",
     "UnsupportedModelError",
     "load",
     "load_model",

@@ -15,13 +15,18 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .cache import QuantizedLatent, check_quantizable, quantized_dims
 from .config import ModelArgs
 
 ATTENTION_MODES = ("mla", "mha")
 LOG2_E = math.log2(math.e)
+# Tokens per block of absorbed attention, the fastest measured on MLX's CPU backend at 4K-32K
+# tokens for float and quantised latents (README, "Decode that reads the latent once").
+DECODE_BLOCK = 2048
 
 
 class Attention(nn.Module):
@@ -35,6 +40,7 @@ class Attention(nn.Module):
         self.qk_rope_head_dim = args.qk_rope_head_dim
         self.v_head_dim = args.v_head_dim
         self.scale = args.softmax_scale
+        self.llama_4_scaling = args.llama_4_scaling
         H, qk_dim = self.num_heads, args.qk_head_dim
 
         if self.q_lora_rank is None:
@@ -53,7 +59,7 @@ class Attention(nn.Module):
         self.rope = initialize_rope(
             self.qk_rope_head_dim,
             base=args.rope_theta,
-            traditional=True,
+            traditional=args.rope_interleave,  # rotate pairs (x0, x1), ... or halves
             scaling_config=args.rope_scaling,
             max_position_embeddings=args.max_position_embeddings,
         )
@@ -74,9 +80,13 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe, offset)
+        if self.llama_4_scaling is not None:
+            q_nope, q_pe = self.scale_queries(q_nope, q_pe, offset)
 
         if self.attention == "mha":
             keys, values = self.expand_kv(c_kv, k_pe)
+            if isinstance(cache, QuantizedKVCache) and cache.empty():
+                check_quantizable(quantized_dims(self, "mha"), cache.group_size, cache.bits)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
             queries = mx.concatenate([q_nope, q_pe], axis=-1)
@@ -86,7 +96,9 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
-            if self.expanding_is_cheaper(L, c_kv.shape[2]):
+            if self.expanding_is_cheaper(L, k_pe.shape[2]):
+                if isinstance(c_kv, QuantizedLatent):
+                    c_kv = c_kv.dequantize()
                 keys, values = self.expand_kv(c_kv, k_pe)
                 queries = mx.concatenate([q_nope, q_pe], axis=-1)
                 out = mx.fast.scaled_dot_product_attention(
@@ -98,6 +110,13 @@ class Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * v)
         return self.o_proj(out)
 
+    def scale_queries(self, q_nope, q_pe, offset: int) -> tuple[mx.array, mx.array]:
+        """Mistral 4: queries scaled by 1 + beta * log(1 + floor(position / original_max))."""
+        beta, original_max = self.llama_4_scaling
+        positions = mx.arange(offset, offset + q_nope.shape[2], dtype=mx.float32)[:, None]
+        scale = (1 + beta * mx.log(1 + mx.floor(positions / original_max))).astype(q_nope.dtype)
+        return q_nope * scale, q_pe * scale  # scale: (L, 1)
+
     def expand_kv(self, c_kv: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
         """Per-head keys (B, H, S, nope + rope) and values (B, H, S, v) from the latent."""
         k_nope = self.embed_q(c_kv, transpose=False)  # (B, H, S, nope)
@@ -105,28 +124,49 @@ class Attention(nn.Module):
         k_pe = mx.broadcast_to(k_pe, (*k_nope.shape[:-1], self.qk_rope_head_dim))
         return mx.concatenate([k_nope, k_pe], axis=-1), values
 
-    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask) -> mx.array:
+    def absorbed_attention(
+        self, q_nope, q_pe, c_kv, k_pe, mask, block_size: int = DECODE_BLOCK
+    ) -> mx.array:
         """Attention against the shared latent, with W_UK folded into q and W_UV into the output.
 
         All heads share one latent, so the heads are stacked as rows of a single matmul (as in
         FlashMLA's MQA-style decode) instead of broadcasting the latent to every head. As in
         FlashAttention, the softmax is taken in base 2 with log2(e) folded into the scale (on
         MLX's CPU backend 2**x costs a third of exp) and normalised after the value matmul.
+        The tokens are read in blocks of `block_size` (split-S), each block once for its scores
+        and its values, and the blocks' partial softmaxes are merged; a quantised latent is
+        dequantised one block at a time, so no float copy of the history is ever built.
         """
         B, H, L, _ = q_nope.shape
-        S = c_kv.shape[2]
+        S = k_pe.shape[2]
         scale = self.scale * LOG2_E
         q_lat = self.embed_q(q_nope) * scale  # (B, H, L, kv_lora)
         q_lat = q_lat.reshape(B, 1, H * L, self.kv_lora_rank)
         q_pe = (q_pe * scale).reshape(B, 1, H * L, self.qk_rope_head_dim)
-        scores = q_lat @ c_kv.swapaxes(-1, -2)  # (B, 1, H*L, S)
-        scores = mx.addmm(scores, q_pe, k_pe.swapaxes(-1, -2)).astype(mx.float32)
-        if mask is not None:
-            scores = apply_mask(scores.reshape(B, H, L, S), mask, S, LOG2_E)
-            scores = scores.reshape(B, 1, H * L, S)
-        weights = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
-        total = weights.sum(axis=-1, keepdims=True).astype(c_kv.dtype)
-        out = (weights.astype(c_kv.dtype) @ c_kv) / total  # (B, 1, H*L, kv_lora)
+        if isinstance(mask, str):
+            mask = create_causal_mask(L, S - L)
+        running = None
+        for start in range(0, S, block_size):
+            stop = min(start + block_size, S)
+            if isinstance(c_kv, QuantizedLatent):
+                block = c_kv.dequantize(start, stop)  # (B, 1, block, kv_lora)
+            else:
+                block = c_kv[..., start:stop, :]
+            scores = q_lat @ block.swapaxes(-1, -2)  # (B, 1, H*L, block)
+            scores = mx.addmm(scores, q_pe, k_pe[..., start:stop, :].swapaxes(-1, -2))
+            scores = scores.astype(mx.float32)
+            if mask is not None:
+                scores = apply_mask(scores.reshape(B, H, L, -1), mask[..., start:stop], LOG2_E)
+                scores = scores.reshape(B, 1, H * L, -1)
+            top = scores.max(axis=-1, keepdims=True)
+            weights = mx.power(2.0, scores - top)
+            out = weights.astype(block.dtype) @ block  # (B, 1, H*L, kv_lora)
+            partial = (out, top, weights.sum(axis=-1, keepdims=True))
+            running = partial if running is None else merge_softmax(running, partial)
+            if S > block_size:
+                mx.async_eval(running)  # one block after another: each read once, then freed
+        out, _, total = running
+        out = out / total.astype(out.dtype)
         return self.unembed_out(out.reshape(B, H, L, self.kv_lora_rank))  # (B, H, L, v)
 
     def expanding_is_cheaper(self, L: int, S: int) -> bool:
@@ -138,12 +178,20 @@ class Attention(nn.Module):
         return expanded < absorbed
 
 
-def apply_mask(scores: mx.array, mask, S: int, mask_scale: float = 1.0) -> mx.array:
-    """Apply an mlx-lm style mask ("causal", boolean or additive array) to (B, H, L, S) scores;
-    an additive mask is multiplied by mask_scale (log2(e) for base-2 scores)."""
-    if isinstance(mask, str):
-        L = scores.shape[-2]
-        mask = create_causal_mask(L, S - L)
+def merge_softmax(a: tuple, b: tuple) -> tuple:
+    """Merge two blocks' (unnormalised out, max, sum) of a base-2 softmax, as FlashAttention's
+    online softmax does. Merging block after block (not all at the end) lets MLX free each block
+    of dequantised latent as soon as its values are taken."""
+    (out_a, top_a, total_a), (out_b, top_b, total_b) = a, b
+    top = mx.maximum(top_a, top_b)
+    rescale_a, rescale_b = mx.power(2.0, top_a - top), mx.power(2.0, top_b - top)
+    out = out_a * rescale_a.astype(out_a.dtype) + out_b * rescale_b.astype(out_b.dtype)
+    return out, top, total_a * rescale_a + total_b * rescale_b
+
+
+def apply_mask(scores: mx.array, mask, mask_scale: float = 1.0) -> mx.array:
+    """Apply a boolean or additive mask array to (B, H, L, S) scores; an additive mask is
+    multiplied by mask_scale (log2(e) for base-2 scores)."""
     if mask.dtype == mx.bool_:
         return mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
     return scores + mask * mask_scale

@@ -1,10 +1,61 @@
-"""The latent cache: per token and layer, only c_kv (kv_lora_rank) and the roped k_pe."""
+"""The latent cache: per token and layer, only c_kv (kv_lora_rank) and the roped k_pe.
+
+`LatentCache` holds both in float; `QuantizedLatentCache` holds c_kv group-quantised with
+mx.quantize and k_pe in float (k_pe carries the position, and quantising it moved the logits
+several times more than quantising c_kv did; see README "Quantised caches"). `ExpandedKVCache` is
+mlx-lm's KVCache for the expanded `mha` path, with the same clear error on an unquantisable head.
+"""
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, create_attention_mask
 
 from .errors import MLAError
+
+GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts, and its bit widths:
+KV_BITS = (1, 2, 3, 4, 5, 6, 8)
+MLX_LM_KV_BITS = (2, 4, 8)  # mlx-lm 0.32's QuantizedKVCache mis-sizes 3, 5 and 6 bits
+
+
+class QuantizationError(MLAError):
+    """A cache cannot be quantised with the bits or group size asked for."""
+
+
+def check_quantizable(dims: dict[str, int], group_size: int, bits: int, kv_bits=KV_BITS):
+    """Raise QuantizationError naming the dimension a group size does not divide."""
+    if bits not in kv_bits:
+        raise QuantizationError(
+            f"--kv-bits {bits} is not supported here; use one of {', '.join(map(str, kv_bits))}"
+        )
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(
+            f"--kv-group-size {group_size} is not one mx.quantize accepts "
+            f"({', '.join(map(str, GROUP_SIZES))})"
+        )
+    for name, dim in dims.items():
+        if dim % group_size:
+            fits = [g for g in GROUP_SIZES if dim % g == 0]
+            hint = (
+                f"--kv-group-size {' or '.join(map(str, fits))} would work"
+                if fits
+                else f"none of the group sizes mx.quantize accepts ({GROUP_SIZES}) divides it"
+            )
+            raise QuantizationError(
+                f"{name} {dim} cannot be quantized in groups of {group_size}: {hint}"
+            )
+
+
+def quantized_dims(args, attention: str) -> dict[str, int]:
+    """The cached dimensions a kv-bits cache quantises, by name (ModelArgs or an Attention)."""
+    if attention == "mla":
+        return {"kv_lora_rank": args.kv_lora_rank}
+    return {
+        "key head dim (qk_nope_head_dim + qk_rope_head_dim)": args.qk_nope_head_dim
+        + args.qk_rope_head_dim,
+        "value head dim (v_head_dim)": args.v_head_dim,
+    }
 
 
 class LatentCache(KVCache):
@@ -24,9 +75,133 @@ class LatentCache(KVCache):
     def k_pe(self) -> mx.array:
         return self.values[..., : self.offset, :]
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4):
-        raise MLAError("a quantized latent cache is not supported; run without --kv-bits")
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedLatentCache":
+        cache = QuantizedLatentCache(group_size=group_size, bits=bits)
+        cache.offset = self.offset
+        if self.keys is not None:
+            cache.check(self.keys.shape[-1])
+            cache.keys = mx.quantize(self.keys, group_size=group_size, bits=bits)
+            cache.values = self.values
+        return cache
+
+
+@dataclass
+class QuantizedLatent:
+    """mx.quantize's (packed, scales, biases) of c_kv, (B, 1, S, ...) each, with its settings."""
+
+    packed: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    @property
+    def length(self) -> int:
+        return self.packed.shape[-2]
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> mx.array:
+        """Float c_kv of tokens start:stop, (B, 1, stop - start, kv_lora_rank)."""
+        parts = (x[..., start:stop, :] for x in (self.packed, self.scales, self.biases))
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+
+class QuantizedLatentCache(mlx_lm_cache._BaseCache):
+    """The latent cache with c_kv group-quantised along kv_lora_rank; k_pe stays in float.
+
+    State as mlx-lm's QuantizedKVCache: `keys` is the (packed, scales, biases) of c_kv,
+    `values` is k_pe, then offset, group_size and bits, so mlx-lm's save_prompt_cache and
+    load_prompt_cache round-trip it. It has no `to_quantized`, so mlx-lm's generate_step leaves it
+    as it is. update_and_fetch returns a QuantizedLatent and the float k_pe.
+    """
+
+    step = 256
+
+    def __init__(self, group_size: int = 64, bits: int = 4):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.group_size = group_size
+        self.bits = bits
+
+    def check(self, kv_lora_rank: int):
+        check_quantizable({"kv_lora_rank": kv_lora_rank}, self.group_size, self.bits)
+
+    def update_and_fetch(self, c_kv: mx.array, k_pe: mx.array):
+        B, _, L, rank = c_kv.shape
+        prev = self.offset
+        if self.keys is None or prev + L > self.keys[0].shape[-2]:
+            self.check(rank)
+            slots = (self.step + L - 1) // self.step * self.step
+            groups = (B, 1, slots, rank // self.group_size)
+            new = (
+                mx.zeros((B, 1, slots, rank * self.bits // 32), dtype=mx.uint32),
+                mx.zeros(groups, dtype=c_kv.dtype),  # scales
+                mx.zeros(groups, dtype=c_kv.dtype),  # biases
+                mx.zeros((B, 1, slots, k_pe.shape[-1]), dtype=k_pe.dtype),
+            )
+            if self.keys is None:
+                *self.keys, self.values = new
+            else:
+                old = (*self.keys, self.values)
+                *self.keys, self.values = (
+                    mx.concatenate([x[..., :prev, :], n], axis=-2)
+                    for x, n in zip(old, new, strict=True)
+                )
+            self.keys = tuple(self.keys)
+        self.offset += L
+        quantized = mx.quantize(c_kv, group_size=self.group_size, bits=self.bits)
+        for stored, new in zip(self.keys, quantized, strict=True):
+            stored[..., prev : self.offset, :] = new
+        self.values[..., prev : self.offset, :] = k_pe
+        latent = QuantizedLatent(
+            *(x[..., : self.offset, :] for x in self.keys), self.group_size, self.bits
+        )
+        return latent, self.values[..., : self.offset, :]
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset, self.group_size, self.bits
+
+    @state.setter
+    def state(self, v):
+        keys, self.values, self.offset, self.group_size, self.bits = v
+        self.keys = tuple(keys)
+
+    def size(self):
+        return self.offset
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def make_mask(self, *args, **kwargs):
+        return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    def empty(self):
+        return self.keys is None
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        return sum(x.nbytes for x in self.keys) + self.values.nbytes
+
+
+class ExpandedKVCache(KVCache):
+    """mlx-lm's KVCache for the `mha` path; to_quantized gives mlx-lm's QuantizedKVCache after
+    checking that the head dims divide by the group size and that mlx-lm sizes the bits right."""
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+        if self.keys is not None:
+            dims = {"key head dim": self.keys.shape[-1], "value head dim": self.values.shape[-1]}
+            check_quantizable(dims, group_size, bits, MLX_LM_KV_BITS)
+        return super().to_quantized(group_size=group_size, bits=bits)
 
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
-mlx_lm_cache.LatentCache = LatentCache
+for _cls in (LatentCache, QuantizedLatentCache, ExpandedKVCache):
+    setattr(mlx_lm_cache, _cls.__name__, _cls)

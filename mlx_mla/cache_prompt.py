@@ -34,7 +34,9 @@ def _main(argv=None):
     if args.prefill_step_size < 1:
         cli.fail("--prefill-step-size must be at least 1")
     text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
-    model, tokenizer = load(args.model, attention=args.attention)
+    model, tokenizer = load(
+        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+    )
     tokens = tokenizer.encode(text)
     context = model.args.max_position_embeddings
     if len(tokens) > context:

@@ -24,6 +24,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a tokenizer ships (Kimi, Moonlight)",
+    )
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int):
@@ -33,6 +38,19 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int):
     parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--system", default=None, help="system prompt")
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run under mlx.launch, each rank loading and caching only its own layers",
+    )
+    parser.add_argument(
+        "--pipeline-stages",
+        default=None,
+        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
+    )
 
 
 def fail(message: str):

@@ -1,4 +1,4 @@
-"""ModelArgs: a DeepSeek-V2 config.json, with the Hugging Face field names unchanged."""
+"""ModelArgs: the config.json of an MLA model, with the Hugging Face field names unchanged."""
 
 import inspect
 import math
@@ -7,9 +7,66 @@ from typing import Any
 
 from .errors import ConfigError, UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2",)
-TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("default", "yarn")
+
+# What differs between the MLA families, as each one's transformers config and model define it.
+# family: the architecture a model_type is read as (Kimi-K2 is DeepSeek-V3's). defaults: the
+# transformers config's values where config.json is silent. fixed: what the transformers model
+# does whatever config.json says (a config.json saying otherwise is refused). topk_methods: the
+# routings accepted. mlp_layer_types: whether the model reads that list (GLM) or ignores it.
+_NOAUX = dict(topk_methods=("noaux_tc",), mlp_layer_types=False)
+FAMILIES = {
+    "deepseek_v2": dict(
+        family="deepseek_v2",
+        defaults={},
+        fixed=dict(scoring_func="softmax", rope_interleave=True),
+        topk_methods=("greedy", "group_limited_greedy"),
+        mlp_layer_types=False,
+    ),
+    "deepseek_v3": dict(
+        family="deepseek_v3",
+        defaults=dict(
+            n_group=8,
+            topk_group=4,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=3,
+            n_shared_experts=1,
+        ),
+        fixed=dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1),
+        **_NOAUX,
+    ),
+    "glm4_moe_lite": dict(
+        family="glm4_moe_lite",
+        defaults=dict(
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.8,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            rms_norm_eps=1e-5,
+        ),
+        fixed=dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1),
+        topk_methods=("noaux_tc",),
+        mlp_layer_types=True,
+    ),
+    "mistral4": dict(
+        family="mistral4",
+        defaults=dict(
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            first_k_dense_replace=0,
+            n_shared_experts=1,
+        ),
+        fixed=dict(topk_method="noaux_tc", scoring_func="softmax", moe_layer_freq=1),
+        **_NOAUX,
+    ),
+}
+FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclass
@@ -43,14 +100,19 @@ class ModelArgs:
     rope_scaling: dict | None = None
     attention_bias: bool = False
     tie_word_embeddings: bool = False
+    rope_interleave: bool = True
+    mlp_layer_types: list[str] | None = None
+    num_nextn_predict_layers: int = 0
     quantization: dict | None = None
+    quantization_config: dict | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
         """Build from a Hugging Face config dict; unknown keys are ignored.
 
         Accepts both `rope_scaling` + `rope_theta` (original checkpoints) and transformers 5's
-        `rope_parameters` (which holds the theta and the scaling in one dict).
+        `rope_parameters` (which holds the theta and the scaling in one dict). The family's
+        defaults fill what config.json leaves out (see FAMILIES).
         """
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -58,16 +120,47 @@ class ModelArgs:
                 f"model_type {model_type!r} is not supported; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
+        family = FAMILIES[model_type]
+        for key, value in family["fixed"].items():
+            if config.get(key, value) != value:
+                raise ConfigError(
+                    f"{model_type} supports {key} {value!r} only, not {config[key]!r}"
+                )
         fields = inspect.signature(cls).parameters
+        config = {**family["defaults"], **config, **family["fixed"]}
+        if not family["mlp_layer_types"]:
+            config.pop("mlp_layer_types", None)
         args = cls(**{k: v for k, v in config.items() if k in fields})
         rope = config.get("rope_parameters")
         if rope:
             args.rope_theta = rope.get("rope_theta", args.rope_theta)
             scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-            if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type != "default" or "llama_4_scaling_beta" in scaling:
                 args.rope_scaling = scaling
         args.validate()
+        args.check_rotary_dims(rope or args.rope_scaling or {})
         return args
+
+    def check_rotary_dims(self, rope: dict):
+        """transformers rotates int(head_dim * partial_rotary_factor) dims, where head_dim is
+        Mistral 4's qk_head_dim and the others' qk_rope_head_dim: it must be all of q_pe/k_pe."""
+        head_dim = self.qk_head_dim if self.family == "mistral4" else self.qk_rope_head_dim
+        factor = rope.get("partial_rotary_factor", self.qk_rope_head_dim / head_dim)
+        if int(head_dim * factor) != self.qk_rope_head_dim:
+            raise ConfigError(
+                f"partial_rotary_factor {factor} rotates {int(head_dim * factor)} dims, not the "
+                f"qk_rope_head_dim of {self.qk_rope_head_dim}; not supported"
+            )
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.model_type]["family"]
+
+    @property
+    def fp8_block_size(self) -> tuple[int, int]:
+        """DeepSeek-V3's FP8 release: one weight_scale_inv per block of this many elements."""
+        return tuple((self.quantization_config or {}).get("weight_block_size", (128, 128)))
 
     @property
     def rope_type(self) -> str:
@@ -91,26 +184,51 @@ class ModelArgs:
                 scale *= mscale * mscale
         return scale
 
+    @property
+    def llama_4_scaling(self) -> tuple[float, int] | None:
+        """Mistral 4's position-dependent query scale: (beta, original_max_position_embeddings)."""
+        beta = (self.rope_scaling or {}).get("llama_4_scaling_beta")
+        if self.family != "mistral4" or beta is None:
+            return None
+        return beta, self.rope_scaling["original_max_position_embeddings"]
+
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return (
-            bool(self.n_routed_experts)
-            and layer_idx >= self.first_k_dense_replace
-            and layer_idx % self.moe_layer_freq == 0
-        )
+        """GLM's mlp_layer_types when given, else first_k_dense_replace and moe_layer_freq."""
+        if not self.n_routed_experts:
+            return False
+        if self.mlp_layer_types is not None:
+            return self.mlp_layer_types[layer_idx] == "sparse"
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     def validate(self):
+        method = (self.quantization_config or {}).get("quant_method")
+        if (
+            method not in (None, "fp8")
+            or (self.quantization_config or {}).get("fmt", "e4m3") != "e4m3"
+        ):
+            raise ConfigError(
+                f"quantization_config {method!r} is not supported; only DeepSeek-V3's FP8 (e4m3) "
+                "block weights are read"
+            )
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
             )
+        if self.mlp_layer_types is not None and (
+            len(self.mlp_layer_types) != self.num_hidden_layers
+            or set(self.mlp_layer_types) - {"dense", "sparse"}
+        ):
+            raise ConfigError(
+                f"mlp_layer_types must name 'dense' or 'sparse' for each of the "
+                f"{self.num_hidden_layers} layers"
+            )
         if self.n_routed_experts:
-            if self.topk_method not in TOPK_METHODS:
+            topk_methods = FAMILIES[self.model_type]["topk_methods"]
+            if self.topk_method not in topk_methods:
                 raise ConfigError(
-                    f"topk_method {self.topk_method!r} is not supported; supported: "
-                    + ", ".join(TOPK_METHODS)
+                    f"topk_method {self.topk_method!r} is not supported for {self.model_type}; "
+                    f"supported: {', '.join(topk_methods)}"
                 )
-            if self.scoring_func != "softmax":
-                raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported")
             if not self.num_experts_per_tok:
                 raise ConfigError("n_routed_experts is set but num_experts_per_tok is not")
             if self.topk_method == "group_limited_greedy" and (
@@ -118,4 +236,14 @@ class ModelArgs:
             ):
                 raise ConfigError(
                     "group_limited_greedy needs n_group dividing n_routed_experts and topk_group"
+                )
+            if self.topk_method == "noaux_tc" and (
+                not self.n_group
+                or self.n_routed_experts % self.n_group
+                or self.n_routed_experts // self.n_group < 2
+                or not 0 < (self.topk_group or 0) <= self.n_group
+            ):
+                raise ConfigError(
+                    "noaux_tc needs n_group dividing n_routed_experts into groups of at least 2 "
+                    "experts, and topk_group between 1 and n_group"
                 )

@@ -1,13 +1,15 @@
-"""Convert a Hugging Face DeepSeek-V2 checkpoint to MLX safetensors, optionally quantized.
+"""Convert a Hugging Face MLA checkpoint to MLX safetensors, optionally quantized.
 
 python convert.py --hf-path deepseek-ai/DeepSeek-V2-Lite-Chat --mlx-path v2-lite-4bit -q
 
 Tensors are read lazily and written shard by shard, so memory holds about one shard plus one
-tensor's working set, not the model. The output is built in a temporary folder beside --mlx-path
-and renamed into place only when complete.
+tensor's working set, not the model. DeepSeek-V3's FP8 weights are dequantised (to bfloat16
+unless --dtype says otherwise) tensor by tensor on the way. The output is built in a temporary
+folder beside --mlx-path and renamed into place only when complete.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -228,16 +230,19 @@ def convert(
     mlx_path = Path(mlx_path).expanduser()
     q_bits = check_options(dtype, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
-    if max_shard_gb <= 0:
-        raise ConfigError(f"max_shard_gb must be positive, not {max_shard_gb}")
+    if not 0 < max_shard_gb < math.inf:
+        raise ConfigError(f"max_shard_gb must be a positive number of GB, not {max_shard_gb}")
+    src = resolve(hf_path)
+    check_apart(src, mlx_path)
     if mlx_path.exists() and not force:
         raise MLAError(f"{mlx_path} already exists; pass --force to replace it")
 
-    src = resolve(hf_path)
     config = read_config(src)
-    if "quantization" in config or "quantization_config" in config:
+    if "quantization" in config:
         raise ConfigError(f"{src} is already quantized; convert a float checkpoint")
     args = ModelArgs.from_dict(config)
+    if config.pop("quantization_config", None):  # FP8 blocks, dequantised by sanitize
+        dtype = dtype or "bfloat16"
     weights = sanitize_by_layer(read_weights(src), args)
     skeleton = Model(args)
     check_weights(skeleton, weights)
@@ -260,6 +265,7 @@ def convert(
             f"of {q_group_size} (README.md lists them)"
         )
     tmp = mlx_path.parent / f".{mlx_path.name}.tmp-{os.getpid()}"
+    created = missing_folders(mlx_path.parent)
     try:
         tmp.mkdir(parents=True)
         write_shards(tmp, shards, total_in, n_tensors)
@@ -270,6 +276,7 @@ def convert(
         replace(tmp, mlx_path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         if isinstance(e, OSError):
             raise MLAError(f"cannot write {mlx_path}: {e}") from None
         raise
@@ -277,6 +284,44 @@ def convert(
         print(f"no tokenizer files in {src}: {mlx_path} loads with load_model but not with load")
     print(f"wrote {mlx_path}: {format_bytes(total_out)} in {len(shards)} safetensors file(s)")
     return mlx_path
+
+
+def check_apart(src: Path, mlx_path: Path):
+    """Refuse an output that is the source folder, holds it, or lies inside it (symlinks resolved,
+    and the folders the source's files link to count as the source: a hub cache's blobs)."""
+    out = mlx_path.resolve()
+    sources = {src.resolve()} | {f.resolve().parent for f in src.iterdir()}
+    for folder in sorted(sources):
+        if out == folder:
+            where = "is"
+        elif out in folder.parents:
+            where = "holds"
+        elif folder in out.parents:
+            where = "is inside"
+        else:
+            continue
+        raise MLAError(
+            f"the output folder {mlx_path} {where} the source checkpoint ({folder}): "
+            "pick an --mlx-path outside it"
+        )
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]):
+    """Remove the folders a failed run created (deepest first), stopping at one not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def lazy_outputs(weights: dict[str, mx.array], plan: dict, dtype: str | None) -> list:
@@ -343,13 +388,17 @@ def write_shards(folder: Path, shards: list[list[dict]], total_in: int, n_tensor
 
 def replace(tmp: Path, mlx_path: Path):
     """Move the finished folder into place; an existing one is removed only after that."""
-    old = None
-    if mlx_path.exists():
-        old = mlx_path.parent / f".{mlx_path.name}.old-{os.getpid()}"
-        mlx_path.rename(old)
-    tmp.rename(mlx_path)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if not mlx_path.exists() and not mlx_path.is_symlink():
+        tmp.rename(mlx_path)
+        return
+    old = mlx_path.parent / f".{mlx_path.name}.old-{os.getpid()}"
+    mlx_path.rename(old)
+    try:
+        tmp.rename(mlx_path)
+    except BaseException:
+        old.rename(mlx_path)
+        raise
+    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def setup_arg_parser():

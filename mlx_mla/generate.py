@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory, prompt_cache
+from . import cli, memory, pipeline, prompt_cache
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -103,15 +103,77 @@ def setup_arg_parser():
     parser.add_argument(
         "--prompt-cache-file", help="continue from this cache (see mlx_mla.cache_prompt)"
     )
+    cli.add_pipeline_arguments(parser)
     return parser
+
+
+def parse_stages(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        cli.fail(f"--pipeline-stages must be comma-separated layer counts, not {text!r}")
+
+
+def print_report(response):
+    print("\n" + "=" * 10)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.1f} tokens-per-sec"
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB")
+
+
+def pipeline_main(args):
+    """Every rank runs this; rank 0 reads the prompt, samples and prints."""
+    group = mx.distributed.init()
+    pipeline.end_on_sigterm(group.rank())
+    stages = parse_stages(args.pipeline_stages)
+    model, tokenizer = pipeline.load(
+        args.model, args.attention, group, stages, trust_remote_code=args.trust_remote_code
+    )
+    tokens = None
+    if group.rank() == 0:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        tokens = build_prompt(tokenizer, prompt, args.system, args.chat_template)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    cache = model.make_cache()
+    sample = make_sampler(temp=args.temp, top_p=args.top_p, min_p=args.min_p)
+    response = None
+    for response in pipeline.stream(
+        model, tokenizer, tokens, cache, sample, max_tokens=args.max_tokens
+    ):
+        if group.rank() == 0:
+            print(response.text, end="", flush=True)
+    ours = [model.layer_range.start, model.layer_range.stop, model.parameter_bytes()]
+    ours += [sum(c.nbytes for c in cache), mx.get_peak_memory(), model.bytes_sent]
+    ours += [model.tokens_seen]
+    rows = pipeline.gather(group, ours)
+    if group.rank() != 0:
+        return
+    print_report(response)
+    for rank, (start, stop, weights, cache_bytes, peak, sent, seen) in enumerate(rows):
+        per_token = f", sent {sent / seen:,.0f} B/token" if sent else ""
+        print(
+            f"rank {rank}: layers {start:.0f}-{stop - 1:.0f}, weights "
+            f"{memory.format_bytes(weights)}, cache {memory.format_bytes(cache_bytes)} "
+            f"({args.attention}), peak memory {peak / 1e9:.3f} GB{per_token}"
+        )
 
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.max_tokens < 1:
         cli.fail("--max-tokens must be at least 1")
+    if args.pipeline:
+        return pipeline_main(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, attention=args.attention)
+    model, tokenizer = load(
+        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+    )
     cache = None
     if args.prompt_cache_file:
         if args.system:
@@ -135,13 +197,7 @@ def _main(argv=None):
         on_text=lambda t: print(t, end="", flush=True),
         cache=cache,
     )
-    print("\n" + "=" * 10)
-    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
-    print(
-        f"Generation: {response.generation_tokens} tokens, "
-        f"{response.generation_tps:.1f} tokens-per-sec"
-    )
-    print(f"Peak memory: {response.peak_memory:.3f} GB")
+    print_report(response)
     print(format_cache_stats(cache_stats(model, cache)))
 
 

@@ -16,7 +16,16 @@ from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
 from .model import Model, sanitize
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.jinja",
+    "*.txt",
+    "*.py",
+    "*tiktoken*",
+]
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -50,11 +59,13 @@ def read_config(path: Path) -> dict:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, as listed by its index when there is one."""
+def weight_files(path: Path, keep=None) -> list[Path]:
+    """The safetensors files of a checkpoint, as listed by its index when there is one; with
+    `keep(tensor_name)`, only the files the index lists for the kept tensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{index.name} lists {missing[0]}, which is not in {path}")
@@ -69,14 +80,16 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """Every tensor of the checkpoint as a lazy array: only headers are read until evaluation."""
+def read_weights(path: Path, keep=None) -> dict[str, mx.array]:
+    """Every tensor of the checkpoint (or those `keep(name)` accepts) as a lazy array: only
+    headers are read until evaluation."""
     weights = {}
-    for file in weight_files(path):
+    for file in weight_files(path, keep):
         try:
-            weights.update(mx.load(str(file)))
+            tensors = mx.load(str(file))
         except Exception as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
+        weights.update({k: v for k, v in tensors.items() if keep is None or keep(k)})
     return weights
 
 
@@ -134,7 +147,18 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     config = read_config(path)
     args = ModelArgs.from_dict(config)
     model = Model(args, attention)
-    weights = read_weights(path)
+    fill(model, read_weights(path), args)
+    return model
+
+
+def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs):
+    """Load checkpoint tensors (Hugging Face or MLX names) into a model built from `args`."""
+    if args.quantization_config:
+        print(
+            "note: FP8 weights are dequantised to bfloat16 at every load; "
+            "python -m mlx_mla.convert does it once",
+            file=sys.stderr,
+        )
     try:
         weights = sanitize(weights, args)
     except ValueError as e:
@@ -146,15 +170,39 @@ def load_model(path: str | Path, attention: str = "mla") -> Model:
     upcast_experts_for_cpu(model)
     mx.eval(model.parameters())
     model.eval()
-    return model
 
 
-def load(path_or_hub_id: str | Path, attention: str = "mla") -> tuple[Model, TokenizerWrapper]:
-    """Model and mlx-lm tokenizer wrapper from a local folder or a hub id."""
+def tokenizer_code(path: Path) -> list[str]:
+    """The Python files a checkpoint's tokenizer would run: its auto_map, or *.py beside it."""
+    files = sorted(p.name for p in path.glob("*.py"))
+    config = path / "tokenizer_config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text()):
+        files = files or ["tokenizer_config.json auto_map"]
+    return files
+
+
+def load(
+    path_or_hub_id: str | Path, attention: str = "mla", trust_remote_code: bool = False
+) -> tuple[Model, TokenizerWrapper]:
+    """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
+    Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
     path = resolve(path_or_hub_id)
-    model = load_model(path, attention)
+    tokenizer = tokenizer_of(path, trust_remote_code)
+    return load_model(path, attention), tokenizer
+
+
+def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrapper:
+    code = tokenizer_code(path)
+    if code and not trust_remote_code:
+        raise CheckpointError(
+            f"the tokenizer in {path} runs Python code it ships ({', '.join(code)}); "
+            "pass --trust-remote-code (trust_remote_code=True) if you trust it"
+        )
     try:
-        tokenizer = load_tokenizer(path, eos_token_ids=read_config(path).get("eos_token_id"))
+        return load_tokenizer(
+            path,
+            tokenizer_config_extra={"trust_remote_code": trust_remote_code},
+            eos_token_ids=read_config(path).get("eos_token_id"),
+        )
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None
-    return model, tokenizer

@@ -56,6 +56,49 @@ PRESETS = {
         "q_lora_rank": 1536,
         **_MLA_DIMS,
     },
+    # DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes.
+    "deepseek-r1": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        **_MLA_DIMS,
+    },
+    # moonshotai/Kimi-K2-Instruct config.json (model_type kimi_k2, the deepseek_v3 architecture).
+    "kimi-k2": {
+        "model_type": "kimi_k2",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "q_lora_rank": 1536,
+        **_MLA_DIMS,
+    },
+    # moonshotai/Moonlight-16B-A3B config.json (deepseek_v3 with V2-Lite's attention shape).
+    "moonlight-16b-a3b": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 2048,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": None,
+        **_MLA_DIMS,
+    },
+    # zai-org/GLM-4.7-Flash config.json, also transformers' Glm4MoeLiteConfig defaults.
+    "glm-4.7-flash": {
+        "model_type": "glm4_moe_lite",
+        "hidden_size": 2048,
+        "num_hidden_layers": 47,
+        "num_attention_heads": 20,
+        "num_key_value_heads": 20,
+        "q_lora_rank": 768,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 256,
+    },
     "deepseek-67b": {
         "model_type": "llama",
         "hidden_size": 8192,
@@ -85,6 +128,49 @@ PRESETS = {
         "num_key_value_heads": 8,
     },
 }
+
+
+# What the weights need beyond the cache's shapes (from each model's config.json), for --ranks.
+_V3_MOE = {
+    "vocab_size": 129280,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 3,
+}
+WEIGHT_SHAPES = {
+    "deepseek-v2-lite": {
+        "vocab_size": 102400,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek-v2": {
+        "vocab_size": 102400,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 1536,
+        "n_routed_experts": 160,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek-v3": _V3_MOE,
+    "deepseek-r1": _V3_MOE,
+    "kimi-k2": {
+        **_V3_MOE,
+        "vocab_size": 163840,
+        "n_routed_experts": 384,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek-67b": {"vocab_size": 102400, "intermediate_size": 22016},
+    "llama-2-70b": {"vocab_size": 32000, "intermediate_size": 28672},
+    "llama-3-70b": {"vocab_size": 128256, "intermediate_size": 28672},
+    "qwen2.5-72b": {"vocab_size": 152064, "intermediate_size": 29568},
+}
+for _name, _shapes in WEIGHT_SHAPES.items():
+    PRESETS[_name] = {**PRESETS[_name], **_shapes}
 
 
 def load_config(path_or_preset: str) -> dict:
@@ -173,12 +259,16 @@ def bytes_per_token(
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
 ) -> int:
-    """Bytes all layers cache per token; with kv_bits, in mlx-lm's QuantizedKVCache layout."""
+    """Bytes all layers cache per token. With kv_bits, rows are laid out as mx.quantize packs them
+    (mlx-lm's QuantizedKVCache); the MLA latent cache quantises c_kv and keeps k_pe in `dtype`
+    (mlx_mla.cache.QuantizedLatentCache)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, not {dtype!r}")
+    rows = cache_layout(config, attention)
+    quantized = [True, False] if attention_kind(config, attention) == "MLA" else [True, True]
     per_layer = sum(
-        heads * _row_bytes(dim, dtype, kv_bits, kv_group_size)
-        for heads, dim in cache_layout(config, attention)
+        heads * _row_bytes(dim, dtype, kv_bits if q else None, kv_group_size)
+        for (heads, dim), q in zip(rows, quantized, strict=True)
     )
     return per_layer * _field(config, "num_hidden_layers")
 
@@ -254,7 +344,8 @@ def _claims() -> list[Claim]:
             0.933,
             six_bit_cut,
             f"holds: 6-bit V2 ({v2_6bit:,.0f}) vs bf16 67B ({llm67b_bf16:,}) bytes/token is "
-            f"{six_bit_cut:.1%} less; mx.quantize 6-bit group-64 with scales ({v2_mx6:,}) gives "
+            f"{six_bit_cut:.1%} less; this project's 6-bit latent cache (c_kv in mx.quantize "
+            f"groups of 64 with scales, k_pe in bf16: {v2_mx6:,}) gives "
             f"{1 - v2_mx6 / llm67b_bf16:.1%}",
         ),
     ]
@@ -313,7 +404,10 @@ def report(name: str, config: dict, contexts: list[int], **quant) -> str:
 def _describe(dtype: str, kv_bits: int | None, kv_group_size: int) -> str:
     if kv_bits is None:
         return dtype
-    return f"{kv_bits}-bit keys/values, group size {kv_group_size}, {dtype} scales"
+    return (
+        f"{kv_bits}-bit keys/values (MLA: c_kv; k_pe stays {dtype}), group size "
+        f"{kv_group_size}, {dtype} scales"
+    )
 
 
 def summary(models: dict[str, dict], **quant) -> str:
@@ -354,6 +448,53 @@ def parse_context(text: str) -> list[int]:
     return contexts
 
 
+def ranks_report(
+    name: str, config: dict, ranks: int, contexts: list[int], dtype: str, weight_bits=None
+) -> str:
+    """Per-rank weights and cache when the layers are split into pipeline stages (by weights +
+    cache at the longest context), against tensor parallelism over the heads ("TP")."""
+    from . import stages
+
+    if "vocab_size" not in config or "intermediate_size" not in config:
+        raise ValueError(f"{name} has no weight shapes (vocab_size, ...): pass its config.json")
+    layers = _field(config, "num_hidden_layers")
+    attention = _attentions(config)[0]
+    quantization = config.get("quantization") or {}
+    weight_bits = weight_bits or quantization.get("bits")
+    group_size = quantization.get("group_size", DEFAULT_KV_GROUP_SIZE)
+    costs = stages.config_costs(config, DTYPE_BYTES[dtype], weight_bits, group_size)
+    per_layer = bytes_per_token(config, attention, dtype) // layers
+    longest = max(contexts)
+    split = stages.split_layers(costs, ranks, per_layer * longest)
+    rows = [["rank", "layers", "weights", *(f"cache @{t:,}" for t in contexts), "total"]]
+    for rank in range(ranks):
+        run = stages.layer_range(split, rank)
+        weights = stages.stage_bytes(costs, 0, run.start, run.stop, ranks, ranks - 1 - rank)
+        caches = [per_layer * len(run) * t for t in contexts]
+        rows.append(
+            [str(rank), f"{run.start}-{run.stop - 1}", format_bytes(weights)]
+            + [format_bytes(c) for c in caches]
+            + [format_bytes(weights + per_layer * len(run) * longest)]
+        )
+    # Over heads each rank holds 1/ranks of the weights but, for MLA, all of every layer's c_kv
+    # and k_pe, since every head reads the whole latent; per-head K/V (MHA, GQA) would divide.
+    share = 1 if attention == "mla" else ranks
+    caches = [per_layer * layers * t // share for t in contexts]
+    rows.append(
+        ["TP", "all", format_bytes(costs.total / ranks)]
+        + [format_bytes(c) for c in caches]
+        + [format_bytes(costs.total / ranks + caches[contexts.index(longest)])]
+    )
+    weights = f"{weight_bits}-bit" if weight_bits else dtype
+    return (
+        f"{name} on {ranks} ranks: {layers} layers, {weights} weights "
+        f"({format_bytes(costs.total)} in all), {_column(config, attention)} {dtype} cache; "
+        f"total at {longest:,} tokens\n"
+        "ranks 0..: pipeline stages (rank 0 runs the last layers and the head); "
+        f"TP: tensor parallel over the heads, each rank\n{_table(rows)}"
+    )
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="KV-cache size of MLA vs MHA/GQA models.")
     parser.add_argument(
@@ -369,6 +510,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-bits", type=int, default=None, help="Quantize the cache to N bits")
     parser.add_argument("--kv-group-size", type=int, default=DEFAULT_KV_GROUP_SIZE)
     parser.add_argument("--claims", action="store_true", help="Check public claims and exit")
+    parser.add_argument(
+        "--ranks", type=int, default=None, help="Per-rank weights and cache over N pipeline stages"
+    )
+    parser.add_argument(
+        "--weight-bits", type=int, default=None, help="With --ranks: weights quantized to N bits"
+    )
     return parser
 
 
@@ -381,8 +528,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         contexts = parse_context(args.context)
         models = {name: load_config(name) for name in args.config.split(",")}
-        blocks = [report(name, config, contexts, **quant) for name, config in models.items()]
-        blocks.append(summary(models, **quant))
+        if args.ranks is not None:
+            blocks = [
+                ranks_report(name, config, args.ranks, contexts, args.dtype, args.weight_bits)
+                for name, config in models.items()
+            ]
+        else:
+            blocks = [report(name, config, contexts, **quant) for name, config in models.items()]
+            blocks.append(summary(models, **quant))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,14 +1,13 @@
-"""The DeepSeek-V2 decoder: MLA attention, DeepSeekMoE, and the checkpoint weight transforms."""
+"""The one MLA decoder of every family: attention, DeepSeekMoE, and the checkpoint transforms."""
 
 import re
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
 
 from .attention import ATTENTION_MODES, Attention
-from .cache import LatentCache
+from .cache import ExpandedKVCache, LatentCache
 from .config import ModelArgs
 from .errors import ConfigError
 from .moe import MLP, MoE
@@ -30,7 +29,7 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DeepseekV2Model(nn.Module):
+class DecoderModel(nn.Module):
     def __init__(self, args: ModelArgs, attention: str):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -56,7 +55,7 @@ class Model(nn.Module):
         self.args = args
         self.attention = attention
         self.model_type = args.model_type
-        self.model = DeepseekV2Model(args, attention)
+        self.model = DecoderModel(args, attention)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -71,13 +70,14 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list:
-        cache_class = LatentCache if self.attention == "mla" else KVCache
+        cache_class = LatentCache if self.attention == "mla" else ExpandedKVCache
         return [cache_class() for _ in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
         return sanitize(weights, self.args)
 
 
+FP8_SCALE = ".weight_scale_inv"
 EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -89,14 +89,23 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
     - kv_b_proj (H * (nope + v), kv_lora) is split into per-head W_UK and W_UV;
     - per-expert tensors (original layout) or fused `experts.gate_up_proj` / `experts.down_proj`
       (transformers 5) become the stacked `switch_mlp` weights;
-    - rotary `inv_freq` and layers beyond num_hidden_layers (multi-token prediction) are dropped.
+    - FP8 weights with a `weight_scale_inv` (DeepSeek-V3's release) are dequantised to bfloat16;
+    - rotary `inv_freq`, layers beyond num_hidden_layers (multi-token prediction) and zero-size
+      tensors (transformers' shared experts when n_shared_experts is 0) are dropped.
     """
     out = {}
     experts: dict[str, dict[int, mx.array]] = {}
     for key, value in weights.items():
         layer = LAYER_KEY.match(key)
-        if "rotary_emb.inv_freq" in key or (layer and int(layer[1]) >= args.num_hidden_layers):
+        if (
+            "rotary_emb.inv_freq" in key
+            or (layer and int(layer[1]) >= args.num_hidden_layers)
+            or value.size == 0
+            or key.endswith(FP8_SCALE)
+        ):
             continue
+        if key + "_scale_inv" in weights:  # "x.weight" -> "x.weight_scale_inv"
+            value = dequantize_fp8(key, value, weights[key + "_scale_inv"], args.fp8_block_size)
         if key.endswith("self_attn.kv_b_proj.weight"):
             prefix = key.removesuffix("kv_b_proj.weight")
             out[prefix + "embed_q.weight"], out[prefix + "unembed_out.weight"] = split_kv_b_proj(
@@ -120,6 +129,21 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
     if args.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
+
+
+def dequantize_fp8(name: str, w: mx.array, scale_inv: mx.array, block: tuple[int, int]):
+    """An e4m3 weight (m, n), stored as uint8, times its per-block scale (m / bm, n / bn)."""
+    (m, n), (bm, bn) = w.shape, block
+    pm, pn = -m % bm, -n % bn
+    if tuple(scale_inv.shape) != ((m + pm) // bm, (n + pn) // bn):
+        raise ValueError(
+            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, not one scale per {bm}x{bn} "
+            f"block of its ({m}, {n}) weight"
+        )
+    w = mx.pad(mx.from_fp8(w, dtype=mx.float32), ((0, pm), (0, pn)))
+    w = w.reshape((m + pm) // bm, bm, (n + pn) // bn, bn)  # (row blocks, bm, column blocks, bn)
+    w = w * scale_inv[:, None, :, None].astype(mx.float32)
+    return w.reshape(m + pm, n + pn)[:m, :n].astype(mx.bfloat16)
 
 
 def split_kv_b_proj(name: str, w: mx.array, args: ModelArgs) -> tuple[mx.array, mx.array]:

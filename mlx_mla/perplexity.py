@@ -54,7 +54,9 @@ def setup_arg_parser():
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     text = Path(args.text_file).read_text()
-    model, tokenizer = load(args.model, attention=args.attention)
+    model, tokenizer = load(
+        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+    )
     tokens = heldout_tokens(tokenizer, text, args.holdout)
     try:
         ppl, count = perplexity(model, tokens, args.context, args.batch_size)

@@ -1,4 +1,5 @@
-"""Tiny random DeepSeek-V2 checkpoints, written by transformers in the layouts real ones use."""
+"""Tiny random checkpoints of every MLA family, written by transformers in the layouts real ones
+use."""
 
 import json
 import string
@@ -41,7 +42,15 @@ BASE = dict(
     eos_token_id=2,
 )
 
-# Three configurations that between them exercise every option of the architecture.
+# transformers' classes per model_type; CONFIGS name theirs in "model_type" (default deepseek_v2).
+TORCH_CLASSES = {
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM"),
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM"),
+}
+
+# Configurations that between them exercise every option of each family.
 CONFIGS = {
     "yarn_no_q_lora": dict(rope_parameters={"rope_theta": 10000.0, **YARN}),
     "q_lora_grouped_scaled": dict(
@@ -65,31 +74,114 @@ CONFIGS = {
         num_experts_per_tok=3,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0},
     ),
+    "v3_grouped_q_lora": dict(
+        model_type="deepseek_v3",
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        rope_parameters={"rope_theta": 10000.0, **YARN},
+    ),
+    "v3_one_group_tied_halves": dict(
+        model_type="deepseek_v3",
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=0,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        first_k_dense_replace=0,
+        tie_word_embeddings=True,
+        rope_interleave=False,
+        num_nextn_predict_layers=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    ),
+    "glm_lite": dict(
+        model_type="glm4_moe_lite",
+        q_lora_rank=24,
+        qk_nope_head_dim=12,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=3,
+        routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "sparse", "dense"],
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+    "mistral4": dict(
+        model_type="mistral4",
+        q_lora_rank=24,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=0,
+        rope_parameters={
+            "rope_theta": 10000.0,
+            **YARN,
+            "factor": 32.0,
+            "original_max_position_embeddings": 16,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+            "partial_rotary_factor": 8 / 24,
+        },
+    ),
 }
 
 CHARS = string.ascii_letters + string.digits + " .,;:!?'\n-"
 
 
 def make_torch_model(overrides: dict, seed: int = 0):
-    config = transformers.DeepseekV2Config(**{**BASE, **overrides})
+    overrides = dict(overrides)
+    config_class, model_class = TORCH_CLASSES[overrides.pop("model_type", "deepseek_v2")]
+    config = getattr(transformers, config_class)(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = transformers.DeepseekV2ForCausalLM(config).eval()
-    with torch.no_grad():  # norms start at one; perturb them so a misplaced norm shows up
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # norms start at one, router biases at zero: perturb them to matter
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.2 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buffer.add_(0.2 * torch.randn_like(buffer))
     return model
 
 
-def to_original_config(path):
-    """Rewrite config.json as original checkpoints have it: rope_scaling, top-level rope_theta."""
+def to_original_config(path, model):
+    """Rewrite config.json as original checkpoints have it: rope_scaling, top-level rope_theta,
+    and DeepSeek-V3's router fields."""
     config = json.loads((path / "config.json").read_text())
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
     rope_type = rope.pop("rope_type")
     config["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
-    config["architectures"] = ["DeepseekV2ForCausalLM"]
+    config["architectures"] = [type(model).__name__]
+    if config["model_type"] == "deepseek_v3":
+        config |= {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def add_mtp_layers(path, config):
+    """Add the multi-token-prediction layers that DeepSeek-V3's checkpoints carry after the
+    decoder layers (layer num_hidden_layers on): a copy of the last layer plus MTP's own tensors."""
+    from safetensors.torch import load_file, save_file
+
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    last, mtp = config.num_hidden_layers - 1, {}
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, value in load_file(path / shard).items():
+            if name.startswith(f"model.layers.{last}."):
+                for i in range(config.num_nextn_predict_layers):
+                    mtp[name.replace(f".{last}.", f".{last + 1 + i}.")] = value.clone()
+    for i in range(config.num_nextn_predict_layers):
+        prefix = f"model.layers.{last + 1 + i}."
+        mtp[prefix + "eh_proj.weight"] = torch.randn(config.hidden_size, 2 * config.hidden_size)
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            mtp[f"{prefix}{norm}.weight"] = torch.ones(config.hidden_size)
+    save_file(mtp, path / "model-mtp.safetensors")
+    index["weight_map"] |= dict.fromkeys(mtp, "model-mtp.safetensors")
+    index_file.write_text(json.dumps(index, indent=2))
 
 
 def save_tokenizer(path):
@@ -117,7 +209,9 @@ def write_checkpoint(model, path, layout: str):
     layout "transformers5": fused experts and rope_parameters, as transformers 5 keeps them."""
     if layout == "original":
         model.save_pretrained(path, max_shard_size="100KB")
-        to_original_config(path)
+        to_original_config(path, model)
+        if getattr(model.config, "num_nextn_predict_layers", 0):
+            add_mtp_layers(path, model.config)
     else:
         model.save_pretrained(path, save_original_format=False)
     save_tokenizer(path)

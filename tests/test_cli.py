@@ -174,3 +174,37 @@ def test_demo_model_has_its_stated_held_out_perplexity():
     assert out.returncode == 0, out.stderr
     measured = float(re.search(r"held-out perplexity ([\d.]+)", out.stdout)[1])
     assert abs(measured - stated) < 0.01
+
+
+def ship_tokenizer_code(folder):
+    """Make the checkpoint's tokenizer one that ships Python code, as Kimi's and Moonlight's do."""
+    (folder / "tokenization_tiny.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class TinyTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "TinyTokenizer"
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]}
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+def test_tokenizer_code_runs_only_with_trust_remote_code(model_dir, tmp_path):
+    import mlx_mla
+
+    path = ship_tokenizer_code(shutil.copytree(model_dir, tmp_path / "kimi-like"))
+    with pytest.raises(
+        mlx_mla.CheckpointError, match=r"tokenization_tiny\.py.*--trust-remote-code"
+    ):
+        mlx_mla.load(path)
+    _, tokenizer = mlx_mla.load(path, trust_remote_code=True)
+    assert type(tokenizer._tokenizer).__name__ == "TinyTokenizer"
+    refused = run("generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "2")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
+    trusted = run(
+        "generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "2",
+        "--trust-remote-code",
+    )  # fmt: skip
+    assert trusted.returncode == 0, trusted.stderr

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+import torch
 from conftest import CONFIGS
 
 import mlx_mla
@@ -26,12 +27,17 @@ IDS = mx.array(np.random.default_rng(0).integers(3, 80, size=(1, 32)))
 # Cosine of final logits vs float, group size 32, measured on these inputs: 8-bit 0.9985-0.9997,
 # 4-bit 0.868-0.873. The tiny random models are far more sensitive than trained ones (0.3% noise
 # on every weight alone gives 0.9985; 8-bit affine rounding is ~0.45%), hence the loose bounds.
+# The DeepSeek-V2 configurations only: at this exaggerated weight scale (init 0.15) the sigmoid
+# routers of the other families flip experts under quantization (measured 8-bit 0.984-0.9991,
+# 4-bit 0.69-0.87); at real weight scale every family is checked below (8-bit >= 0.9999).
 MIN_COSINE = {8: 0.995, 4: 0.8}
+V2_CONFIGS = [n for n, c in CONFIGS.items() if "model_type" not in c]
 TINY_SHARD_GB = 1e-4
 
 
 def logits(path, attention: str = "mla") -> np.ndarray:
-    return np.array(mlx_mla.load_model(path, attention=attention)(IDS), dtype=np.float64)
+    out = mlx_mla.load_model(path, attention=attention)(IDS)
+    return np.array(out.astype(mx.float32), dtype=np.float64)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -104,7 +110,7 @@ def test_bfloat16_conversion_casts_every_float_tensor(converted):
 
 
 @pytest.mark.parametrize("bits", (8, 4))
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", V2_CONFIGS)
 def test_quantized_conversion_loads_and_stays_close_to_float(checkpoints, converted, name, bits):
     src, _ = checkpoints[name, "original"]
     out = converted(name, "original", quantize=True, q_bits=bits, q_group_size=32)
@@ -350,3 +356,87 @@ def test_package_level_convert_is_the_function(checkpoints, tmp_path):
     src, _ = checkpoints["plain_rope", "transformers5"]
     out = mlx_mla.convert(hf_path=src, mlx_path=tmp_path / "out", dtype="float32")
     assert out == tmp_path / "out" and np.allclose(logits(out), logits(src))
+
+
+FP8_BLOCK = 16  # DeepSeek-V3 uses 128x128; 16 gives these tiny weights many blocks, padding too
+
+
+def to_fp8_blocks(w, block: int = FP8_BLOCK):
+    """As DeepSeek-V3's release stores a weight: e4m3 values and one float32 scale_inv per block."""
+    m, n = w.shape
+    blocks = torch.nn.functional.pad(w, (0, -n % block, 0, -m % block))
+    blocks = blocks.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # (m/b, b, n/b, b)
+    scale_inv = blocks.abs().amax(dim=(1, 3)) / 448.0
+    expanded = scale_inv.repeat_interleave(block, 0).repeat_interleave(block, 1)[:m, :n]
+    return (w / expanded).to(torch.float8_e4m3fn), scale_inv
+
+
+def fp8_reference(w_fp8, scale_inv, block: int = FP8_BLOCK):
+    """The dequantised weight, computed elementwise in torch: value times its block's scale."""
+    m, n = w_fp8.shape
+    rows, cols = torch.arange(m)[:, None] // block, torch.arange(n)[None, :] // block
+    return (w_fp8.float() * scale_inv[rows, cols]).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(checkpoints, tmp_path_factory):
+    """The sharded DeepSeek-V3 checkpoint with its projections in FP8 blocks, as released, and
+    the torch reference of every dequantised weight."""
+    from safetensors.torch import load_file, save_file
+
+    src, _ = checkpoints["v3_grouped_q_lora", "original"]
+    path = shutil.copytree(src, tmp_path_factory.mktemp("fp8") / "v3-fp8")
+    reference = {}
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in [n for n, w in tensors.items() if w.ndim == 2 and n.endswith("proj.weight")]:
+            tensors[name], tensors[name + "_scale_inv"] = to_fp8_blocks(tensors[name])
+            reference[name] = fp8_reference(tensors[name], tensors[name + "_scale_inv"])
+        save_file(tensors, shard)
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index["weight_map"] |= {n: shard.name for n in tensors}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path, reference
+
+
+def test_fp8_block_weights_are_dequantised_as_the_reference_computes(fp8_checkpoint, tmp_path):
+    from mlx_mla.model import sanitize
+
+    path, reference = fp8_checkpoint
+    assert any("kv_b_proj" in n for n in reference) and any("experts.3" in n for n in reference)
+    out = convert(path, tmp_path / "out")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    got = mx.load(str(out / "model.safetensors"))
+    args = mlx_mla.load_model(out).args
+    expected = {
+        n: mx.array(w.to(torch.float32).numpy()).astype(mx.bfloat16) for n, w in reference.items()
+    }
+    expected = sanitize(expected, args)
+    assert expected.keys() <= got.keys()
+    for name, w in expected.items():
+        assert got[name].dtype == mx.bfloat16
+        assert mx.array_equal(got[name], w), name
+
+
+def test_fp8_checkpoint_loads_directly_as_converted_and_close_to_the_float_model(
+    checkpoints, fp8_checkpoint, tmp_path, capsys
+):
+    """e4m3 keeps 3 mantissa bits (~3% rounding per weight), which these sensitive tiny models
+    (init 0.15) turn into a logits cosine of 0.976 to float; measured, the bound is loose."""
+    src, _ = checkpoints["v3_grouped_q_lora", "original"]
+    path, _ = fp8_checkpoint
+    direct = logits(path)
+    assert "dequantised to bfloat16 at every load" in capsys.readouterr().err
+    as_float32 = convert(path, tmp_path / "out", dtype="float32")  # dequantised, then upcast
+    assert np.abs(direct - logits(as_float32)).max() <= 1e-5
+    cos = cosine(direct, logits(src))
+    print(f"\nFP8 e4m3 blocks of {FP8_BLOCK}, dequantised: logits cosine {cos:.6f}", end="")
+    assert cos >= 0.95

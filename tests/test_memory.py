@@ -8,6 +8,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_mla import memory
+from mlx_mla.cache import QuantizedLatentCache
 from mlx_mla.memory import (
     CLAIMS,
     PRESETS,
@@ -55,6 +56,22 @@ def test_presets_hold_the_public_attention_shapes():
             cfg[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
         ]
         assert dims == [512, 64, 128, 128]
+    for name in ("deepseek-r1", "kimi-k2", "moonlight-16b-a3b"):
+        cfg = PRESETS[name]
+        dims = [
+            cfg[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+        ]
+        assert dims == [512, 64, 128, 128]
+    assert [PRESETS["kimi-k2"][k] for k in ("num_hidden_layers", "num_attention_heads")] == [61, 64]
+    moonlight = PRESETS["moonlight-16b-a3b"]
+    assert [moonlight[k] for k in ("num_hidden_layers", "num_attention_heads")] == [27, 16]
+    glm = PRESETS["glm-4.7-flash"]
+    glm_shape = [glm[k] for k in ("num_hidden_layers", "num_attention_heads", "q_lora_rank")]
+    assert glm_shape == [47, 20, 768]
+    glm_dims = [
+        glm[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    ]
+    assert glm_dims == [512, 64, 192, 256]
     for name, layers in [("deepseek-67b", 95), ("llama-2-70b", 80), ("llama-3-70b", 80)]:
         assert PRESETS[name]["num_hidden_layers"] == layers
     for name in ("deepseek-67b", "llama-2-70b", "llama-3-70b", "qwen2.5-72b"):
@@ -182,13 +199,13 @@ def test_unquantized_bytes_equal_mlx_lm_kv_cache_nbytes(name, attention, dtype):
     ("name", "attention"),
     [("deepseek-v2-lite", "mla"), ("deepseek-v2-lite", "mha"), ("llama-3-70b", "mha")],
 )
-def test_quantized_bytes_equal_mlx_lm_quantized_kv_cache_nbytes(
-    name, attention, kv_bits, kv_group_size
-):
+def test_quantized_bytes_equal_the_quantized_caches_nbytes(name, attention, kv_bits, kv_group_size):
+    """mla: our QuantizedLatentCache (k_pe kept float); mha: mlx-lm's QuantizedKVCache."""
     config = one_layer(name)
     quant = {"dtype": "bfloat16", "kv_bits": kv_bits, "kv_group_size": kv_group_size}
+    cache_class = QuantizedLatentCache if attention == "mla" else QuantizedKVCache
     for tokens in (5, 257):
-        cache = QuantizedKVCache(group_size=kv_group_size, bits=kv_bits)
+        cache = cache_class(group_size=kv_group_size, bits=kv_bits)
         fill(cache, config, attention, tokens, mx.bfloat16)
         assert cache.nbytes == cache_bytes(config, attention, tokens, **quant)
 
@@ -196,17 +213,15 @@ def test_quantized_bytes_equal_mlx_lm_quantized_kv_cache_nbytes(
 @pytest.mark.parametrize("kv_bits", [3, 5, 6])
 def test_quantized_row_bytes_equal_mx_quantize_for_odd_bit_widths(kv_bits):
     config = one_layer("deepseek-v2-lite")
-    expected = sum(
-        a.nbytes
-        for heads, dim in cache_layout(config, "mla")
-        for a in mx.quantize(mx.zeros((heads, dim), dtype=mx.float16), group_size=64, bits=kv_bits)
-    )
+    c_kv = mx.quantize(mx.zeros((1, 512), dtype=mx.float16), group_size=64, bits=kv_bits)
+    k_pe = mx.zeros((1, 64), dtype=mx.float16)  # kept in float
+    expected = sum(a.nbytes for a in c_kv) + k_pe.nbytes
     assert bytes_per_token(config, "mla", "float16", kv_bits) == expected
 
 
 def test_quantizing_rows_not_a_multiple_of_the_group_size_is_an_error():
-    with pytest.raises(ValueError, match="64 elements cannot be quantized in groups of 128"):
-        bytes_per_token(PRESETS["deepseek-v2-lite"], "mla", kv_bits=4, kv_group_size=128)
+    with pytest.raises(ValueError, match="192 elements cannot be quantized in groups of 128"):
+        bytes_per_token(PRESETS["deepseek-v2-lite"], "mha", kv_bits=4, kv_group_size=128)
 
 
 def test_cli_prints_the_v2_lite_table(capsys):
@@ -251,10 +266,11 @@ def test_cli_exits_2_without_traceback_on_a_missing_config():
 
 @pytest.mark.parametrize("tokens", [7, 300])
 @pytest.mark.parametrize("attention", ["mla", "mha"])
-def test_calculator_equals_our_caches_measured_nbytes(checkpoints, attention, tokens):
+@pytest.mark.parametrize("name", ["q_lora_grouped_scaled", "v3_grouped_q_lora", "glm_lite"])
+def test_calculator_equals_our_caches_measured_nbytes(checkpoints, name, attention, tokens):
     import mlx_mla
 
-    path, _ = checkpoints["q_lora_grouped_scaled", "transformers5"]
+    path, _ = checkpoints[name, "transformers5"]
     model = mlx_mla.load_model(path, attention=attention)
     cache = model.make_cache()
     ids = mx.array([[(7 * i) % 70 + 3 for i in range(tokens)]])

@@ -1,4 +1,4 @@
-"""Our model against transformers' DeepseekV2ForCausalLM, and its cache paths against each other."""
+"""Our model against transformers' model of each family, and its cache paths against each other."""
 
 import math
 
@@ -6,15 +6,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS
-from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+from conftest import CONFIGS, TORCH_CLASSES
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import mlx_mla
 from mlx_mla import LatentCache
+from mlx_mla.cache import ExpandedKVCache
 
 TOL = 1e-4
 LAYOUTS = ("original", "transformers5")
 MODES = ("mla", "mha")
+# One configuration of each transformers model, for the slower checks.
+FAMILY_CONFIGS = [
+    next(n for n, c in CONFIGS.items() if c.get("model_type", "deepseek_v2") == t)
+    for t in TORCH_CLASSES
+]
 
 
 def tokens(n: int, vocab: int = 80, seed: int = 0) -> np.ndarray:
@@ -82,12 +88,13 @@ def allocated(tokens: int, step: int = 256) -> int:
 
 @pytest.mark.parametrize("n_tokens", [1, 200, 257])
 @pytest.mark.parametrize("mode", MODES)
-def test_cache_nbytes_is_exact(checkpoints, mode, n_tokens):
-    path, _ = checkpoints["q_lora_grouped_scaled", "original"]
+@pytest.mark.parametrize("name", ["q_lora_grouped_scaled", *FAMILY_CONFIGS[1:]])
+def test_cache_nbytes_is_exact(checkpoints, name, mode, n_tokens):
+    path, _ = checkpoints[name, "original"]
     model = mlx_mla.load_model(path, attention=mode)
     args = model.args
     cache = model.make_cache()
-    assert all(type(c) is (LatentCache if mode == "mla" else KVCache) for c in cache)
+    assert all(type(c) is (LatentCache if mode == "mla" else ExpandedKVCache) for c in cache)
     ids = tokens(n_tokens, seed=3)
     if n_tokens > 1:
         mlx_logits(model, ids[:, : n_tokens - 1], cache)
@@ -170,11 +177,13 @@ def test_stream_generate_gives_same_greedy_tokens_for_both_paths(checkpoints):
     assert generated["mla"] == generated["mha"]
 
 
-def test_greedy_generation_matches_transformers(checkpoints):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_greedy_generation_matches_transformers(checkpoints, name, mode):
     from mlx_lm.generate import generate_step
 
-    path, torch_model = checkpoints["yarn_no_q_lora", "original"]
-    model = mlx_mla.load_model(path)
+    path, torch_model = checkpoints[name, "original"]
+    model = mlx_mla.load_model(path, attention=mode)
     prompt = tokens(8, seed=7)
     ours = [
         int(t)
@@ -185,3 +194,43 @@ def test_greedy_generation_matches_transformers(checkpoints):
             torch.tensor(prompt), max_new_tokens=16, do_sample=False, min_new_tokens=16
         )
     assert ours == ref[0, 8:].tolist()
+
+
+def test_mtp_layers_of_the_checkpoint_are_dropped(checkpoints):
+    path, torch_model = checkpoints["v3_grouped_q_lora", "original"]
+    n_layers = torch_model.config.num_hidden_layers
+    stored = set().union(*(mx.load(str(f)) for f in path.glob("*.safetensors")))
+    assert any(k.startswith(f"model.layers.{n_layers}.") for k in stored)
+    assert len(mlx_mla.load_model(path).layers) == n_layers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rope_layout_follows_rope_interleave(checkpoints, tmp_path, mode):
+    """The same weights with the other rope layout give other logits, so the parity of both
+    layouts' configurations with transformers checks the layout each one asks for."""
+    import json
+    import shutil
+
+    src, _ = checkpoints["v3_one_group_tied_halves", "transformers5"]
+    path = shutil.copytree(src, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    assert config["rope_interleave"] is False
+    ids = tokens(20, seed=8)
+    halves = mlx_logits(mlx_mla.load_model(path, attention=mode), ids)
+    (path / "config.json").write_text(json.dumps({**config, "rope_interleave": True}))
+    pairs = mlx_logits(mlx_mla.load_model(path, attention=mode), ids)
+    assert np.abs(halves - pairs).max() > 100 * TOL
+
+
+def test_kimi_k2_checkpoint_runs_as_deepseek_v3(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    src, torch_model = checkpoints["v3_grouped_q_lora", "original"]
+    path = shutil.copytree(src, tmp_path / "kimi")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
+    ids = tokens(24, seed=9)
+    for mode in MODES:
+        got = mlx_logits(mlx_mla.load_model(path, attention=mode), ids)
+        assert np.abs(got - reference_logits(torch_model, ids)).max() <= TOL

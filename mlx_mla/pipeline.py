@@ -1,0 +1,255 @@
+"""Pipeline-parallel generation over mx.distributed: each rank loads, runs and caches only its own
+contiguous run of decoder layers, so a model larger than one machine runs across several.
+
+mlx.launch --backend ring -n 2 -- python -m mlx_mla.generate --pipeline --prompt "ROMEO:"
+
+As in mlx-lm, rank 0 runs the last layers, the final norm and the head; the highest rank embeds
+the tokens and runs the first layers. Each decode step the hidden state (1, 1, hidden) passes down
+the ranks with send/recv, rank 0 samples, and one all_sum gives every rank the token, so mlx-lm's
+`stream_generate` runs unchanged and in lockstep on every rank (wrap the sampler with `sampler`).
+"""
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+from . import memory, stages
+from .cache import LatentCache
+from .config import ModelArgs
+from .errors import CheckpointError, MLAError
+from .loading import fill, read_config, read_weights, resolve, tokenizer_of, weight_files
+from .model import DecoderLayer
+
+HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+LOAD_ERRORS = (MLAError, OSError, ValueError)
+
+
+class PipelineError(MLAError):
+    """A rank could not load its part, or the pipeline lost a rank while generating."""
+
+
+class StageLayers(nn.Module):
+    """The rank's part of `DeepseekV2Model`, under the same tensor names (layers renumbered)."""
+
+    def __init__(self, args: ModelArgs, attention: str, layers: range, embed: bool, norm: bool):
+        super().__init__()
+        if embed:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i, attention) for i in layers]
+        if norm:
+            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Stage(nn.Module):
+    """Decoder layers `layers` of a Model on one rank of `group`: `stage(tokens, cache) -> logits`
+    on rank 0; on the other ranks a (B, L, 1) placeholder that carries the send to the next rank."""
+
+    def __init__(self, args: ModelArgs, attention: str, layers: range, group):
+        super().__init__()
+        self.args, self.attention, self.layer_range, self.group = args, attention, layers, group
+        self.rank, self.size = group.rank(), group.size()
+        self.first = layers.start == 0
+        self.last = layers.stop == args.num_hidden_layers
+        tied = args.tie_word_embeddings
+        embed = self.first or (self.last and tied)
+        self.model = StageLayers(args, attention, layers, embed, self.last)
+        if self.last and not tied:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.hidden_dtype = mx.float32  # the first stage's, agreed on at load time
+        self.tokens_seen = self.bytes_sent = 0
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        cache_class = LatentCache if self.attention == "mla" else KVCache
+        return [cache_class() for _ in self.layers]
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        cache = cache or [None] * len(self.layers)
+        B, L = inputs.shape
+        self.tokens_seen += B * L
+        if self.first:
+            h = self.model.embed_tokens(inputs)
+        else:
+            shape = (B, L, self.args.hidden_size)
+            h = mx.distributed.recv(shape, self.hidden_dtype, self.rank + 1, group=self.group)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, c)
+        if not self.last:
+            h = mx.distributed.send(h, self.rank - 1, group=self.group)
+            self.bytes_sent += h.nbytes
+            if cache[-1] is not None:  # prefill evaluates only the caches: make them carry the send
+                cache[-1].keys = mx.depends(cache[-1].keys, h)
+            return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def parameter_bytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.parameters()))
+
+    def describe(self) -> str:
+        parts = [f"layers {self.layer_range.start}-{self.layer_range.stop - 1}"]
+        parts += ["embedding"] if "embed_tokens" in self.model else []
+        parts += ["norm, head"] if self.last else []
+        return ", ".join(parts)
+
+
+def sampler(sample, group):
+    """`sample` run on rank 0, its token given to every rank (the others pass zeros to all_sum)."""
+
+    def broadcast_sample(logprobs: mx.array) -> mx.array:
+        if group.rank() == 0:
+            token = sample(logprobs).astype(mx.int32)
+        else:
+            token = mx.depends(mx.zeros(logprobs.shape[:1], mx.int32), logprobs)
+        return mx.distributed.all_sum(token, group=group)
+
+    return broadcast_sample
+
+
+def broadcast(group, obj=None):
+    """Rank 0's JSON-able `obj` on every rank (the others pass None)."""
+    data = json.dumps(obj).encode() if group.rank() == 0 else b""
+    size = mx.distributed.all_sum(mx.array([len(data)], mx.int32), group=group, stream=mx.cpu)
+    size = size.item()
+    payload = mx.array(list(data), mx.uint8) if data else mx.zeros((size,), mx.uint8)
+    payload = mx.distributed.all_sum(payload, group=group, stream=mx.cpu)
+    return json.loads(bytes(payload.tolist()).decode())
+
+
+def plan(path: Path, config: dict, ranks: int, attention: str = "mla", context=None) -> list[int]:
+    """Layer counts per rank (rank 0 first) that minimise the largest rank's weights plus cache
+    at `context` tokens (the model's whole context by default). Weight bytes come from the
+    safetensors headers when every file is here, else from config.json."""
+    args = ModelArgs.from_dict(config)
+    try:
+        files = weight_files(path)
+        costs = stages.checkpoint_costs(files, args.num_hidden_layers, args.tie_word_embeddings)
+    except CheckpointError:
+        costs = stages.config_costs(config)
+    context = context or args.max_position_embeddings
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or memory.DEFAULT_DTYPE)
+    dtype = dtype if dtype in memory.DTYPE_BYTES else memory.DEFAULT_DTYPE
+    per_layer = memory.bytes_per_token(config, attention, dtype) // args.num_hidden_layers
+    return stages.split_layers(costs, ranks, per_layer * context)
+
+
+def load_stage(path: Path, args: ModelArgs, attention: str, layers: range, group) -> Stage:
+    """Build the rank's stage and fill it with only its tensors, read lazily from only the files
+    that hold them; layer numbers are shifted so the stage's first layer is layers.0."""
+    stage = Stage(args, attention, layers, group)
+    wanted = {"embed"} if "embed_tokens" in stage.model else set()
+    wanted |= {"norm", "head"} if stage.last else set()
+
+    def keep(key: str) -> bool:
+        part = stages.part_of(key, args.num_hidden_layers)
+        return part in layers if isinstance(part, int) else part in wanted
+
+    def local(key: str) -> str:
+        match = stages.LAYER_KEY.match(key)
+        if match is None:
+            return key
+        return f"model.layers.{int(match[1]) - layers.start}.{key[match.end() :]}"
+
+    weights = {local(k): v for k, v in read_weights(path, keep).items()}
+    fill(stage, weights, args)
+    return stage
+
+
+def agree(group, stage: Stage | None, error: str | None):
+    """Every rank learns whether every rank loaded its part, and the hidden states' dtype.
+    Raises PipelineError on every rank when any failed."""
+    rank, size = group.rank(), group.size()
+    status = [int(error is not None and r == rank) for r in range(size)]
+    dtype = 0
+    if stage is not None and stage.first:
+        dtype = HIDDEN_DTYPES.index(stage.model.embed_tokens(mx.array([[0]])).dtype) + 1
+    status = mx.array([*status, dtype], mx.int32)
+    *failed, dtype = mx.distributed.all_sum(status, group=group, stream=mx.cpu).tolist()
+    failed = [r for r, f in enumerate(failed) if f]
+    if error is not None:
+        raise PipelineError(f"rank {rank} could not load its part: {error}")
+    if failed:
+        ranks = ", ".join(map(str, failed))
+        raise PipelineError(f"rank {rank} stops: rank {ranks} could not load its part of the model")
+    stage.hidden_dtype = HIDDEN_DTYPES[dtype - 1]
+
+
+def load(
+    path_or_hub_id,
+    attention: str = "mla",
+    group=None,
+    split: list[int] | None = None,
+    context: int | None = None,
+    trust_remote_code: bool = False,
+):
+    """This rank's Stage and the tokenizer. Every rank of `group` calls it; `split` gives the
+    layer counts per rank (rank 0 first), else rank 0 plans them (`plan`) and tells the others."""
+    group = group or mx.distributed.init()
+    stage, tokenizer, error = None, None, None
+    try:
+        path = resolve(path_or_hub_id)
+        config = read_config(path)
+        args = ModelArgs.from_dict(config)
+        if split is None and group.rank() == 0:
+            split = plan(path, config, group.size(), attention, context)
+    except LOAD_ERRORS as e:
+        error = str(e)
+    split = broadcast(group, None if error else split)
+    try:
+        if split is not None and error is None:
+            stages.check_split(split, group.size(), args.num_hidden_layers)
+            layers = stages.layer_range(split, group.rank())
+            stage = load_stage(path, args, attention, layers, group)
+            tokenizer = tokenizer_of(path, trust_remote_code)
+    except LOAD_ERRORS as e:
+        error = str(e)
+    agree(group, stage, error)
+    return stage, tokenizer
+
+
+def stream(stage: Stage, tokenizer, prompt: list[int] | None, cache, sample, **kwargs):
+    """mlx-lm's `stream_generate` on every rank in lockstep: rank 0's `prompt` (token ids; None
+    elsewhere) goes to every rank, and rank 0's `sample` picks each token for all of them."""
+    prompt = broadcast(stage.group, prompt)
+    try:
+        yield from stream_generate(
+            stage,
+            tokenizer,
+            prompt,
+            sampler=sampler(sample, stage.group),
+            prompt_cache=cache,
+            **kwargs,
+        )
+    except RuntimeError as e:
+        raise PipelineError(f"rank {stage.rank} lost the pipeline: {e}") from None
+
+
+def gather(group, values: list[float]) -> list[list[float]]:
+    """Each rank's `values`, on every rank (row r from rank r)."""
+    rows = mx.zeros((group.size(), len(values)), mx.float32)
+    rows[group.rank()] = mx.array(values, mx.float32)
+    return mx.distributed.all_sum(rows, group=group, stream=mx.cpu).tolist()
+
+
+def end_on_sigterm(rank: int):
+    """mlx.launch ends the other ranks with SIGTERM when one fails: say so in one line."""
+
+    def handler(signum, frame):
+        print(f"error: rank {rank} stopped: another rank ended", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    signal.signal(signal.SIGTERM, handler)

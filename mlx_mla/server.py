@@ -1,0 +1,341 @@
+"""An OpenAI-compatible server whose prompt cache holds many conversations, because it is latent.
+
+python -m mlx_mla.server [--model PATH_OR_HUB_ID] [--port 8080] [--prompt-cache-bytes 1GB]
+
+mlx-lm's server with our loader: its HTTP handler, continuous batching and prefix prompt cache,
+plus what a local endpoint needs: a byte budget on the stored caches, a prompt longer than the
+context refused up front, strict request checks, /v1/models without a Hugging Face cache, a quiet
+Ctrl-C.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from http.server import ThreadingHTTPServer
+from types import SimpleNamespace
+
+import mlx.core as mx
+from mlx_lm import server as mlx_server
+from mlx_lm.models.cache import LRUPromptCache
+
+from . import cli
+from .errors import MLAError
+from .loading import load
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_PROMPT_CACHE_BYTES = "1GB"
+DEFAULT_KV_GROUP_SIZE = 64
+DEMO_MODEL_ID = "mlx-mla-demo"
+SHUTDOWN_WAIT_S = 2.0
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+# Options of mlx-lm's server that we do not expose, at the values a single local model needs.
+MLX_LM_DEFAULTS = dict(
+    adapter_path=None,
+    draft_model=None,
+    num_draft_tokens=0,
+    pipeline=False,
+    chat_template="",
+    use_default_chat_template=False,
+    chat_template_args={},
+    allowed_origins=["*"],
+    top_k=0,
+    decode_concurrency=32,
+    prompt_concurrency=8,
+    prefill_step_size=2048,
+    quantized_kv_start=0,
+)
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class ModelProvider(mlx_server.ModelProvider):
+    """Serves one model, loaded with `mlx_mla.load` when the server starts (so a bad --model fails
+    before the port is bound) and answering to its id, its --model string or "default_model"."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.model_id = DEMO_MODEL_ID if args.model == cli.DEFAULT_MODEL else args.model
+        self.names = {self.model_id, args.model, "default_model"}
+        self._load(args.model)
+
+    def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        model, tokenizer = load(
+            model_path,
+            attention=self.cli_args.attention,
+            trust_remote_code=self.cli_args.trust_remote_code,
+        )
+        # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
+        # on this thread's stream, which the generation thread cannot do, and shows here whether
+        # its cache can be quantized as asked.
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[0]]), cache=cache))
+        if self.cli_args.kv_bits is not None:
+            try:
+                cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
+            except ValueError as e:
+                raise MLAError(f"--kv-bits {self.cli_args.kv_bits}: {e}") from None
+        self.model_key = (model_path, None, None)
+        self.model, self.tokenizer = model, tokenizer
+        self.processor = self.draft_model = None
+        self.is_batchable = all(hasattr(c, "merge") for c in model.make_cache())
+
+    def load(self, model_path, adapter_path=None, draft_model_path=None):
+        if model_path not in self.names:
+            raise ValueError(
+                f"model {model_path!r} is not served here; this server serves {self.model_id!r}"
+            )
+        return self.model, self.tokenizer
+
+    @property
+    def context(self) -> int:
+        return self.model.args.max_position_embeddings
+
+
+class ResponseGenerator(mlx_server.ResponseGenerator):
+    """mlx-lm's generation thread; tokenizing is serialised, as request handlers tokenize too."""
+
+    tokenizer_lock = threading.Lock()
+
+    def _tokenize(self, tokenizer, request, args):
+        with self.tokenizer_lock:
+            return super()._tokenize(tokenizer, request, args)
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the generation thread to stop; whether it did within `timeout` seconds."""
+        self._stop = True
+        self._generation_thread.join(timeout)
+        return not self._generation_thread.is_alive()
+
+    def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
+        args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
+        return self._tokenize(self.model_provider.tokenizer, copy.deepcopy(request), args)[0]
+
+
+def check_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError("each message must be an object with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError("only text content parts are supported")
+            if not all(isinstance(p.get("text"), str) for p in content):
+                raise ValueError("a text content part must have a string 'text'")
+        elif content is not None and not isinstance(content, str):
+            raise ValueError("message content must be a string or a list of text parts")
+
+
+class OpenAIErrors:
+    """A response stream that rewrites mlx-lm's error bodies, {"error": "text"}, into OpenAI's
+    {"error": {"message": "text", "type": ...}}, the shape clients read the message from."""
+
+    def __init__(self, stream, handler):
+        self.stream, self.handler = stream, handler
+
+    def write(self, data: bytes):
+        if self.handler.status >= 400 and data.startswith(b'{"error": "'):
+            kind = "invalid_request_error" if self.handler.status < 500 else "server_error"
+            message = json.loads(data)["error"]
+            data = json.dumps({"error": {"message": message, "type": kind}}).encode()
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class APIHandler(mlx_server.APIHandler):
+    """mlx-lm's handler with stricter checks, the context enforced, OpenAI-shaped errors and our
+    model list."""
+
+    status = 200
+
+    def setup(self):
+        super().setup()
+        self.wfile = OpenAIErrors(self.wfile, self)
+
+    def send_response(self, code, message=None):
+        self.status = code
+        super().send_response(code, message)
+
+    def validate_model_parameters(self):
+        super().validate_model_parameters()
+        if self.adapter is not None or "draft_model" in self.body:
+            raise ValueError("adapters and draft models are not supported by this server")
+        stop = self.body.get("stop")
+        if not (
+            stop is None
+            or isinstance(stop, str)
+            or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+        ):
+            raise ValueError("stop must be a string or a list of strings")
+        if not isinstance(self.stream_options, dict | None):
+            raise ValueError("stream_options must be an object")
+        if not isinstance(self.chat_template_kwargs, dict | None):
+            raise ValueError("chat_template_kwargs must be an object")
+        if self.path.endswith("chat/completions"):
+            check_messages(self.body.get("messages"))
+        elif not isinstance(self.body.get("prompt"), str):
+            raise ValueError("prompt must be a string")
+
+    def handle_completion(self, request, stop_words):
+        provider = self.response_generator.model_provider
+        if self.requested_model not in provider.names:
+            return self.send_error_json(
+                404, f"model {self.requested_model!r} is not served here; GET /v1/models"
+            )
+        try:
+            n = len(self.response_generator.prompt_tokens(request, self.chat_template_kwargs))
+        except Exception as e:
+            return self.send_error_json(400, f"cannot build the prompt: {e}")
+        if n >= provider.context:
+            return self.send_error_json(
+                400, f"the prompt has {n} tokens and the model's context is {provider.context}"
+            )
+        self.max_tokens = min(self.max_tokens, provider.context - n)
+        super().handle_completion(request, stop_words)
+
+    def handle_chat_completions(self):
+        request = super().handle_chat_completions()
+        system = self.response_generator.cli_args.system
+        if system and request.messages[0]["role"] != "system":
+            request.messages.insert(0, {"role": "system", "content": system})
+        return request
+
+    def send_error_json(self, status: int, message: str):
+        self._set_completion_headers(status)
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": message}).encode())
+
+    def handle_models_request(self):
+        model_id = self.response_generator.model_provider.model_id
+        models = [{"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}]
+        body = json.dumps({"object": "list", "data": models}).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class HTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            logging.info(f"client {client_address[0]}:{client_address[1]} disconnected")
+        else:
+            super().handle_error(request, client_address)
+
+
+def bind(host: str, port: int) -> HTTPServer:
+    """The listening server; its handlers use the `response_generator` set on it afterwards."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    HTTPServer.address_family = family
+    fingerprint = mlx_server.get_system_fingerprint()
+    server = HTTPServer(
+        address,
+        lambda *a, **kw: APIHandler(
+            server.response_generator, *a, system_fingerprint=fingerprint, **kw
+        ),
+    )
+    return server
+
+
+def parse_bytes(text: str) -> int:
+    """'1000000', '500MB', '1GB', '2GiB' -> bytes."""
+    number = text.rstrip("BbIiKkMmGg ")
+    unit = text[len(number) :].strip().upper().removesuffix("B")
+    try:
+        return int(float(number) * SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GB, 2GiB)") from None
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(prog="mlx_mla.server", description=__doc__.splitlines()[0])
+    cli.add_model_arguments(parser)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes(DEFAULT_PROMPT_CACHE_BYTES),
+        help=f"memory for recent conversations' caches (default {DEFAULT_PROMPT_CACHE_BYTES})",
+    )
+    parser.add_argument(
+        "--prompt-cache-size", type=int, default=None, help="at most this many cached prompts"
+    )
+    parser.add_argument("--kv-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None)
+    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    parser.set_defaults(**MLX_LM_DEFAULTS)
+    return parser
+
+
+def serve(args: argparse.Namespace):
+    provider = ModelProvider(args)
+    prompt_cache = LRUPromptCache(
+        max_size=args.prompt_cache_size or sys.maxsize, max_bytes=args.prompt_cache_bytes
+    )
+    try:
+        httpd = bind(args.host, args.port)
+    except OSError as e:
+        cli.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    generator = httpd.response_generator = ResponseGenerator(provider, prompt_cache)
+    host, port = httpd.server_address[:2]
+    print(f"Serving {provider.model_id} ({args.attention}) on http://{host}:{port}/v1", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    httpd.server_close()
+    generator.stop(SHUTDOWN_WAIT_S)
+    print("Stopped.", flush=True)
+    sys.stderr.flush()
+    # Leave without interpreter teardown: with MLX streams on the generation thread (and it may
+    # still be in a prompt), teardown aborts in C++ ("terminate called without an active
+    # exception"). Nothing is lost: the prompt cache lives in memory only.
+    os._exit(0)
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        cli.fail("--max-tokens must be at least 1")
+    if args.port < 0 or args.port > 65535:
+        cli.fail("--port must be between 0 and 65535")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    serve(args)
+
+
+def main(argv=None):
+    try:
+        cli.run(_main, argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

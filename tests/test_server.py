@@ -1,0 +1,218 @@
+"""The server, started as a subprocess on the demo model, spoken to with the real openai client."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "mlx-mla-demo"
+PROMPTS = ["ROMEO:", "JULIET:", "KING HENRY:", "First Citizen:", "HAMLET:", "MENENIUS:", "Nurse:"]
+PROMPTS.append("LADY CAPULET:")
+
+
+def start_server(log: Path, *flags):
+    """The server process, its base URL and its log (stderr), on a free port."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_mla.server", "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env=env,
+    )
+    line = process.stdout.readline()
+    if "Serving" not in line:
+        process.kill()
+        raise RuntimeError(f"server did not start: {line}{log.read_text()}")
+    return process, line.split(" on ")[1].strip()  # http://127.0.0.1:PORT/v1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "stderr.log"
+    process, url = start_server(log)
+    yield process, url, log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0, timeout=120)
+
+
+def raw_request(url, method, path, body: bytes | None = None):
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json"}
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    status, data = response.status, response.read()
+    connection.close()
+    return status, data
+
+
+def start_stream(url, max_tokens) -> socket.socket:
+    """A socket on which a streamed completion has begun."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps(
+        {"model": MODEL, "prompt": "ROMEO:", "max_tokens": max_tokens, "stream": True}
+    )
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: application/json\r\n\r\n{body}".encode()
+    )
+    assert b"200" in sock.recv(4096)
+    return sock
+
+
+def complete(client, prompt, max_tokens=16):
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].text
+
+
+def test_models_lists_the_served_model_without_a_hub_cache(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_health_answers_ok(server):
+    status, data = raw_request(server[1], "GET", "/health")
+    assert status == 200 and json.loads(data) == {"status": "ok"}
+
+
+def test_chat_completion_streamed_equals_not_streamed(client):
+    messages = [{"role": "user", "content": "ROMEO:"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    text = r.choices[0].message.content
+    assert text and r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+
+
+def test_completion_reports_usage(client):
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0)
+    assert r.choices[0].text
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+
+
+def test_follow_up_turn_reuses_the_cached_conversation(client):
+    messages = [{"role": "user", "content": "What says the Nurse of Juliet?"}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, temperature=0
+    )
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And what says Romeo?"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens
+
+
+def test_eight_concurrent_requests_get_the_answers_of_sequential_ones(client):
+    max_tokens = [8 + 5 * i for i in range(len(PROMPTS))]  # they finish at different steps
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        concurrent = list(
+            pool.map(lambda a: complete(client, *a), zip(PROMPTS, max_tokens, strict=True))
+        )
+    sequential = [complete(client, p, n) for p, n in zip(PROMPTS, max_tokens, strict=True)]
+    assert concurrent == sequential
+    assert len(set(sequential)) == len(PROMPTS)
+
+
+BAD_REQUESTS = {
+    "negative max_tokens": dict(max_tokens=-5),
+    "max_tokens a string": dict(max_tokens="ten"),
+    "temperature a string": dict(temperature="hot"),
+    "messages a string": dict(messages="hello"),
+    "message without role": dict(messages=[{"content": "hi"}]),
+    "content a number": dict(messages=[{"role": "user", "content": 5}]),
+    "stop a number": dict(stop=5),
+    "stream a string": dict(stream="yes"),
+}
+
+
+@pytest.mark.parametrize("fields", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_chat_request_gets_400(server, fields):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+    status, data = raw_request(server[1], "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and "error" in json.loads(data)
+
+
+def test_invalid_json_gets_400(server):
+    status, data = raw_request(server[1], "POST", "/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and "error" in json.loads(data)
+
+
+def test_prompt_longer_than_the_context_is_refused_at_once(client):
+    start = time.perf_counter()
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt="ROMEO: " * 4000, max_tokens=4)
+    assert time.perf_counter() - start < 10
+
+
+def test_unknown_model_gets_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="ROMEO:", max_tokens=4)
+
+
+def test_client_disconnecting_mid_stream_leaves_the_server_serving(server, client):
+    _, url, log = server
+    start_stream(url, 500).close()
+    assert complete(client, "JULIET:", 4)
+    assert "disconnected" in log.read_text()
+
+
+def test_server_is_alive_after_bad_requests(server, client):
+    assert server[0].poll() is None
+    assert complete(client, "ROMEO:", 4)
+
+
+def test_mha_server_answers_like_the_mla_one(client, tmp_path):
+    process, url = start_server(tmp_path / "mha.log", "--attention", "mha")
+    try:
+        mha = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        assert complete(mha, "ROMEO:", 12) == complete(client, "ROMEO:", 12)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+def test_ctrl_c_while_busy_stops_the_server_quietly(server, client):
+    process, url, log = server
+    with start_stream(url, 900):  # generating now
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert process.returncode == 0
+    assert "Traceback" not in log.read_text()
+
+
+def test_bad_flags_exit_2_with_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for flags in (["--max-tokens", "0"], ["--prompt-cache-bytes", "lots"], ["--port", "70000"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "mlx_mla.server", *flags],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
