@@ -40,7 +40,7 @@ def check_quantizable(dims: dict[str, int], group_size: int, bits: int, kv_bits=
             hint = (
                 f"--kv-group-size {' or '.join(map(str, fits))} would work"
                 if fits
-                else f"none of the group sizes mx.quantize accepts ({GROUP_SIZES}) divides it"
+                else "none of the group sizes mx.quantize accepts (32, 64, 128) divides it"
             )
             raise QuantizationError(
                 f"{name} {dim} cannot be quantized in groups of {group_size}: {hint}"
@@ -56,6 +56,12 @@ def quantized_dims(args, attention: str) -> dict[str, int]:
         + args.qk_rope_head_dim,
         "value head dim (v_head_dim)": args.v_head_dim,
     }
+
+
+def check_kv_quantization(args, attention: str, group_size: int, bits: int):
+    """Raise QuantizationError, before generating, if `attention`'s cache cannot take the flags."""
+    kv_bits = KV_BITS if attention == "mla" else MLX_LM_KV_BITS
+    check_quantizable(quantized_dims(args, attention), group_size, bits, kv_bits)
 
 
 class LatentCache(KVCache):
@@ -201,6 +207,8 @@ class ExpandedKVCache(KVCache):
             check_quantizable(dims, group_size, bits, MLX_LM_KV_BITS)
         return super().to_quantized(group_size=group_size, bits=bits)
 
+
+QUANTIZED_CACHES = (QuantizedLatentCache, QuantizedKVCache)
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
 for _cls in (LatentCache, QuantizedLatentCache, ExpandedKVCache):

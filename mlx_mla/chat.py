@@ -29,10 +29,12 @@ class Chat:
         max_tokens=DEFAULT_MAX_TOKENS,
         system=None,
         file_metadata=None,
+        cache_options=None,
         **sampling,
     ):
         self.model = model
         self.file_metadata = file_metadata  # what /save records and /load checks
+        self.cache_options = cache_options or {}
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.system = system
@@ -67,6 +69,7 @@ class Chat:
             max_tokens=min(self.max_tokens, room),
             sampler=self.sampler,
             prompt_cache=self.cache,
+            **self.cache_options,
         ):
             on_text(response.text)
             generated = response.generation_tokens
@@ -111,6 +114,7 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.chat", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_cache_arguments(parser)
     return parser
 
 
@@ -123,12 +127,16 @@ def _main(argv=None):
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
+    options = cli.cache_options(args, model)
     chat = Chat(
         model,
         tokenizer,
         max_tokens=args.max_tokens,
         system=args.system,
-        file_metadata=prompt_cache.describe(model, args.model, None, 0),
+        file_metadata=prompt_cache.describe(
+            model, args.model, options["kv_bits"], options["kv_group_size"]
+        ),
+        cache_options=options,
         temp=args.temp,
         top_p=args.top_p,
         min_p=args.min_p,

@@ -11,6 +11,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli, memory, pipeline, prompt_cache
+from .cache import QUANTIZED_CACHES
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -29,30 +30,46 @@ def build_prompt(tokenizer, prompt: str, system: str | None = None, chat_templat
 
 
 def cache_stats(model, cache) -> dict:
-    """Tokens held, bytes allocated, and what the other attention path would allocate for them."""
-    tokens = cache[0].offset
+    """Tokens held, bytes allocated, bits, and what the other attention path would allocate for
+    them at the same bits (in float where the other path's head dims cannot take them)."""
+    first = cache[0]
+    tokens = first.offset
+    quantized = isinstance(first, QUANTIZED_CACHES)
+    stored = first.keys[1] if quantized else first.keys  # a quantized cache's scales are float
+    dtype = DTYPE_NAMES.get(stored.dtype, "float32") if stored is not None else "float32"
+    quant = {"kv_bits": first.bits, "kv_group_size": first.group_size} if quantized else {}
     other = "mha" if model.attention == "mla" else "mla"
-    first = cache[0].keys
-    dtype = DTYPE_NAMES.get(first.dtype, "float32") if first is not None else "float32"
+    config = asdict(model.args)
+    try:
+        other_nbytes = memory.cache_bytes(config, other, tokens, dtype=dtype, **quant)
+        other_bits = quant.get("kv_bits")
+    except ValueError:  # its head dims do not divide by the group size
+        other_nbytes, other_bits = memory.cache_bytes(config, other, tokens, dtype=dtype), None
     return {
         "tokens": tokens,
         "attention": model.attention,
         "nbytes": sum(c.nbytes for c in cache),
-        "other": other,
-        "other_nbytes": memory.cache_bytes(asdict(model.args), other, tokens, dtype=dtype)
-        if tokens
-        else 0,
         "dtype": dtype,
+        **quant,
+        "other": other,
+        "other_nbytes": other_nbytes if tokens else 0,
+        "other_kv_bits": other_bits,
     }
 
 
 def format_cache_stats(stats: dict) -> str:
     ours, other = stats["nbytes"], stats["other_nbytes"]
     ratio = f" ({max(ours, other) / min(ours, other):.2f}x)" if ours and other else ""
+    if stats.get("kv_bits"):
+        what = "c_kv" if stats["attention"] == "mla" else "keys and values"
+        bits = f"{stats['kv_bits']}-bit {what}, group {stats['kv_group_size']}"
+    else:
+        bits = "not quantized"
+    other_bits = f" at {stats['other_kv_bits']} bits" if stats["other_kv_bits"] else ""
     return (
         f"KV cache: {stats['tokens']} tokens, {memory.format_bytes(ours)} allocated "
-        f"({stats['attention']}, {stats['dtype']}); {stats['other']} would need "
-        f"{memory.format_bytes(other)}{ratio}"
+        f"({stats['attention']}, {stats['dtype']}, {bits}); {stats['other']} would need "
+        f"{memory.format_bytes(other)}{other_bits}{ratio}"
     )
 
 
@@ -69,9 +86,11 @@ def generate(
     chat_template: bool = True,
     on_text=None,
     cache: list | None = None,
+    **cache_options,
 ):
     """Generate a reply, calling `on_text(segment)` as it streams; `cache` (e.g. from a prompt-cache
-    file) holds tokens the prompt continues.
+    file) holds tokens the prompt continues. `cache_options` go to mlx-lm's generate_step:
+    kv_bits, kv_group_size, quantized_kv_start, prefill_step_size.
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
@@ -85,7 +104,13 @@ def generate(
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
     text, response = "", None
     for response in stream_generate(
-        model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=cache,
+        **cache_options,
     ):
         text += response.text
         if on_text:
@@ -98,6 +123,7 @@ def setup_arg_parser():
     parser.add_argument("--prompt", required=True, help="the prompt, or - to read it from stdin")
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
+    cli.add_cache_arguments(parser)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
     parser.add_argument(
@@ -174,11 +200,14 @@ def _main(argv=None):
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
+    options = cli.cache_options(args, model)
     cache = None
     if args.prompt_cache_file:
         if args.system:
             cli.fail("--system cannot follow the text of a --prompt-cache-file")
-        expected = prompt_cache.describe(model, args.model, None, 0)
+        expected = prompt_cache.describe(
+            model, args.model, options["kv_bits"], options["kv_group_size"]
+        )
         cache, _ = prompt_cache.load(args.prompt_cache_file, expected)
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
@@ -196,6 +225,7 @@ def _main(argv=None):
         chat_template=args.chat_template,
         on_text=lambda t: print(t, end="", flush=True),
         cache=cache,
+        **options,
     )
     print_report(response)
     print(format_cache_stats(cache_stats(model, cache)))

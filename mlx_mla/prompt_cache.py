@@ -18,7 +18,6 @@ from .errors import MLAError
 from .loading import resolve, weight_files
 
 FORMAT = "mlx_mla prompt cache 1"
-DEFAULT_PREFILL_STEP_SIZE = 2048
 SUFFIX = ".safetensors"
 CHECKED = {  # metadata key: what a mismatch is called
     "model": "model",
@@ -49,7 +48,7 @@ def prefill(
     model,
     tokens: mx.array,
     cache: list,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prefill_step_size: int,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
@@ -65,7 +64,7 @@ def prefill(
         yield logits
 
 
-def describe(model, model_path, kv_bits: int | None, kv_group_size: int, tokens: int = 0):
+def describe(model, model_path, kv_bits: int | None = None, kv_group_size: int | None = None):
     """The metadata a file made by `model` with these cache settings carries (all strings)."""
     return {
         "format": FORMAT,
@@ -74,7 +73,6 @@ def describe(model, model_path, kv_bits: int | None, kv_group_size: int, tokens:
         "attention": model.attention,
         "kv_bits": str(kv_bits) if kv_bits else "none",
         "kv_group_size": str(kv_group_size) if kv_bits else "none",
-        "tokens": str(tokens),
     }
 
 

@@ -41,7 +41,7 @@ def test_generation_after_loading_a_file_equals_generation_from_the_cache_it_sav
     model_dir, tmp_path, attention
 ):
     model, tokenizer = mlx_mla.load(model_dir, attention=attention)
-    metadata = prompt_cache.describe(model, model_dir, None, 0)
+    metadata = prompt_cache.describe(model, model_dir)
     file = tmp_path / "doc.safetensors"
     prompt_cache.save(file, prefilled(model, tokenizer), metadata)
     loaded, saved_metadata = prompt_cache.load(file, metadata)
@@ -57,7 +57,7 @@ def test_cache_prompt_then_generate_equals_generate_on_the_whole_text(model_dir,
     args = ("--model", str(model_dir))
     out = run("cache_prompt", *args, "--prompt-file", str(doc), "--prompt-cache-file", str(file))
     assert out.returncode == 0, out.stderr
-    assert f"saved {file}: {len(DOC)} tokens" in out.stdout  # a character tokenizer
+    assert f"KV cache: {len(DOC)} tokens" in out.stdout  # a character tokenizer
     gen = (*args, "--max-tokens", "20", "--temp", "0", "--no-chat-template")
     continued = run("generate", *gen, "--prompt-cache-file", str(file), "--prompt", "The baker")
     whole = run("generate", *gen, "--prompt", DOC + "The baker")
@@ -77,9 +77,7 @@ def one_line_refusal(out, *words):
 def saved_file(model_dir, tmp_path_factory):
     file = tmp_path_factory.mktemp("saved") / "doc.safetensors"
     model, tokenizer = mlx_mla.load(model_dir)
-    prompt_cache.save(
-        file, prefilled(model, tokenizer), prompt_cache.describe(model, model_dir, None, 0)
-    )
+    prompt_cache.save(file, prefilled(model, tokenizer), prompt_cache.describe(model, model_dir))
     return file
 
 
@@ -109,7 +107,7 @@ def test_a_corrupt_or_truncated_file_is_refused_with_one_line(
 
 def test_an_interrupted_save_leaves_nothing_under_the_real_name(model_dir, tmp_path, monkeypatch):
     model, tokenizer = mlx_mla.load(model_dir)
-    cache, metadata = prefilled(model, tokenizer), prompt_cache.describe(model, model_dir, None, 0)
+    cache, metadata = prefilled(model, tokenizer), prompt_cache.describe(model, model_dir)
     good = tmp_path / "good.safetensors"
     prompt_cache.save(good, cache, metadata)
     before = good.read_bytes()
@@ -160,3 +158,34 @@ def test_chat_file_errors_are_one_line_and_the_chat_goes_on(model_dir, other_mod
     assert "[error: " in out.stdout and "was made with model" in out.stdout
     assert "[/save needs a file name" in out.stdout
     assert "KV cache:" in out.stdout
+
+
+def test_perplexity_through_the_float_cache_equals_whole_windows(model_dir):
+    from mlx_mla.perplexity import perplexity
+
+    model, tokenizer = mlx_mla.load(model_dir)
+    tokens = tokenizer.encode(DOC * 3)
+    whole, count, whole_spans = perplexity(model, tokens, 96, 4, None, parts=3)
+    chunked, count2, chunked_spans = perplexity(model, tokens, 96, 4, {"prefill_step_size": 16}, 3)
+    assert count == count2 == (len(tokens) - 1) // 96 * 96
+    assert chunked == pytest.approx(whole, rel=1e-5)
+    for span, value in whole_spans.items():
+        assert chunked_spans[span] == pytest.approx(value, rel=1e-5)
+    quantized, _, _ = perplexity(
+        model, tokens, 96, 4, {"prefill_step_size": 16, "kv_bits": 8, "kv_group_size": 32}
+    )
+    assert quantized != whole and quantized == pytest.approx(whole, rel=0.01)
+
+
+def test_perplexity_says_which_mode_it_used(model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(DOC * 4)
+    args = ("--model", str(model_dir), "--text-file", str(text), "--holdout", "0.5")
+    args = (*args, "--context", "64", "--parts", "2")
+    window = run("perplexity", *args)
+    cache = run("perplexity", *args, "--mode", "cache", "--prefill-step-size", "16")
+    assert window.returncode == cache.returncode == 0, window.stderr + cache.stderr
+    assert "whole windows" in window.stdout and "by position: 0-31: " in window.stdout
+    assert "through the mla float cache, chunks of 16" in cache.stdout
+    bits = ("--kv-bits", "8", "--kv-group-size", "32")
+    one_line_refusal(run("perplexity", *args, *bits), "--kv-bits needs --mode cache")

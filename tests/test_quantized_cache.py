@@ -10,6 +10,7 @@ from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt
 
 from mlx_mla import Model, ModelArgs, memory
 from mlx_mla.cache import LatentCache, QuantizationError, QuantizedLatent, QuantizedLatentCache
+from mlx_mla.cli import DEFAULT_MODEL as DEMO_MODEL
 
 # Head dims that group sizes 32 and 64 divide (kv_lora 64, nope + rope 32, v 32); rope 8 cannot
 # be quantised at all, as in the demo model (16), which the float k_pe allows.
@@ -283,3 +284,50 @@ def test_quantized_decode_working_memory_stays_below_one_layers_float_latent(bit
     working = mx.get_peak_memory() - before
     float_latent = S * 512 * 4
     assert working < float_latent, f"{working / 2**20:.1f} MiB >= {float_latent / 2**20:.0f} MiB"
+
+
+def test_generate_cli_quantizes_the_cache_and_says_the_bits(capsys):
+    from mlx_mla import generate
+
+    generate.main(["--prompt", "ROMEO:", "--max-tokens", "8", "--kv-bits", "4"])
+    generate.main(
+        ["--prompt", "ROMEO:", "--max-tokens", "8", "--kv-bits", "8", "--quantized-kv-start", "0"]
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if "KV cache:" in line]
+    assert "(mla, float32, not quantized)" in lines[0]  # fewer tokens than --quantized-kv-start
+    assert "(mla, float32, 8-bit c_kv, group 64); mha would need" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("module", "flags", "message"),
+    [
+        ("generate", ["--kv-bits", "4", "--kv-group-size", "128"], "kv_lora_rank 64 cannot"),
+        ("chat", ["--attention", "mha", "--kv-bits", "4"], "key head dim"),
+        ("perplexity", ["--kv-bits", "4"], "--kv-bits needs perplexity through the cache"),
+        ("generate", ["--kv-bits", "7"], "invalid choice: 7"),
+        ("generate", ["--quantized-kv-start", "-1"], "--quantized-kv-start must be at least 0"),
+        ("chat", ["--prefill-step-size", "0"], "--prefill-step-size must be at least 1"),
+    ],
+)
+def test_bad_cache_flags_are_one_line_and_exit_code_2(capsys, module, flags, message):
+    from importlib import import_module
+
+    argv = (["--prompt", "x"] if module == "generate" else []) + flags
+    with pytest.raises(SystemExit) as exit_info:
+        import_module(f"mlx_mla.{module}").main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err
+
+
+def test_chat_keeps_a_quantized_cache_across_turns():
+    from mlx_mla import load
+    from mlx_mla.chat import Chat
+
+    model, tokenizer = load(DEMO_MODEL)
+    options = {"kv_bits": 4, "kv_group_size": 64, "quantized_kv_start": 0}
+    chat = Chat(model, tokenizer, max_tokens=6, cache_options=options)
+    for message in ("Hello", "And then?"):
+        assert chat.reply(message, lambda _: None)
+    assert all(type(c) is QuantizedLatentCache for c in chat.cache)
+    assert "4-bit c_kv, group 64" in chat.stats()
