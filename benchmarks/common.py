@@ -8,6 +8,8 @@ Contenders (same weights, same dtype, same geometry):
 - "deepseek_v3_attn": mlx_lm.models.deepseek_v3 with its DeepseekV3Attention (latent cache,
   absorbed through MultiLinear embed_q/unembed_out), with mlx-lm's DeepSeek-V2 MoE swapped into its
   layers: V3's own router is a different (sigmoid, noaux_tc) function.
+- "deepseek_v3", "glm4_moe_lite": mlx-lm's own model of that family as shipped (latent cache,
+  absorbed decode), for the --geometry of that family.
 """
 
 import json
@@ -23,7 +25,7 @@ import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models import deepseek_v2, deepseek_v3
+from mlx_lm.models import deepseek_v2, deepseek_v3, glm4_moe_lite
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_mla import Model, ModelArgs
@@ -38,14 +40,20 @@ LABELS = {
     "mha": "ours mha (expanded)",
     "deepseek_v2": "mlx-lm deepseek_v2",
     "deepseek_v3_attn": "mlx-lm deepseek_v3 attn",
+    "deepseek_v3": "mlx-lm deepseek_v3",
+    "glm4_moe_lite": "mlx-lm glm4_moe_lite",
 }
 STYLES = {  # ours solid, mlx-lm dashed, so that equal curves stay visible
     "mla": {"marker": "o"},
     "mha": {"marker": "s"},
     "deepseek_v2": {"marker": "^", "linestyle": "--"},
     "deepseek_v3_attn": {"marker": "v", "linestyle": "--"},
+    "deepseek_v3": {"marker": "v", "linestyle": "--"},
+    "glm4_moe_lite": {"marker": "D", "linestyle": "--"},
 }
-LATENT_CONTENDERS = ("mla", "deepseek_v3_attn")  # cache c_kv (B, 1, S, 512) and k_pe (B, 1, S, 64)
+# These cache c_kv (B, 1, S, kv_lora_rank) and k_pe (B, 1, S, qk_rope_head_dim).
+LATENT_CONTENDERS = ("mla", "deepseek_v3_attn", "deepseek_v3", "glm4_moe_lite")
+MLX_LM_MODELS = {"deepseek_v3": deepseek_v3, "glm4_moe_lite": glm4_moe_lite}
 
 # DeepSeek-V2-Lite attention (its config.json), with a small MoE and vocabulary so that attention
 # and the cache dominate the bytes read per token as the context grows.
@@ -89,16 +97,88 @@ SMALL_MOE = {
 }
 
 
-def bench_config(layers: int = DEFAULT_LAYERS) -> dict:
-    return {**V2_LITE_ATTENTION, **SMALL_MOE, "num_hidden_layers": layers}
+# DeepSeek-V3's attention (its config.json; also R1's and, with 64 heads, Kimi-K2's) and
+# GLM-4.7-Flash's (its config.json), each with the family's router on the same small MoE.
+V3_ATTENTION = {
+    **V2_LITE_ATTENTION,
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "rope_scaling": {
+        **V2_LITE_ATTENTION["rope_scaling"],
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+}
+GLM_47_FLASH_ATTENTION = {
+    "model_type": "glm4_moe_lite",
+    "hidden_size": 2048,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "q_lora_rank": 768,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 192,
+    "v_head_dim": 256,
+    "max_position_embeddings": 202752,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "rms_norm_eps": 1e-5,
+    "attention_bias": False,
+}
+NOAUX_MOE = {
+    **SMALL_MOE,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+}
+# name: (title, config without layers, contenders, default layers, default contexts)
+GEOMETRIES = {
+    "v2-lite": ("DeepSeek-V2-Lite", {**V2_LITE_ATTENTION, **SMALL_MOE}, CONTENDERS, 8, None),
+    "v3": (
+        "DeepSeek-V3",
+        {**V3_ATTENTION, **NOAUX_MOE, "routed_scaling_factor": 2.5},
+        ("mla", "mha", "deepseek_v3"),
+        2,
+        "1024,2048,4096,8192",
+    ),
+    "glm-4.7-flash": (
+        "GLM-4.7-Flash",
+        {**GLM_47_FLASH_ATTENTION, **NOAUX_MOE, "routed_scaling_factor": 1.8},
+        ("mla", "mha", "glm4_moe_lite"),
+        8,
+        None,
+    ),
+}
+DEFAULT_GEOMETRY = "v2-lite"
+
+
+def bench_config(layers: int = DEFAULT_LAYERS, geometry: str = DEFAULT_GEOMETRY) -> dict:
+    return {**GEOMETRIES[geometry][1], "num_hidden_layers": layers}
+
+
+def geometry_title(cfg: dict) -> str:
+    """The released model whose attention geometry `cfg` has."""
+    shape = ("hidden_size", "num_attention_heads", "qk_nope_head_dim", "v_head_dim")
+    for title, geometry, *_ in GEOMETRIES.values():
+        if all(cfg[k] == geometry[k] for k in shape):
+            return title
+    return "custom"
 
 
 def describe_config(cfg: dict) -> str:
+    rope = cfg["rope_scaling"]
+    rope = f"YaRN x{rope['factor']}" if rope else f"RoPE theta {cfg['rope_theta']:g}"
     return (
-        f"DeepSeek-V2-Lite attention (hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} "
-        f"heads, kv_lora_rank {cfg['kv_lora_rank']}, rope {cfg['qk_rope_head_dim']}, nope "
-        f"{cfg['qk_nope_head_dim']}, v {cfg['v_head_dim']}, q_lora_rank null, YaRN x"
-        f"{cfg['rope_scaling']['factor']}), {cfg['num_hidden_layers']} layers; small MoE: "
+        f"{geometry_title(cfg)} attention (hidden {cfg['hidden_size']}, "
+        f"{cfg['num_attention_heads']} heads, kv_lora_rank {cfg['kv_lora_rank']}, rope "
+        f"{cfg['qk_rope_head_dim']}, nope {cfg['qk_nope_head_dim']}, v {cfg['v_head_dim']}, "
+        f"q_lora_rank {cfg['q_lora_rank'] or 'null'}, {rope}), {cfg['num_hidden_layers']} layers; "
+        f"small {cfg['topk_method']} MoE: "
         f"{cfg['n_routed_experts']} routed experts (top-{cfg['num_experts_per_tok']}, "
         f"{cfg['moe_intermediate_size']} wide) + {cfg['n_shared_experts']} shared, first layer "
         f"dense ({cfg['intermediate_size']}), vocab {cfg['vocab_size']}"
@@ -216,7 +296,7 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, mx.array]:
     model = Model(ModelArgs.from_dict(cfg))
     weights = dict(tree_flatten(model.parameters()))
     for key, value in weights.items():
-        if key.endswith("mlp.gate.weight"):
+        if key.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             weights[key] = 0.02 * mx.random.normal(value.shape)
     mx.eval(weights)
     return weights
@@ -262,8 +342,10 @@ def build(name: str, cfg: dict, weights: dict) -> nn.Module:
         weights = v2_layout(weights)
     elif name == "deepseek_v3_attn":
         model = build_v3_attention_model(cfg)
+    elif name in MLX_LM_MODELS:  # same tensor names as ours
+        model = MLX_LM_MODELS[name].Model(MLX_LM_MODELS[name].ModelArgs.from_dict(cfg))
     else:
-        raise ValueError(f"unknown contender {name!r}; one of {', '.join(CONTENDERS)}")
+        raise ValueError(f"unknown contender {name!r}; one of {', '.join(LABELS)}")
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
@@ -436,7 +518,8 @@ def pyplot():
 def plot_title(what: str, result: dict) -> str:
     m = result["machine"]
     return (
-        f"{what}: {result['config']['num_hidden_layers']} layers of DeepSeek-V2-Lite attention, "
+        f"{what}: {result['config']['num_hidden_layers']} layers of "
+        f"{geometry_title(result['config'])} attention, "
         f"{m['dtype']}, {m['default_device']}, {m['cpu']} ({m['cores']} cores), mlx {m['mlx']}"
     )
 

@@ -1,14 +1,24 @@
 """DeepSeek Multi-head Latent Attention for MLX, with a latent KV cache."""
 
+from . import startup  # noqa: F401  first: a tool's Ctrl-C is quiet during the slow imports below
 from .cache import LatentCache, QuantizationError, QuantizedLatentCache
 from .config import ModelArgs
-from .errors import CheckpointError, ConfigError, MLAError, UnsupportedModelError
+from .errors import (
+    BadArgumentError,
+    CheckpointError,
+    ConfigError,
+    ContextError,
+    MLAError,
+    UnsupportedModelError,
+)
 from .loading import load, load_model
 from .model import Model
 
 __all__ = [
+    "BadArgumentError",
     "CheckpointError",
     "ConfigError",
+    "ContextError",
     "LatentCache",
     "MLAError",
     "Model",

@@ -5,13 +5,16 @@ Commands: /reset (forget the conversation), /stats (cache size), /save FILE and 
 conversation's cache as a prompt-cache file), /exit. Ctrl-C stops a reply.
 """
 
+import io
 import signal
+import sys
 
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from . import cli, prompt_cache
-from .generate import build_prompt, cache_stats
+from .errors import ContextError
+from .generate import build_prompt, cache_stats, fit_context
 from .generate import format_cache_stats as format_stats
 from .loading import load
 
@@ -38,6 +41,7 @@ class Chat:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.system = system
+        cli.check_generation_arguments(max_tokens=max_tokens, **sampling)
         self.sampler = make_sampler(**sampling)
         self.context = model.args.max_position_embeddings
         self.stop = False
@@ -57,8 +61,9 @@ class Chat:
         prompt = build_prompt(self.tokenizer, message, system)
         if self.tokens and prompt[:1] == [self.tokenizer.bos_token_id]:
             prompt = prompt[1:]  # the conversation already began with it
-        room = self.context - self.tokens - len(prompt)
-        if room < 1:
+        try:
+            max_tokens = fit_context(self.context, self.tokens + len(prompt), self.max_tokens)
+        except ContextError:
             return False
         self.stop = False
         generated = 0
@@ -66,7 +71,7 @@ class Chat:
             self.model,
             self.tokenizer,
             prompt,
-            max_tokens=min(self.max_tokens, room),
+            max_tokens=max_tokens,
             sampler=self.sampler,
             prompt_cache=self.cache,
             **self.cache_options,
@@ -145,6 +150,8 @@ def _main(argv=None):
     def interrupt(signum, frame):
         chat.stop = True
 
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 is skipped, below
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"[{args.model}] {HELP}", flush=True)
     while True:
         try:
@@ -154,6 +161,9 @@ def _main(argv=None):
             return
         except KeyboardInterrupt:
             print()
+            continue
+        if cli.has_undecodable_bytes(message):
+            print("error: that line is not UTF-8 text; it was skipped", file=sys.stderr)
             continue
         command = message.strip()
         if command == "/exit":

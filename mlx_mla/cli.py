@@ -1,6 +1,10 @@
-"""What the command-line tools share: one-line errors with exit code 2, and the default model."""
+"""What the command-line tools share: one-line errors with exit code 2, checked flag values, a quiet
+exit on Ctrl-C (130) or a closed pipe (141), and the default model."""
 
 import argparse
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -8,7 +12,8 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 
 from .attention import ATTENTION_MODES
 from .cache import GROUP_SIZES, KV_BITS, check_kv_quantization
-from .errors import MLAError
+from .errors import BadArgumentError, MLAError
+from .startup import EXIT_INTERRUPTED, exit_interrupted
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")
 DEFAULT_TEMP = 0.0
@@ -17,6 +22,7 @@ DEFAULT_MIN_P = 0.0
 DEFAULT_KV_GROUP_SIZE = 64
 DEFAULT_PREFILL_STEP_SIZE = 2048
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -24,6 +30,58 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, accept, expected: str):
+    """An argparse `type=` that converts the text and refuses a value outside `expected`."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, not {text!r}")
+        return value
+
+    return parse
+
+
+# NaN fails every comparison, so each float check below refuses it.
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+probability = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+open_fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1, both excluded")
+utf8_text = checked(str, lambda v: not has_undecodable_bytes(v), "UTF-8 text")
+
+
+def has_undecodable_bytes(value: str) -> bool:
+    """Python keeps bytes that are not UTF-8 (argv, surrogateescape reads) as surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MLAError(f"standard input is not UTF-8 text (byte {e.start})") from None
+
+
+def read_text_file(path: str, flag: str) -> str:
+    file = Path(path)
+    if file.is_dir():
+        raise MLAError(f"{flag} {path} is a folder, not a text file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MLAError(f"{flag} {path} is not UTF-8 text (byte {e.start})") from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -36,13 +94,34 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     )
 
 
+GENERATION_CHECKS = {
+    "max_tokens": positive_int,
+    "temp": nonnegative_float,
+    "top_p": probability,
+    "min_p": probability,
+    "seed": checked(int, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
+}
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int):
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP)
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--system", default=None, help="system prompt")
+    checks = GENERATION_CHECKS
+    parser.add_argument("--max-tokens", type=checks["max_tokens"], default=max_tokens)
+    parser.add_argument("--temp", type=checks["temp"], default=DEFAULT_TEMP)
+    parser.add_argument("--top-p", type=checks["top_p"], default=DEFAULT_TOP_P)
+    parser.add_argument("--min-p", type=checks["min_p"], default=DEFAULT_MIN_P)
+    parser.add_argument("--seed", type=checks["seed"], default=None)
+    parser.add_argument("--system", type=utf8_text, default=None, help="system prompt")
+
+
+def check_generation_arguments(**values):
+    """For library calls: refuse what the flag of the same name refuses (None is left alone)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            GENERATION_CHECKS[name](str(value))
+        except argparse.ArgumentTypeError as e:
+            raise BadArgumentError(f"{name} {e}") from None
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser):
@@ -72,14 +151,14 @@ def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
     )
     parser.add_argument(
         "--quantized-kv-start",
-        type=int,
+        type=nonnegative_int,
         default=DEFAULT_QUANTIZED_KV_START,
         help="tokens in the cache before it is quantized (with --kv-bits)",
     )
     if prefill:
         parser.add_argument(
             "--prefill-step-size",
-            type=int,
+            type=positive_int,
             default=DEFAULT_PREFILL_STEP_SIZE,
             help="prompt tokens processed per step",
         )
@@ -88,10 +167,6 @@ def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
 def cache_options(args: argparse.Namespace, model) -> dict:
     """The add_cache_arguments flags as mlx-lm's generate_step keyword arguments, checked against
     the model's cached head dims (a bad combination is one line, before any generation)."""
-    if args.quantized_kv_start < 0:
-        fail("--quantized-kv-start must be at least 0")
-    if "prefill_step_size" in args and args.prefill_step_size < 1:
-        fail("--prefill-step-size must be at least 1")
     if args.kv_bits is not None:
         check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
     return {
@@ -103,13 +178,25 @@ def cache_options(args: argparse.Namespace, model) -> dict:
 
 
 def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"error: {' '.join(lines)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
 def run(main, argv=None):
-    """Call main(argv), turning our errors and a missing file into one line and exit code 2."""
+    """Call main(argv): our errors and the system's (a missing file) give one line and exit code 2,
+    Ctrl-C exits quietly with 130, and a reader closing the pipe (`| head`) quietly with 141."""
+    if signal.getsignal(signal.SIGINT) is exit_interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return main(argv)
-    except (MLAError, FileNotFoundError, NotADirectoryError) as e:
+        result = main(argv)
+        sys.stdout.flush()
+        return result
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # Nothing more can be written; point stdout at /dev/null so the exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+    except (MLAError, OSError) as e:
         fail(str(e))

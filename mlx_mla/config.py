@@ -1,13 +1,39 @@
 """ModelArgs: the config.json of an MLA model, with the Hugging Face field names unchanged."""
 
+import dataclasses
 import inspect
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, UnsupportedModelError
 
 ROPE_TYPES = ("default", "yarn")
+POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "max_position_embeddings",
+    "moe_layer_freq",
+)
+ROPE_NUMBERS = (
+    "rope_theta",
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "partial_rotary_factor",
+    "llama_4_scaling_beta",
+)
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+TYPE_NAMES |= {dict: "an object", list: "a list", type(None): "null"}
 
 # What differs between the MLA families, as each one's transformers config and model define it.
 # family: the architecture a model_type is read as (Kimi-K2 is DeepSeek-V3's). defaults: the
@@ -114,6 +140,7 @@ class ModelArgs:
         `rope_parameters` (which holds the theta and the scaling in one dict). The family's
         defaults fill what config.json leaves out (see FAMILIES).
         """
+        check_types(config)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -201,6 +228,26 @@ class ModelArgs:
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     def validate(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if (
+                type(value) is float
+                and not math.isfinite(value)
+                or type(value) is int
+                and value < 0
+            ):
+                raise ConfigError(f"config.json field {field.name} cannot be {value}")
+        for name in POSITIVE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"config.json field {name} must be at least 1, not {getattr(self, name)}"
+                )
+        if self.quantization is not None:
+            for key in ("group_size", "bits"):
+                if type(self.quantization.get(key)) is not int:
+                    raise ConfigError(
+                        f"config.json field quantization needs an integer {key}, as convert writes"
+                    )
         method = (self.quantization_config or {}).get("quant_method")
         if (
             method not in (None, "fp8")
@@ -247,3 +294,43 @@ class ModelArgs:
                     "noaux_tc needs n_group dividing n_routed_experts into groups of at least 2 "
                     "experts, and topk_group between 1 and n_group"
                 )
+
+
+def accepts(annotation, value) -> bool:
+    """Whether a JSON value fits a ModelArgs annotation (an int is a float, a bool not an int)."""
+    for option in typing.get_args(annotation) or (annotation,):
+        option = typing.get_origin(option) or option
+        if option is float and type(value) is int or type(value) is option:
+            return True
+    return False
+
+
+def check_types(config):
+    """Refuse a config.json that is not an object or whose ModelArgs fields (and rope numbers)
+    have the wrong JSON type, naming the field."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"config.json must hold a JSON object, not {json_type(config)}")
+    for field in dataclasses.fields(ModelArgs):
+        if field.name in config and not accepts(field.type, config[field.name]):
+            expected = (
+                " or ".join(
+                    TYPE_NAMES[typing.get_origin(t) or t] for t in typing.get_args(field.type)
+                )
+                or TYPE_NAMES[field.type]
+            )
+            raise ConfigError(
+                f"config.json field {field.name} must be {expected}, not "
+                f"{json_type(config[field.name])} {config[field.name]!r}"
+            )
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key)
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"config.json field {key} must be an object, not {json_type(rope)}")
+        for name in ROPE_NUMBERS:
+            value = (rope or {}).get(name)
+            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+                raise ConfigError(f"config.json field {key}.{name} must be a number, not {value!r}")
+
+
+def json_type(value) -> str:
+    return TYPE_NAMES.get(type(value), type(value).__name__)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import cli
 from .config import ModelArgs
-from .errors import CheckpointError, ConfigError, MLAError
+from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
 from .loading import check_weights, read_config, read_weights, resolve
 from .memory import format_bytes
 from .model import LAYER_KEY, Model, sanitize
@@ -45,6 +45,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.json",
     "*.jinja",
+    "tokenization_*.py",  # tokenizers that ship code (Kimi, Moonlight), and their vocabulary
+    "tiktoken.model",
 )
 # mixed_L_H: routed experts (most of the weights, each seen by few tokens) in L bits; what every
 # token goes through (embeddings, attention, shared experts, dense MLPs, lm_head) in H bits.
@@ -227,6 +229,8 @@ def convert(
     (default 4) and q_group_size affine quantization; quant_recipe (implies quantize) picks bits
     per module, see QUANT_RECIPES. force: replace an existing mlx_path once the new one is complete.
     """
+    if not isinstance(mlx_path, (str, os.PathLike)) or not str(mlx_path):
+        raise BadArgumentError(f"mlx_path must be a folder path, not {mlx_path!r}")
     mlx_path = Path(mlx_path).expanduser()
     q_bits = check_options(dtype, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
@@ -421,7 +425,7 @@ def setup_arg_parser():
     )
     parser.add_argument(
         "--max-shard-gb",
-        type=float,
+        type=cli.positive_float,
         default=DEFAULT_MAX_SHARD_GB,
         help="shard size; peak memory is about one shard",
     )

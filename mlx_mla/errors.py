@@ -15,3 +15,11 @@ class UnsupportedModelError(ConfigError):
 
 class CheckpointError(MLAError):
     """Weights are missing, unreadable, unexpected or of the wrong shape."""
+
+
+class BadArgumentError(MLAError, ValueError):
+    """A function was called with a value it cannot mean (a negative temperature, a None path)."""
+
+
+class ContextError(MLAError):
+    """The prompt does not fit the model's context."""

@@ -12,6 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import cli, memory, pipeline, prompt_cache
 from .cache import QUANTIZED_CACHES
+from .errors import BadArgumentError, ContextError
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -73,6 +74,23 @@ def format_cache_stats(stats: dict) -> str:
     )
 
 
+def fit_context(context: int, used: int, max_tokens: int) -> int:
+    """max_tokens, capped (with a note) so that the reply fits the model's context after the `used`
+    tokens (conversation and prompt); refused when no room is left."""
+    room = context - used
+    if room < 1:
+        raise ContextError(
+            f"the prompt is {used} tokens and the model's context {context}: no room for a reply"
+        )
+    if max_tokens > room:
+        print(
+            f"note: --max-tokens {max_tokens} capped at {room}: {used} of the model's {context} "
+            "tokens of context are taken",
+            file=sys.stderr,
+        )
+    return min(max_tokens, room)
+
+
 def generate(
     model,
     tokenizer,
@@ -94,6 +112,9 @@ def generate(
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
+    cli.check_generation_arguments(
+        max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, seed=seed
+    )
     if seed is not None:
         mx.random.seed(seed)
     tokens = build_prompt(tokenizer, prompt, system, chat_template)
@@ -101,6 +122,10 @@ def generate(
         cache = model.make_cache()
     elif cache[0].offset and tokens[:1] == [tokenizer.bos_token_id]:
         tokens = tokens[1:]  # the cached text already began with it
+    if not tokens:
+        raise BadArgumentError("the prompt is empty: there is nothing to continue")
+    used = cache[0].offset + len(tokens)
+    max_tokens = fit_context(model.args.max_position_embeddings, used, max_tokens)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
     text, response = "", None
     for response in stream_generate(
@@ -120,7 +145,9 @@ def generate(
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", required=True, help="the prompt, or - to read it from stdin")
+    parser.add_argument(
+        "--prompt", type=cli.utf8_text, required=True, help="the prompt, or - to read it from stdin"
+    )
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     cli.add_cache_arguments(parser)
@@ -162,7 +189,7 @@ def pipeline_main(args):
     )
     tokens = None
     if group.rank() == 0:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
         tokens = build_prompt(tokenizer, prompt, args.system, args.chat_template)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -192,11 +219,11 @@ def pipeline_main(args):
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        cli.fail("--max-tokens must be at least 1")
     if args.pipeline:
+        if args.kv_bits is not None:
+            cli.fail("--kv-bits is not supported with --pipeline")
         return pipeline_main(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )

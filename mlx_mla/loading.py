@@ -1,6 +1,7 @@
 """Load a model from a Hugging Face or MLX (convert output) checkpoint folder, or a hub id."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import infer_quant_config
 
-from .config import ModelArgs
-from .errors import CheckpointError, ConfigError
+from .config import ModelArgs, check_types
+from .errors import BadArgumentError, CheckpointError, ConfigError
 from .model import Model, sanitize
 
 # *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
+# A tokenizer needs one of these; tokenizer_config.json adds its special tokens and chat template.
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*tiktoken*")
 HUB_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -30,6 +33,8 @@ HUB_PATTERNS = [
 
 def resolve(path_or_hub_id: str | Path) -> Path:
     """A local folder, or a hub id fetched with huggingface_hub (cached after the first time)."""
+    if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
+        raise BadArgumentError(f"expected a checkpoint folder or a hub id, not {path_or_hub_id!r}")
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -54,9 +59,27 @@ def read_config(path: Path) -> dict:
     if not file.is_file():
         raise ConfigError(f"{path} has no config.json: is it a model folder?")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    check_types(config)
+    return config
+
+
+def read_index(file: Path) -> dict:
+    """A model.safetensors.index.json: {"weight_map": {tensor name: file name}}."""
+    try:
+        index = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+    ):
+        raise CheckpointError(
+            f"{file} has no weight_map of tensor names to safetensors file names in its folder"
+        )
+    return index
 
 
 def weight_files(path: Path, keep=None) -> list[Path]:
@@ -64,7 +87,7 @@ def weight_files(path: Path, keep=None) -> list[Path]:
     `keep(tensor_name)`, only the files the index lists for the kept tensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_index(index)["weight_map"]
         names = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
@@ -172,6 +195,19 @@ def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs):
     model.eval()
 
 
+def check_tokenizer_files(path: Path):
+    """Refuse, naming what is missing, a folder with no vocabulary file for a tokenizer."""
+    if any(next(path.glob(pattern), None) for pattern in TOKENIZER_VOCABULARIES):
+        return
+    also = ""
+    if not (path / "tokenizer_config.json").is_file():
+        also = "; tokenizer_config.json is missing too"
+    raise CheckpointError(
+        f"no tokenizer in {path}: none of {', '.join(TOKENIZER_VOCABULARIES)} is there{also}; "
+        "copy them from the original checkpoint (load_model loads the weights alone)"
+    )
+
+
 def tokenizer_code(path: Path) -> list[str]:
     """The Python files a checkpoint's tokenizer would run: its auto_map, or *.py beside it."""
     files = sorted(p.name for p in path.glob("*.py"))
@@ -187,11 +223,13 @@ def load(
     """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
     Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
     path = resolve(path_or_hub_id)
+    ModelArgs.from_dict(read_config(path))  # transformers reads config.json too: name its faults
     tokenizer = tokenizer_of(path, trust_remote_code)
     return load_model(path, attention), tokenizer
 
 
 def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrapper:
+    check_tokenizer_files(path)
     code = tokenizer_code(path)
     if code and not trust_remote_code:
         raise CheckpointError(

@@ -7,9 +7,10 @@ python -m mlx_mla.memory --claims
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import cli
 
 DEFAULT_CONFIG = "deepseek-v2-lite"
 DEFAULT_CONTEXT = "4096,32768,131072"
@@ -164,6 +165,14 @@ WEIGHT_SHAPES = {
         "n_routed_experts": 384,
         "first_k_dense_replace": 1,
     },
+    "glm-4.7-flash": {
+        "vocab_size": 154880,
+        "intermediate_size": 10240,
+        "moe_intermediate_size": 1536,
+        "n_routed_experts": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+    },
     "deepseek-67b": {"vocab_size": 102400, "intermediate_size": 22016},
     "llama-2-70b": {"vocab_size": 32000, "intermediate_size": 28672},
     "llama-3-70b": {"vocab_size": 128256, "intermediate_size": 28672},
@@ -186,15 +195,21 @@ def load_config(path_or_preset: str) -> dict:
             f"({', '.join(PRESETS)})"
         )
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def _field(config: dict, name: str) -> int:
-    if config.get(name) is None:
+    value = config.get(name)
+    if value is None:
         raise ValueError(f"config has no {name!r}")
-    return config[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"config field {name!r} must be an integer >= 0, not {value!r}")
+    return value
 
 
 def is_mla(config: dict) -> bool:
@@ -243,6 +258,8 @@ def _row_bytes(dim: int, dtype: str, kv_bits: int | None, kv_group_size: int) ->
         return dim * itemsize
     if kv_bits not in QUANT_BITS:
         raise ValueError(f"kv_bits must be one of {QUANT_BITS}, not {kv_bits}")
+    if not isinstance(kv_group_size, int) or kv_group_size < 1:
+        raise ValueError(f"kv_group_size must be an integer >= 1, not {kv_group_size}")
     if dim % kv_group_size:
         raise ValueError(
             f"a cached row of {dim} elements cannot be quantized in groups of {kv_group_size}"
@@ -496,7 +513,9 @@ def ranks_report(
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="KV-cache size of MLA vs MHA/GQA models.")
+    parser = cli.ArgumentParser(
+        prog="mlx_mla.memory", description="KV-cache size of MLA vs MHA/GQA models."
+    )
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
@@ -507,8 +526,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--context", default=DEFAULT_CONTEXT, help="Comma-separated context lengths in tokens"
     )
     parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPE_BYTES))
-    parser.add_argument("--kv-bits", type=int, default=None, help="Quantize the cache to N bits")
-    parser.add_argument("--kv-group-size", type=int, default=DEFAULT_KV_GROUP_SIZE)
+    parser.add_argument(
+        "--kv-bits", type=int, choices=QUANT_BITS, help="Quantize the cache to N bits"
+    )
+    parser.add_argument("--kv-group-size", type=cli.positive_int, default=DEFAULT_KV_GROUP_SIZE)
     parser.add_argument("--claims", action="store_true", help="Check public claims and exit")
     parser.add_argument(
         "--ranks", type=int, default=None, help="Per-rank weights and cache over N pipeline stages"
@@ -519,7 +540,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     args = setup_arg_parser().parse_args(argv)
     if args.claims:
         print(format_claims())
@@ -537,9 +558,12 @@ def main(argv: list[str] | None = None) -> None:
             blocks = [report(name, config, contexts, **quant) for name, config in models.items()]
             blocks.append(summary(models, **quant))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     print("\n\n".join(blocks))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ python -m mlx_mla.perplexity --text-file ../shared/data/tinyshakespeare.txt --ho
 """
 
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
 from . import cli, prompt_cache
+from .errors import BadArgumentError, ContextError
 from .loading import load
 
 DEFAULT_TEXT_FILE = "../shared/data/tinyshakespeare.txt"
@@ -21,6 +21,8 @@ DEFAULT_BATCH_SIZE = 8
 
 def heldout_tokens(tokenizer, text: str, holdout: float) -> list[int]:
     """Tokens of the last `holdout` fraction of the text, split by characters."""
+    if not 0 < holdout < 1:
+        raise BadArgumentError(f"holdout must be between 0 and 1, both excluded, not {holdout}")
     return tokenizer.encode(text[int(len(text) * (1 - holdout)) :], add_special_tokens=False)
 
 
@@ -50,6 +52,13 @@ def perplexity(
     count, and the perplexity of each of `parts` equal position spans of the window
     ({"0-255": ppl, ...}). `cache_options` (prefill_step_size, kv_bits, kv_group_size,
     quantized_kv_start) run each window through the cache; None scores whole windows at once."""
+    if context < 1 or batch_size < 1:
+        raise BadArgumentError(f"context and batch_size must be >= 1, not {context}, {batch_size}")
+    if context > model.args.max_position_embeddings:
+        raise ContextError(
+            f"windows of {context} tokens are beyond the model's context of "
+            f"{model.args.max_position_embeddings}"
+        )
     n_windows = (len(tokens) - 1) // context
     if n_windows < 1:
         raise ValueError(f"need more than {context} tokens, got {len(tokens)}")
@@ -76,9 +85,9 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.perplexity", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     parser.add_argument("--text-file", default=DEFAULT_TEXT_FILE)
-    parser.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT)
-    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--holdout", type=cli.open_fraction, default=DEFAULT_HOLDOUT)
+    parser.add_argument("--context", type=cli.positive_int, default=DEFAULT_CONTEXT)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument(
         "--mode",
         choices=("window", "cache"),
@@ -87,7 +96,10 @@ def setup_arg_parser():
         "--prefill-step-size (quantised with --kv-bits once it holds --quantized-kv-start tokens)",
     )
     parser.add_argument(
-        "--parts", type=int, default=1, help="also report perplexity for this many position spans"
+        "--parts",
+        type=cli.positive_int,
+        default=1,
+        help="report this many position spans",
     )
     cli.add_cache_arguments(parser)
     return parser
@@ -95,9 +107,7 @@ def setup_arg_parser():
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.parts < 1:
-        cli.fail("--parts must be at least 1")
-    text = Path(args.text_file).read_text()
+    text = cli.read_text_file(args.text_file, "--text-file")
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )

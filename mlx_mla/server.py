@@ -10,6 +10,7 @@ Ctrl-C.
 
 import argparse
 import copy
+import io
 import json
 import logging
 import os
@@ -19,22 +20,23 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
+from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import cli
-from .errors import MLAError
+from .cache import check_kv_quantization
 from .loading import load
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PROMPT_CACHE_BYTES = "1GB"
-DEFAULT_KV_GROUP_SIZE = 64
 DEMO_MODEL_ID = "mlx-mla-demo"
 SHUTDOWN_WAIT_S = 2.0
+MAX_REQUEST_BYTES = 16 * 2**20
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
 # Options of mlx-lm's server that we do not expose, at the values a single local model needs.
@@ -46,17 +48,9 @@ MLX_LM_DEFAULTS = dict(
     chat_template="",
     use_default_chat_template=False,
     chat_template_args={},
-    allowed_origins=["*"],
-    top_k=0,
     decode_concurrency=32,
     prompt_concurrency=8,
-    prefill_step_size=2048,
-    quantized_kv_start=0,
 )
-
-
-class PromptTooLong(ValueError):
-    pass
 
 
 class ModelProvider(mlx_server.ModelProvider):
@@ -75,16 +69,12 @@ class ModelProvider(mlx_server.ModelProvider):
             attention=self.cli_args.attention,
             trust_remote_code=self.cli_args.trust_remote_code,
         )
+        args = self.cli_args
+        if args.kv_bits is not None:
+            check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
         # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
-        # on this thread's stream, which the generation thread cannot do, and shows here whether
-        # its cache can be quantized as asked.
-        cache = model.make_cache()
-        mx.eval(model(mx.array([[0]]), cache=cache))
-        if self.cli_args.kv_bits is not None:
-            try:
-                cache[0].to_quantized(self.cli_args.kv_group_size, self.cli_args.kv_bits)
-            except ValueError as e:
-                raise MLAError(f"--kv-bits {self.cli_args.kv_bits}: {e}") from None
+        # on this thread's stream: the generation thread cannot.
+        mx.eval(model(mx.array([[0]]), cache=model.make_cache()))
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         self.processor = self.draft_model = None
@@ -111,11 +101,10 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         with self.tokenizer_lock:
             return super()._tokenize(tokenizer, request, args)
 
-    def stop(self, timeout: float) -> bool:
-        """Ask the generation thread to stop; whether it did within `timeout` seconds."""
+    def stop(self, timeout: float):
+        """Ask the generation thread to stop, and wait for it at most `timeout` seconds."""
         self._stop = True
         self._generation_thread.join(timeout)
-        return not self._generation_thread.is_alive()
 
     def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
         args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
@@ -146,9 +135,13 @@ class OpenAIErrors:
         self.stream, self.handler = stream, handler
 
     def write(self, data: bytes):
-        if self.handler.status >= 400 and data.startswith(b'{"error": "'):
-            kind = "invalid_request_error" if self.handler.status < 500 else "server_error"
-            message = json.loads(data)["error"]
+        status = self.handler.status
+        if status >= 400 and (data.startswith(b'{"error": "') or data == b"Not Found"):
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            if data == b"Not Found":
+                message = f"no such endpoint: {self.handler.command} {self.handler.path}"
+            else:
+                message = json.loads(data)["error"]
             data = json.dumps({"error": {"message": message, "type": kind}}).encode()
         return self.stream.write(data)
 
@@ -170,7 +163,27 @@ class APIHandler(mlx_server.APIHandler):
         self.status = code
         super().send_response(code, message)
 
+    def do_POST(self):
+        """Refuse what mlx-lm's do_POST would fail on without an answer (a body that is not UTF-8,
+        a negative Content-Length) or take too long to read, then hand over to it."""
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return self.send_error_json(400, "invalid Content-Length header")
+            if int(length) > MAX_REQUEST_BYTES:
+                return self.send_error_json(413, f"request body over {MAX_REQUEST_BYTES} bytes")
+            body = self.rfile.read(int(length))
+            try:
+                body.decode()
+            except UnicodeDecodeError:
+                return self.send_error_json(400, "the request body is not UTF-8")
+            self.rfile = io.BytesIO(body)
+        super().do_POST()
+
     def validate_model_parameters(self):
+        for name, default in self.defaults_for_null().items():
+            if getattr(self, name) is None:  # OpenAI reads null as "the default"
+                setattr(self, name, default)
         super().validate_model_parameters()
         if self.adapter is not None or "draft_model" in self.body:
             raise ValueError("adapters and draft models are not supported by this server")
@@ -183,12 +196,31 @@ class APIHandler(mlx_server.APIHandler):
             raise ValueError("stop must be a string or a list of strings")
         if not isinstance(self.stream_options, dict | None):
             raise ValueError("stream_options must be an object")
+        if self.stream_options is not None:
+            include_usage = self.stream_options.get("include_usage", False)
+            if not isinstance(include_usage, bool):
+                raise ValueError("stream_options.include_usage must be a boolean")
+            self.stream_options = {"include_usage": include_usage}
         if not isinstance(self.chat_template_kwargs, dict | None):
             raise ValueError("chat_template_kwargs must be an object")
         if self.path.endswith("chat/completions"):
             check_messages(self.body.get("messages"))
         elif not isinstance(self.body.get("prompt"), str):
             raise ValueError("prompt must be a string")
+
+    def defaults_for_null(self) -> dict:
+        args = self.response_generator.cli_args
+        return {
+            "stream": False,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temp,
+            "top_p": args.top_p,
+            "min_p": args.min_p,
+            "top_k": args.top_k,
+            "logprobs": False,
+            "top_logprobs": -1,
+            "requested_model": "default_model",
+        }
 
     def handle_completion(self, request, stop_words):
         provider = self.response_generator.model_provider
@@ -219,10 +251,30 @@ class APIHandler(mlx_server.APIHandler):
         self.end_headers()
         self.wfile.write(json.dumps({"error": message}).encode())
 
+    def handle_health_check(self):
+        """mlx-lm's {"status": ...}, plus what the prompt cache holds."""
+        generator = self.response_generator
+        cache = generator.prompt_cache if generator.is_healthy else None
+        body = {"status": "ok" if cache is not None else "unavailable"}
+        if cache is not None:
+            budget = generator.cli_args.prompt_cache_bytes
+            body["prompt_cache"] = {
+                "sequences": len(cache),
+                "bytes": cache.nbytes,
+                "budget": budget,
+            }
+        self._set_completion_headers(200 if cache is not None else 503)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
     def handle_models_request(self):
+        """GET /v1/models lists the served model; GET /v1/models/ID describes it."""
         model_id = self.response_generator.model_provider.model_id
-        models = [{"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}]
-        body = json.dumps({"object": "list", "data": models}).encode()
+        model = {"id": model_id, "object": "model", "created": self.created, "owned_by": "local"}
+        asked = unquote(self.path.removeprefix("/v1/models").strip("/"))
+        if asked and asked != model_id:
+            return self.send_error_json(404, f"model {asked!r} is not served here")
+        body = json.dumps(model if asked else {"object": "list", "data": [model]}).encode()
         self._set_completion_headers(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -268,9 +320,10 @@ def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.server", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    port = cli.checked(int, lambda v: 0 <= v <= 65535, "a port from 0 to 65535")
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT, help="0 picks a free port")
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-k", type=cli.nonnegative_int, default=0)
     parser.add_argument(
         "--prompt-cache-bytes",
         type=parse_bytes,
@@ -278,12 +331,21 @@ def setup_arg_parser():
         help=f"memory for recent conversations' caches (default {DEFAULT_PROMPT_CACHE_BYTES})",
     )
     parser.add_argument(
-        "--prompt-cache-size", type=int, default=None, help="at most this many cached prompts"
+        "--prompt-cache-size",
+        type=cli.positive_int,
+        default=None,
+        help="at most this many cached prompts",
     )
-    parser.add_argument("--kv-bits", type=int, choices=(2, 3, 4, 5, 6, 8), default=None)
-    parser.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64)
+    cli.add_cache_arguments(parser)
+    parser.add_argument(
+        "--allowed-origins",
+        type=lambda x: [o for o in x.split(",") if o],
+        default=[],
+        help="comma-separated web origins that may call the server from a browser (* for any)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
-    parser.set_defaults(**MLX_LM_DEFAULTS)
+    # Quantize from the first token, so that --kv-bits applies to every stored conversation.
+    parser.set_defaults(**MLX_LM_DEFAULTS, quantized_kv_start=0)
     return parser
 
 
@@ -319,10 +381,6 @@ def stop_on_sigterm(signum, frame):
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        cli.fail("--max-tokens must be at least 1")
-    if args.port < 0 or args.port > 65535:
-        cli.fail("--port must be between 0 and 65535")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     if args.seed is not None:
@@ -331,10 +389,7 @@ def _main(argv=None):
 
 
 def main(argv=None):
-    try:
-        cli.run(_main, argv)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli.run(_main, argv)
 
 
 if __name__ == "__main__":

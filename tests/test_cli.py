@@ -76,7 +76,7 @@ def test_prompt_from_stdin_equals_prompt_flag(model_dir):
     [
         (["--model", "/nonexistent/model", "--prompt", "x"], "no such folder"),
         (["--prompt", "x", "--attention", "gqa"], "invalid choice"),
-        (["--prompt", "x", "--max-tokens", "0"], "at least 1"),
+        (["--prompt", "x", "--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1"),
         (["--bogus-flag"], "error"),
     ],
 )
@@ -212,3 +212,15 @@ def test_tokenizer_code_runs_only_with_trust_remote_code(model_dir, tmp_path):
         "--trust-remote-code",
     )  # fmt: skip
     assert trusted.returncode == 0, trusted.stderr
+
+
+def test_converted_folder_keeps_the_tokenizer_code(model_dir, tmp_path):
+    import mlx_mla
+
+    path = ship_tokenizer_code(shutil.copytree(model_dir, tmp_path / "kimi-like"))
+    out = mlx_mla.convert(path, tmp_path / "converted")
+    assert (out / "tokenization_tiny.py").read_bytes() == (
+        path / "tokenization_tiny.py"
+    ).read_bytes()
+    _, tokenizer = mlx_mla.load(out, trust_remote_code=True)
+    assert type(tokenizer._tokenizer).__name__ == "TinyTokenizer"

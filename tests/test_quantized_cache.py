@@ -305,8 +305,8 @@ def test_generate_cli_quantizes_the_cache_and_says_the_bits(capsys):
         ("chat", ["--attention", "mha", "--kv-bits", "4"], "key head dim"),
         ("perplexity", ["--kv-bits", "4"], "--kv-bits needs perplexity through the cache"),
         ("generate", ["--kv-bits", "7"], "invalid choice: 7"),
-        ("generate", ["--quantized-kv-start", "-1"], "--quantized-kv-start must be at least 0"),
-        ("chat", ["--prefill-step-size", "0"], "--prefill-step-size must be at least 1"),
+        ("generate", ["--quantized-kv-start", "-1"], "--quantized-kv-start: must be an integer"),
+        ("chat", ["--prefill-step-size", "0"], "--prefill-step-size: must be an integer"),
     ],
 )
 def test_bad_cache_flags_are_one_line_and_exit_code_2(capsys, module, flags, message):

@@ -88,9 +88,22 @@ def test_models_lists_the_served_model_without_a_hub_cache(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_model_is_retrieved_by_id_and_an_unknown_one_is_not_found(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.models.retrieve("gpt-4")
+
+
+def test_unknown_endpoint_gets_a_json_404(server):
+    status, data = raw_request(server[1], "POST", "/v1/embeddings", b"{}")
+    assert status == 404 and "no such endpoint" in json.loads(data)["error"]["message"]
+
+
 def test_health_answers_ok(server):
     status, data = raw_request(server[1], "GET", "/health")
-    assert status == 200 and json.loads(data) == {"status": "ok"}
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok"
+    assert health["prompt_cache"]["budget"] == 10**9
 
 
 def test_chat_completion_streamed_equals_not_streamed(client):
@@ -147,6 +160,10 @@ BAD_REQUESTS = {
     "content a number": dict(messages=[{"role": "user", "content": 5}]),
     "stop a number": dict(stop=5),
     "stream a string": dict(stream="yes"),
+    "stream_options a string": dict(stream=True, stream_options="usage"),
+    "image content": dict(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    ),
 }
 
 
@@ -160,6 +177,18 @@ def test_bad_chat_request_gets_400(server, fields):
 def test_invalid_json_gets_400(server):
     status, data = raw_request(server[1], "POST", "/v1/chat/completions", b'{"messages": [')
     assert status == 400 and "error" in json.loads(data)
+
+
+def test_body_that_is_not_utf8_gets_400(server):
+    status, data = raw_request(server[1], "POST", "/v1/completions", b'{"prompt": "\xff\xfe"}')
+    assert status == 400 and "error" in json.loads(data)
+
+
+def test_null_fields_mean_the_defaults(server):
+    body = {"model": None, "prompt": "ROMEO:", "max_tokens": None, "temperature": None}
+    body |= {"stream": True, "stream_options": {}}
+    status, data = raw_request(server[1], "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200 and data.rstrip().endswith(b"data: [DONE]")
 
 
 def test_prompt_longer_than_the_context_is_refused_at_once(client):
@@ -186,11 +215,44 @@ def test_server_is_alive_after_bad_requests(server, client):
     assert complete(client, "ROMEO:", 4)
 
 
-def test_mha_server_answers_like_the_mla_one(client, tmp_path):
-    process, url = start_server(tmp_path / "mha.log", "--attention", "mha")
+def test_mha_server_answers_like_mla_and_keeps_its_caches_within_the_byte_budget(client, tmp_path):
+    budget = 250_000  # the demo's expanded cache is 5,120 bytes a token: about 2 of these prompts
+    process, url = start_server(
+        tmp_path / "mha.log", "--attention", "mha", "--prompt-cache-bytes", str(budget)
+    )
     try:
         mha = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         assert complete(mha, "ROMEO:", 12) == complete(client, "ROMEO:", 12)
+        for prompt in PROMPTS:
+            complete(mha, prompt + " " + prompt, 12)
+        status, data = raw_request(url, "GET", "/health")
+        cache = json.loads(data)["prompt_cache"]
+        assert 0 < cache["bytes"] <= budget and 0 < cache["sequences"] < len(PROMPTS)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+def test_quantized_latent_cache_server_reuses_conversations_and_queues_requests(client, tmp_path):
+    process, url = start_server(tmp_path / "kv4.log", "--kv-bits", "4")
+    try:
+        kv4 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "ROMEO:"}]
+        first = kv4.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=16, temperature=0
+        )
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "JULIET:"},
+        ]
+        second = kv4.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0
+        )
+        assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+        prompts = PROMPTS[:4]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            concurrent = list(pool.map(lambda p: complete(kv4, p, 10), prompts))
+        assert concurrent == [complete(kv4, p, 10) for p in prompts]
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
