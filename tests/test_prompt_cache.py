@@ -51,6 +51,51 @@ def test_generation_after_loading_a_file_equals_generation_from_the_cache_it_sav
     assert greedy(model, prompt, loaded) == greedy(model, prompt, prefilled(model, tokenizer))
 
 
+def test_a_quantized_cache_round_trips_through_a_file(model_dir, tmp_path):
+    from mlx_mla.cache import QuantizedLatentCache
+
+    model, tokenizer = mlx_mla.load(model_dir)
+    kv = {"kv_bits": 8, "kv_group_size": 32}
+    metadata = prompt_cache.describe(model, model_dir, **kv)
+
+    def quantized():
+        cache = model.make_cache()
+        tokens = mx.array(tokenizer.encode(DOC))[None]
+        for _ in prompt_cache.prefill(model, tokens, cache, 16, **kv):
+            pass
+        return cache
+
+    file = tmp_path / "q.safetensors"
+    prompt_cache.save(file, quantized(), metadata)
+    loaded, saved = prompt_cache.load(file, metadata)
+    assert saved["kv_bits"] == "8" and all(type(c) is QuantizedLatentCache for c in loaded)
+    prompt = tokenizer.encode("The baker", add_special_tokens=False)
+    continued = generate_step(mx.array(prompt), model, max_tokens=12, prompt_cache=loaded, **kv)
+    fresh = generate_step(mx.array(prompt), model, max_tokens=12, prompt_cache=quantized(), **kv)
+    assert [t for t, _ in continued] == [t for t, _ in fresh]
+
+
+def test_a_file_with_other_kv_bits_is_refused_with_one_line(model_dir, tmp_path):
+    doc, file = tmp_path / "doc.txt", tmp_path / "q8.safetensors"
+    doc.write_text(DOC)
+    args = ("--model", str(model_dir), "--kv-group-size", "32", "--quantized-kv-start", "0")
+    made = run(
+        "cache_prompt",
+        *args,
+        "--kv-bits",
+        "8",
+        "--prompt-file",
+        str(doc),
+        "--prompt-cache-file",
+        str(file),
+    )
+    assert made.returncode == 0, made.stderr
+    assert "8-bit c_kv" in made.stdout
+    use = (*args, "--prompt-cache-file", str(file), "--prompt", "x")
+    one_line_refusal(run("generate", *use, "--kv-bits", "4"), "kv bits 8, not 4")
+    one_line_refusal(run("generate", *use), "kv bits 8, not none")
+
+
 def test_cache_prompt_then_generate_equals_generate_on_the_whole_text(model_dir, tmp_path):
     doc, file = tmp_path / "doc.txt", tmp_path / "doc.safetensors"
     doc.write_text(DOC)
