@@ -150,8 +150,8 @@ GEOMETRIES = {
         "GLM-4.7-Flash",
         {**GLM_47_FLASH_ATTENTION, **NOAUX_MOE, "routed_scaling_factor": 1.8},
         ("mla", "mha", "glm4_moe_lite"),
-        8,
-        None,
+        4,
+        "1024,2048,4096,8192,16384",
     ),
 }
 DEFAULT_GEOMETRY = "v2-lite"

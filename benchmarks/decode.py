@@ -28,7 +28,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=common.DEFAULT_GEOMETRY,
         help="whose attention shape and router, against mlx-lm's model of that family",
     )
-    parser.add_argument("--layers", type=int, help="default: the geometry's (8; 2 for v3)")
+    parser.add_argument("--layers", type=int, help="default: the geometry's")
     parser.add_argument("--contexts", help=f"Comma-separated tokens (default {DEFAULT_CONTEXTS})")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Timed tokens per run")
     parser.add_argument("--contenders", help="default: the geometry's")

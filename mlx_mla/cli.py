@@ -118,6 +118,8 @@ def check_generation_arguments(**values):
     for name, value in values.items():
         if value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadArgumentError(f"{name} must be a number, not {value!r}")
         try:
             GENERATION_CHECKS[name](str(value))
         except argparse.ArgumentTypeError as e:

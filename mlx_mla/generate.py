@@ -115,6 +115,8 @@ def generate(
     cli.check_generation_arguments(
         max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, seed=seed
     )
+    if not isinstance(prompt, str):
+        raise BadArgumentError(f"prompt must be a string, not {prompt!r}")
     if seed is not None:
         mx.random.seed(seed)
     tokens = build_prompt(tokenizer, prompt, system, chat_template)
