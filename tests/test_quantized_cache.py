@@ -267,8 +267,8 @@ def test_a_bit_width_the_cache_cannot_hold_is_a_clear_error(attention, bits):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_decode_working_memory_stays_below_one_layers_float_latent(bits):
     """At 16K tokens of V2-Lite attention: peak memory of a decode step beyond what was allocated
-    before it (weights, cache, input) is less than the layer's float32 latent. The benchmark
-    `python -m benchmarks.decode_memory` measures the same at 32K."""
+    before it (weights, cache, input) is less than the layer's float32 latent. At 32K:
+    `python -m benchmarks.decode --kv-bits 4 --contexts 32768` (its "step MB" column)."""
     S = 16384
     model = Model(ModelArgs.from_dict(V2_LITE_ATTENTION))
     mx.eval(model.parameters())
