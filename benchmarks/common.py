@@ -395,15 +395,16 @@ def active_weight_bytes(cfg: dict, weights: dict) -> int:
     return total
 
 
-def cache_read_bytes(cfg: dict, name: str, context: int) -> int:
-    """Cache bytes one decode step reads: the filled part of every layer's cache, once."""
+def cache_read_bytes(cfg: dict, name: str, context: int, **quant) -> int:
+    """Cache bytes one decode step reads: the filled part of every layer's cache, once. `quant`:
+    kv_bits and kv_group_size of a quantized cache."""
     attention = "mla" if name in LATENT_CONTENDERS else "mha"
-    return calculator.bytes_per_token(cfg, attention, dtype=DTYPE) * context
+    return calculator.bytes_per_token(cfg, attention, dtype=DTYPE, **quant) * context
 
 
-def calculator_bytes(cfg: dict, name: str, tokens: int) -> int:
+def calculator_bytes(cfg: dict, name: str, tokens: int, **quant) -> int:
     attention = "mla" if name in LATENT_CONTENDERS else "mha"
-    return calculator.cache_bytes(cfg, attention, tokens, dtype=DTYPE)
+    return calculator.cache_bytes(cfg, attention, tokens, dtype=DTYPE, **quant)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from .config import ModelArgs
 
 ATTENTION_MODES = ("mla", "mha")
 LOG2_E = math.log2(math.e)
-# Tokens per block of absorbed attention, the fastest measured on MLX's CPU backend at 4K-32K
-# tokens for float and quantised latents (README, "Decode that reads the latent once").
+# Tokens per block when absorbed attention reads a quantised latent: the fastest measured on MLX's
+# CPU backend at 32K (README, "Quantised caches"). A float latent is read in one pass: blocks
+# measured no faster there.
 DECODE_BLOCK = 2048
 
 
@@ -33,6 +34,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, attention: str = "mla"):
         super().__init__()
         self.attention = attention
+        self.decode_block = DECODE_BLOCK  # tokens per block of a quantised latent
         self.num_heads = args.num_attention_heads
         self.q_lora_rank = args.q_lora_rank
         self.kv_lora_rank = args.kv_lora_rank
@@ -124,21 +126,22 @@ class Attention(nn.Module):
         k_pe = mx.broadcast_to(k_pe, (*k_nope.shape[:-1], self.qk_rope_head_dim))
         return mx.concatenate([k_nope, k_pe], axis=-1), values
 
-    def absorbed_attention(
-        self, q_nope, q_pe, c_kv, k_pe, mask, block_size: int = DECODE_BLOCK
-    ) -> mx.array:
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask, block_size=None) -> mx.array:
         """Attention against the shared latent, with W_UK folded into q and W_UV into the output.
 
         All heads share one latent, so the heads are stacked as rows of a single matmul (as in
         FlashMLA's MQA-style decode) instead of broadcasting the latent to every head. As in
         FlashAttention, the softmax is taken in base 2 with log2(e) folded into the scale (on
         MLX's CPU backend 2**x costs a third of exp) and normalised after the value matmul.
-        The tokens are read in blocks of `block_size` (split-S), each block once for its scores
-        and its values, and the blocks' partial softmaxes are merged; a quantised latent is
-        dequantised one block at a time, so no float copy of the history is ever built.
+        The tokens can be read in blocks of `block_size` (split-S), each block once for its scores
+        and its values, and the blocks' partial softmaxes merged. A quantised latent always is,
+        in blocks of `decode_block`: dequantised one block at a time, so no float copy of the
+        history is ever built. A float latent is read in one block unless `block_size` is given.
         """
         B, H, L, _ = q_nope.shape
         S = k_pe.shape[2]
+        quantized = isinstance(c_kv, QuantizedLatent)
+        block_size = block_size or (self.decode_block if quantized else S)
         scale = self.scale * LOG2_E
         q_lat = self.embed_q(q_nope) * scale  # (B, H, L, kv_lora)
         q_lat = q_lat.reshape(B, 1, H * L, self.kv_lora_rank)
@@ -148,7 +151,7 @@ class Attention(nn.Module):
         running = None
         for start in range(0, S, block_size):
             stop = min(start + block_size, S)
-            if isinstance(c_kv, QuantizedLatent):
+            if quantized:
                 block = c_kv.dequantize(start, stop)  # (B, 1, block, kv_lora)
             else:
                 block = c_kv[..., start:stop, :]

@@ -118,10 +118,25 @@ def check_generation_arguments(**values):
     for name, value in values.items():
         if value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadArgumentError(f"{name} must be a number, not {value!r}")
         try:
             GENERATION_CHECKS[name](str(value))
         except argparse.ArgumentTypeError as e:
             raise BadArgumentError(f"{name} {e}") from None
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run under mlx.launch, each rank loading and caching only its own layers",
+    )
+    parser.add_argument(
+        "--pipeline-stages",
+        default=None,
+        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
+    )
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
@@ -162,19 +177,6 @@ def cache_options(args: argparse.Namespace, model) -> dict:
         "quantized_kv_start": args.quantized_kv_start,
         **({"prefill_step_size": args.prefill_step_size} if "prefill_step_size" in args else {}),
     }
-
-
-def add_pipeline_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument(
-        "--pipeline",
-        action="store_true",
-        help="run under mlx.launch, each rank loading and caching only its own layers",
-    )
-    parser.add_argument(
-        "--pipeline-stages",
-        default=None,
-        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
-    )
 
 
 def fail(message: str):

@@ -234,7 +234,7 @@ def convert(
     mlx_path = Path(mlx_path).expanduser()
     q_bits = check_options(dtype, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
-    if not 0 < max_shard_gb < math.inf:
+    if not isinstance(max_shard_gb, (int, float)) or not 0 < max_shard_gb < math.inf:
         raise ConfigError(f"max_shard_gb must be a positive number of GB, not {max_shard_gb}")
     src = resolve(hf_path)
     check_apart(src, mlx_path)

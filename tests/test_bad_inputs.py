@@ -453,15 +453,19 @@ def test_library_calls_with_values_they_cannot_mean_raise_mla_errors(model, tmp_
         mlx_mla.convert(model, None)
     with pytest.raises(mlx_mla.ConfigError, match="max_shard_gb must be a positive"):
         mlx_mla.convert(model, tmp_path / "out", max_shard_gb=float("nan"))
+    with pytest.raises(mlx_mla.ConfigError, match="max_shard_gb must be a positive"):
+        mlx_mla.convert(model, tmp_path / "out", max_shard_gb="2")
     loaded, tokenizer = mlx_mla.load(model)
     for bad, message in [
         ({"temp": -1}, "temp must be a finite number >= 0"),
         ({"top_p": float("nan")}, "top_p must be a number from 0 to 1"),
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
         ({"seed": -5}, "seed must be an integer from 0 to 2\\*\\*64 - 1"),
+        ({"max_tokens": "5"}, "max_tokens must be a number, not '5'"),
+        ({"prompt": None}, "prompt must be a string, not None"),
     ]:
         with pytest.raises(mlx_mla.BadArgumentError, match=message):
-            generate(loaded, tokenizer, "Hi", **bad)
+            generate(loaded, tokenizer, **{"prompt": "Hi", **bad})
     with pytest.raises(mlx_mla.BadArgumentError, match="min_p"):
         Chat(loaded, tokenizer, min_p=2.0)
     with pytest.raises(mlx_mla.ContextError, match="no room for a reply"):

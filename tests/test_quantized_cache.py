@@ -267,8 +267,8 @@ def test_a_bit_width_the_cache_cannot_hold_is_a_clear_error(attention, bits):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_decode_working_memory_stays_below_one_layers_float_latent(bits):
     """At 16K tokens of V2-Lite attention: peak memory of a decode step beyond what was allocated
-    before it (weights, cache, input) is less than the layer's float32 latent. The benchmark
-    `python -m benchmarks.decode_memory` measures the same at 32K."""
+    before it (weights, cache, input) is less than the layer's float32 latent. At 32K:
+    `python -m benchmarks.decode --kv-bits 4 --contexts 32768` (its "step MB" column)."""
     S = 16384
     model = Model(ModelArgs.from_dict(V2_LITE_ATTENTION))
     mx.eval(model.parameters())
@@ -302,8 +302,12 @@ def test_generate_cli_quantizes_the_cache_and_says_the_bits(capsys):
     ("module", "flags", "message"),
     [
         ("generate", ["--kv-bits", "4", "--kv-group-size", "128"], "kv_lora_rank 64 cannot"),
-        ("chat", ["--attention", "mha", "--kv-bits", "4"], "key head dim"),
-        ("perplexity", ["--kv-bits", "4"], "--kv-bits needs perplexity through the cache"),
+        (
+            "chat",
+            ["--attention", "mha", "--kv-bits", "4", "--kv-group-size", "128"],
+            "key head dim",
+        ),
+        ("perplexity", ["--kv-bits", "4"], "--kv-bits needs --mode cache"),
         ("generate", ["--kv-bits", "7"], "invalid choice: 7"),
         ("generate", ["--quantized-kv-start", "-1"], "--quantized-kv-start: must be an integer"),
         ("chat", ["--prefill-step-size", "0"], "--prefill-step-size: must be an integer"),
