@@ -24,11 +24,14 @@ DEFAULT_MLX_PATH = Path("mlx_mla/demo_model")
 DEFAULT_DATA = Path("../shared/data/tinyshakespeare.txt")
 DEFAULT_PROMPT = "ROMEO:"
 HOLDOUT = 0.1
+PARTS = 4
 
 
 def describe(mlx_path: Path, training: dict, data: Path) -> str:
     model, tokenizer = mlx_mla.load(mlx_path)
-    ppl, count = perplexity(model, heldout_tokens(tokenizer, data.read_text(), HOLDOUT), 256)
+    context = json.loads((mlx_path / "config.json").read_text())["max_position_embeddings"]
+    tokens = heldout_tokens(tokenizer, data.read_text(), HOLDOUT)
+    ppl, count, by_span = perplexity(model, tokens, context, parts=PARTS)
     sample, _, _ = generate(model, tokenizer, DEFAULT_PROMPT, max_tokens=120)
     config = json.loads((mlx_path / "config.json").read_text())
     arch = {
@@ -49,6 +52,7 @@ def describe(mlx_path: Path, training: dict, data: Path) -> str:
         )
     }
     settings = {k: v for k, v in training["args"].items() if k not in ("data", "out")}
+    torch_by_span = training["held_out_perplexity_by_position"]
     return "\n".join(
         [
             "## The demo model",
@@ -58,11 +62,20 @@ def describe(mlx_path: Path, training: dict, data: Path) -> str:
             f"({training['train_tokens']:,} tokens, {training['wall_minutes']:.0f} minutes on "
             f"2 CPU cores, torch {training['torch']}, transformers {training['transformers']}).",
             "",
-            f"Held-out perplexity (last 10%, {count:,} tokens, windows of 256), this conversion: "
-            f"**{ppl:.2f}**; the float32 checkpoint in transformers: "
-            f"{training['held_out_perplexity']:.2f}. Measure it with",
+            f"Held-out perplexity (last 10%, {count:,} tokens, windows of {context}), this "
+            f"conversion: **{ppl:.2f}**; the float32 checkpoint in transformers: "
+            f"{training['held_out_perplexity']:.2f}. By position in the window:",
             "",
-            f"    python -m mlx_mla.perplexity --model {mlx_path} --text-file {data}",
+            "| tokens | " + " | ".join(by_span) + " |",
+            "| --- |" + " --- |" * len(by_span),
+            "| perplexity | " + " | ".join(f"{v:.2f}" for v in by_span.values()) + " |",
+            "",
+            "In transformers (float32 checkpoint): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in torch_by_span.items())
+            + ". Measure it with",
+            "",
+            f"    python -m mlx_mla.perplexity --model {mlx_path} --text-file {data} "
+            f"--context {context} --parts {PARTS}",
             "",
             f"Architecture: `{json.dumps(arch)}`",
             "",

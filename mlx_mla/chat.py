@@ -3,7 +3,8 @@
 python -m mlx_mla.chat [--model PATH_OR_HUB_ID]
 mlx.launch --backend ring -n 2 -- python -m mlx_mla.chat --pipeline   # the layers over 2 ranks;
     end it with /exit: mlx.launch does not pass Ctrl-D (end of input) on
-Commands: /reset (forget the conversation), /stats (cache size), /exit. Ctrl-C stops a reply.
+Commands: /reset (forget the conversation), /stats (cache size), /save FILE and /load FILE (the
+conversation's cache as a prompt-cache file), /exit. Ctrl-C stops a reply.
 """
 
 import io
@@ -13,14 +14,14 @@ import sys
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, pipeline
+from . import cli, pipeline, prompt_cache
 from .errors import ContextError
 from .generate import build_prompt, cache_stats, fit_context
 from .generate import format_cache_stats as format_stats
 from .loading import load
 
 DEFAULT_MAX_TOKENS = 256
-HELP = "commands: /reset, /stats, /exit; Ctrl-C stops a reply, Ctrl-D exits"
+HELP = "commands: /reset, /stats, /save FILE, /load FILE, /exit; Ctrl-C stops a reply, Ctrl-D exits"
 
 
 class Chat:
@@ -32,10 +33,12 @@ class Chat:
         tokenizer,
         max_tokens=DEFAULT_MAX_TOKENS,
         system=None,
+        file_metadata=None,
         cache_options=None,
         **sampling,
     ):
         self.model = model
+        self.file_metadata = file_metadata  # what /save records and /load checks
         self.cache_options = cache_options or {}
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
@@ -83,6 +86,14 @@ class Chat:
         self.last_turn = (len(prompt), generated)
         return True
 
+    def save(self, file: str):
+        prompt_cache.save(file, self.cache, self.file_metadata)
+
+    def load(self, file: str):
+        """Continue the conversation saved in `file` (by /save or mlx_mla.cache_prompt)."""
+        self.cache, _ = prompt_cache.load(file, self.file_metadata)
+        self.last_turn = (0, 0)
+
     def stats(self, group=None) -> str:
         """The cache's size; over a pipeline `group`, that of every rank's layers together."""
         prompt, generated = self.last_turn
@@ -93,6 +104,22 @@ class Chat:
             f"{format_stats(stats)}; context {self.context}; "
             f"last turn added {prompt} prompt + {generated} generated tokens"
         )
+
+
+def file_command(chat: Chat, command: str) -> str:
+    """Run `/save FILE` or `/load FILE`; the line to show, an error included."""
+    name, _, file = command.partition(" ")
+    file = file.strip()
+    if not file:
+        return f"[{name} needs a file name, e.g. {name} chat.safetensors]"
+    try:
+        if name == "/save":
+            chat.save(file)
+            return f"[saved {chat.tokens} tokens to {file}]"
+        chat.load(file)
+        return f"[loaded {chat.tokens} tokens from {file}]"
+    except prompt_cache.PromptCacheError as e:
+        return f"[error: {e}]"
 
 
 def setup_arg_parser():
@@ -144,12 +171,16 @@ def _main(argv=None):
         model, tokenizer = load(
             args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
         )
+    options = cli.cache_options(args, model)
     chat = Chat(
         model,
         tokenizer,
         max_tokens=args.max_tokens,
         system=args.system,
-        cache_options=cli.cache_options(args, model),
+        file_metadata=prompt_cache.describe(
+            model, args.model, options["kv_bits"], options["kv_group_size"]
+        ),
+        cache_options=options,
         temp=args.temp,
         top_p=args.top_p,
         min_p=args.min_p,
@@ -177,6 +208,10 @@ def _main(argv=None):
             say("[conversation reset]")
         elif command == "/stats":
             say(chat.stats(group))
+        elif command.split(maxsplit=1)[0] in ("/save", "/load") and group is not None:
+            say("[/save and /load are not supported with --pipeline]")
+        elif command.split(maxsplit=1)[0] in ("/save", "/load"):
+            say(file_command(chat, command))
         elif command.startswith("/"):
             say(f"[unknown command {command}; {HELP}]")
         elif command:  # under mlx.launch Ctrl-C ends every rank: stopping one would desync them

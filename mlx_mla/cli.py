@@ -126,6 +126,19 @@ def check_generation_arguments(**values):
             raise BadArgumentError(f"{name} {e}") from None
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run under mlx.launch, each rank loading and caching only its own layers",
+    )
+    parser.add_argument(
+        "--pipeline-stages",
+        default=None,
+        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
+    )
+
+
 def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
     """mlx-lm's KV-cache flags: quantise the cache once it holds --quantized-kv-start tokens."""
     parser.add_argument(
@@ -164,19 +177,6 @@ def cache_options(args: argparse.Namespace, model) -> dict:
         "quantized_kv_start": args.quantized_kv_start,
         **({"prefill_step_size": args.prefill_step_size} if "prefill_step_size" in args else {}),
     }
-
-
-def add_pipeline_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument(
-        "--pipeline",
-        action="store_true",
-        help="run under mlx.launch, each rank loading and caching only its own layers",
-    )
-    parser.add_argument(
-        "--pipeline-stages",
-        default=None,
-        help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
-    )
 
 
 def pipeline_stages(text: str | None) -> list[int] | None:

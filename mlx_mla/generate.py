@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory, pipeline
+from . import cli, memory, pipeline, prompt_cache
 from .cache import QUANTIZED_CACHES
 from .errors import BadArgumentError, ContextError
 from .loading import load
@@ -103,10 +103,12 @@ def generate(
     system: str | None = None,
     chat_template: bool = True,
     on_text=None,
+    cache: list | None = None,
     **cache_options,
 ):
-    """Generate a reply, calling `on_text(segment)` as it streams. `cache_options` go to mlx-lm's
-    generate_step: kv_bits, kv_group_size, quantized_kv_start, prefill_step_size.
+    """Generate a reply, calling `on_text(segment)` as it streams; `cache` (e.g. from a prompt-cache
+    file) holds tokens the prompt continues. `cache_options` go to mlx-lm's generate_step:
+    kv_bits, kv_group_size, quantized_kv_start, prefill_step_size.
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
@@ -118,10 +120,14 @@ def generate(
     if seed is not None:
         mx.random.seed(seed)
     tokens = build_prompt(tokenizer, prompt, system, chat_template)
+    if cache is None:
+        cache = model.make_cache()
+    elif cache[0].offset and tokens[:1] == [tokenizer.bos_token_id]:
+        tokens = tokens[1:]  # the cached text already began with it
     if not tokens:
         raise BadArgumentError("the prompt is empty: there is nothing to continue")
-    max_tokens = fit_context(model.args.max_position_embeddings, len(tokens), max_tokens)
-    cache = model.make_cache()
+    used = cache[0].offset + len(tokens)
+    max_tokens = fit_context(model.args.max_position_embeddings, used, max_tokens)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
     text, response = "", None
     for response in stream_generate(
@@ -149,6 +155,9 @@ def setup_arg_parser():
     cli.add_cache_arguments(parser)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--verbose", action="store_true", help="also print the prompt as sent")
+    parser.add_argument(
+        "--prompt-cache-file", help="continue from this cache (see mlx_mla.cache_prompt)"
+    )
     cli.add_pipeline_arguments(parser)
     return parser
 
@@ -211,6 +220,14 @@ def _main(argv=None):
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
     options = cli.cache_options(args, model)
+    cache = None
+    if args.prompt_cache_file:
+        if args.system:
+            cli.fail("--system cannot follow the text of a --prompt-cache-file")
+        expected = prompt_cache.describe(
+            model, args.model, options["kv_bits"], options["kv_group_size"]
+        )
+        cache, _ = prompt_cache.load(args.prompt_cache_file, expected)
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)
@@ -226,6 +243,7 @@ def _main(argv=None):
         system=args.system,
         chat_template=args.chat_template,
         on_text=lambda t: print(t, end="", flush=True),
+        cache=cache,
         **options,
     )
     print_report(response)

@@ -302,8 +302,12 @@ def test_generate_cli_quantizes_the_cache_and_says_the_bits(capsys):
     ("module", "flags", "message"),
     [
         ("generate", ["--kv-bits", "4", "--kv-group-size", "128"], "kv_lora_rank 64 cannot"),
-        ("chat", ["--attention", "mha", "--kv-bits", "4"], "key head dim"),
-        ("perplexity", ["--kv-bits", "4"], "--kv-bits needs perplexity through the cache"),
+        (
+            "chat",
+            ["--attention", "mha", "--kv-bits", "4", "--kv-group-size", "128"],
+            "key head dim",
+        ),
+        ("perplexity", ["--kv-bits", "4"], "--kv-bits needs --mode cache"),
         ("generate", ["--kv-bits", "7"], "invalid choice: 7"),
         ("generate", ["--quantized-kv-start", "-1"], "--quantized-kv-start: must be an integer"),
         ("chat", ["--prefill-step-size", "0"], "--prefill-step-size: must be an integer"),

@@ -1,0 +1,60 @@
+"""Prefill a long prompt once and save the cache, to continue from it with generate or chat.
+
+python -m mlx_mla.cache_prompt --prompt-file play.txt --prompt-cache-file play.safetensors
+python -m mlx_mla.generate --prompt-cache-file play.safetensors --prompt "ROMEO:"
+"""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from . import cli, memory, prompt_cache
+from .generate import cache_stats, format_cache_stats
+from .loading import load
+
+
+def setup_arg_parser():
+    parser = cli.ArgumentParser(prog="mlx_mla.cache_prompt", description=__doc__.splitlines()[0])
+    cli.add_model_arguments(parser)
+    parser.add_argument("--prompt-file", required=True, help="the text to prefill, or - for stdin")
+    parser.add_argument("--prompt-cache-file", required=True, help="where to save (.safetensors)")
+    cli.add_cache_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="replace an existing cache file")
+    return parser
+
+
+def _main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    target = Path(args.prompt_cache_file)
+    if target.exists() and not args.force:
+        cli.fail(f"{target} already exists; pass --force to replace it")
+    text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+    model, tokenizer = load(
+        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+    )
+    options = cli.cache_options(args, model)
+    tokens = tokenizer.encode(text)
+    context = model.args.max_position_embeddings
+    if len(tokens) > context:
+        cli.fail(f"the prompt has {len(tokens)} tokens, more than the model's context of {context}")
+    metadata = prompt_cache.describe(
+        model, args.model, options["kv_bits"], options["kv_group_size"]
+    )
+    cache = model.make_cache()
+    chunks = prompt_cache.prefill(model, mx.array(tokens)[None], cache, **options)
+    with tqdm(total=len(tokens), desc="prefill", unit="tok") as bar:
+        for logits in chunks:
+            bar.update(logits.shape[1])
+    prompt_cache.save(target, cache, metadata, overwrite=args.force)
+    print(f"saved {target} ({memory.format_bytes(target.stat().st_size)})")
+    print(format_cache_stats(cache_stats(model, cache)))
+
+
+def main(argv=None):
+    cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Prompt-cache files: a prefilled cache in mlx-lm's save_prompt_cache format, with metadata naming
+the model (a fingerprint of its config.json and weight files), the attention path, the kv bits
+and the token count, so that a file is only ever continued by the model and settings that made it.
+
+Written by `python -m mlx_mla.cache_prompt`, `generate --prompt-cache-file` and chat `/save`;
+read by `generate --prompt-cache-file` and chat `/load`.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from .errors import MLAError
+from .loading import resolve, weight_files
+
+FORMAT = "mlx_mla prompt cache 1"
+SUFFIX = ".safetensors"
+CHECKED = {  # metadata key: what a mismatch is called
+    "model": "model",
+    "attention": "attention path",
+    "kv_bits": "kv bits",
+    "kv_group_size": "kv group size",
+}
+
+
+class PromptCacheError(MLAError):
+    """A prompt-cache file cannot be written, read, or used with this model and settings."""
+
+
+def fingerprint(model_path: str | Path) -> str:
+    """sha256 (first 16 hex digits) of config.json, the weights' index and each weight file's
+    name and size: cheap to compute, and different for any other checkpoint."""
+    path = resolve(model_path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        digest.update(index.read_bytes())
+    for file in weight_files(path):
+        digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def prefill(
+    model,
+    tokens: mx.array,
+    cache: list,
+    prefill_step_size: int,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+):
+    """Run tokens (B, L) through the cache in chunks, quantising the cache as mlx-lm's
+    generate_step does (once it holds `quantized_kv_start` tokens), so that each chunk attends to
+    the history as stored. Yields each chunk's logits (B, chunk, vocab), lazily: a caller that only
+    wants the cache never computes them."""
+    for start in range(0, tokens.shape[1], prefill_step_size):
+        logits = model(tokens[:, start : start + prefill_step_size], cache=cache)
+        maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+        mx.eval([c.state for c in cache])
+        yield logits
+
+
+def describe(model, model_path, kv_bits: int | None = None, kv_group_size: int | None = None):
+    """The metadata a file made by `model` with these cache settings carries (all strings)."""
+    return {
+        "format": FORMAT,
+        "model": fingerprint(model_path),
+        "model_path": str(model_path),
+        "attention": model.attention,
+        "kv_bits": str(kv_bits) if kv_bits else "none",
+        "kv_group_size": str(kv_group_size) if kv_bits else "none",
+    }
+
+
+def save(file: str | Path, cache: list, metadata: dict[str, str], overwrite: bool = False):
+    """Write the cache to a hidden temporary file in the same folder, then rename it to `file`:
+    an interrupted or failed save leaves `file` as it was (absent, or the previous good file).
+    An existing `file` is only replaced when `overwrite` is set."""
+    file = Path(file)
+    if file.exists() and not overwrite:
+        raise PromptCacheError(f"{file} already exists; choose another name")
+    if file.suffix != SUFFIX:
+        raise PromptCacheError(f"a prompt-cache file name must end in {SUFFIX}: {file}")
+    if not file.parent.is_dir():
+        raise PromptCacheError(f"no such folder for the prompt-cache file: {file.parent}")
+    if cache[0].offset == 0:
+        raise PromptCacheError("the cache is empty: there is nothing to save")
+    partial = file.with_name(f".{file.stem}.{os.getpid()}.partial{SUFFIX}")
+    metadata = {**metadata, "tokens": str(cache[0].offset)}
+    try:
+        save_prompt_cache(str(partial), cache, metadata)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, file)
+    except OSError as e:
+        raise PromptCacheError(f"cannot write {file}: {e.strerror or e}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load(file: str | Path, expected: dict[str, str]) -> tuple[list, dict[str, str]]:
+    """The cache saved in `file` and its metadata, after checking that it was made with the
+    model, attention path and kv settings of `expected` (from `describe`)."""
+    file = Path(file)
+    if not file.is_file():
+        raise PromptCacheError(f"no such prompt-cache file: {file}")
+    try:
+        cache, metadata = load_prompt_cache(str(file), return_metadata=True)
+        mx.eval([c.state for c in cache])
+    except Exception as e:  # a damaged file fails anywhere in mlx's reader or mlx-lm's rebuild
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PromptCacheError(
+            f"{file} is not a readable prompt-cache file (corrupt or truncated?): {reason}"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise PromptCacheError(f"{file} was not written by mlx_mla (no prompt-cache metadata)")
+    for key, name in CHECKED.items():
+        if metadata.get(key) != expected[key]:
+            theirs = metadata.get(key)
+            if key == "model":
+                theirs = f"{metadata.get('model_path')} (fingerprint {theirs})"
+                ours = f"{expected['model_path']} (fingerprint {expected[key]})"
+            else:
+                ours = expected[key]
+            raise PromptCacheError(f"{file} was made with {name} {theirs}, not {ours}")
+    if str(cache[0].offset) != metadata.get("tokens"):
+        raise PromptCacheError(
+            f"{file} says it holds {metadata.get('tokens')} tokens but holds {cache[0].offset}"
+        )
+    return cache, metadata
