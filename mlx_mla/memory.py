@@ -57,16 +57,6 @@ PRESETS = {
         "q_lora_rank": 1536,
         **_MLA_DIMS,
     },
-    # DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes.
-    "deepseek-r1": {
-        "model_type": "deepseek_v3",
-        "hidden_size": 7168,
-        "num_hidden_layers": 61,
-        "num_attention_heads": 128,
-        "num_key_value_heads": 128,
-        "q_lora_rank": 1536,
-        **_MLA_DIMS,
-    },
     # moonshotai/Kimi-K2-Instruct config.json (model_type kimi_k2, the deepseek_v3 architecture).
     "kimi-k2": {
         "model_type": "kimi_k2",
@@ -129,6 +119,8 @@ PRESETS = {
         "num_key_value_heads": 8,
     },
 }
+# DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes.
+PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"]
 
 
 # What the weights need beyond the cache's shapes (from each model's config.json), for --ranks.
