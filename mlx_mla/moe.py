@@ -54,21 +54,15 @@ class MoEGate(nn.Module):
         return mx.stop_gradient(inds), weights
 
 
-class NoAuxGate(nn.Module):
+class NoAuxGate(MoEGate):
     """DeepSeek-V3's `noaux_tc` router, also GLM-4.7-Flash's, and Mistral 4's with softmax scores
     and no bias: experts are chosen on scores + e_score_correction_bias within the topk_group
     groups whose two best such scores sum highest; their weights are the unbiased scores,
     normalised if norm_topk_prob, times routed_scaling_factor."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.top_k = args.num_experts_per_tok
-        self.n_group = args.n_group
-        self.topk_group = args.topk_group
-        self.norm_topk_prob = args.norm_topk_prob
-        self.routed_scaling_factor = args.routed_scaling_factor
+        super().__init__(args)
         self.sigmoid = args.scoring_func == "sigmoid"
-        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
         if self.sigmoid:
             self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))
 

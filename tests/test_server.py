@@ -124,17 +124,25 @@ def test_completion_reports_usage(client):
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
 
 
-def test_follow_up_turn_reuses_the_cached_conversation(client):
-    messages = [{"role": "user", "content": "What says the Nurse of Juliet?"}]
+def two_turns(client, message: str, follow_up: str, first_tokens: int):
+    """A greedy reply to `message`, then to `follow_up` in the same conversation."""
+    messages = [{"role": "user", "content": message}]
     first = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, temperature=0
+        model=MODEL, messages=messages, max_tokens=first_tokens, temperature=0
     )
     messages += [
         {"role": "assistant", "content": first.choices[0].message.content},
-        {"role": "user", "content": "And what says Romeo?"},
+        {"role": "user", "content": follow_up},
     ]
     second = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=8, temperature=0
+    )
+    return first, second
+
+
+def test_follow_up_turn_reuses_the_cached_conversation(client):
+    first, second = two_turns(
+        client, "What says the Nurse of Juliet?", "And what says Romeo?", first_tokens=24
     )
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens < cached < second.usage.prompt_tokens
@@ -237,17 +245,7 @@ def test_quantized_latent_cache_server_reuses_conversations_and_queues_requests(
     process, url = start_server(tmp_path / "kv4.log", "--kv-bits", "4")
     try:
         kv4 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
-        messages = [{"role": "user", "content": "ROMEO:"}]
-        first = kv4.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=16, temperature=0
-        )
-        messages += [
-            {"role": "assistant", "content": first.choices[0].message.content},
-            {"role": "user", "content": "JULIET:"},
-        ]
-        second = kv4.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=8, temperature=0
-        )
+        first, second = two_turns(kv4, "ROMEO:", "JULIET:", first_tokens=16)
         assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
         prompts = PROMPTS[:4]
         with ThreadPoolExecutor(len(prompts)) as pool:
