@@ -29,10 +29,12 @@ HUB_PATTERNS = [
     "*.py",
     "*tiktoken*",
 ]
+SMALL_FILES = [p for p in HUB_PATTERNS if p != "*.safetensors"]
 
 
-def resolve(path_or_hub_id: str | Path) -> Path:
-    """A local folder, or a hub id fetched with huggingface_hub (cached after the first time)."""
+def resolve(path_or_hub_id: str | Path, allow: list[str] = HUB_PATTERNS) -> Path:
+    """A local folder, or a hub id's files that match `allow` (all a model needs by default),
+    fetched with huggingface_hub (cached after the first time)."""
     if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
         raise BadArgumentError(f"expected a checkpoint folder or a hub id, not {path_or_hub_id!r}")
     path = Path(path_or_hub_id).expanduser()
@@ -46,7 +48,7 @@ def resolve(path_or_hub_id: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(name, allow_patterns=allow))
     except Exception as e:
         raise CheckpointError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
@@ -82,16 +84,43 @@ def read_index(file: Path) -> dict:
     return index
 
 
+def indexed_files(path: Path, keep=None) -> list[str] | None:
+    """The safetensors file names the checkpoint's index lists (for the tensors `keep(name)`
+    accepts); None when it has no index."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = read_index(index)["weight_map"]
+    return sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
+
+
+def resolve_weights(path_or_hub_id: str | Path, keep) -> Path:
+    """`resolve`, but a hub id gets only its small files and the safetensors files its index
+    lists for the tensors `keep(name)` accepts (every one when there is no index)."""
+    path = resolve(path_or_hub_id, SMALL_FILES)
+    if path == Path(path_or_hub_id).expanduser():
+        return path
+    names = indexed_files(path, keep)
+    if names is None:
+        print(
+            f"note: {path_or_hub_id} has no model.safetensors.index.json: "
+            "every weight file is downloaded",
+            file=sys.stderr,
+        )
+        names = ["*.safetensors"]
+    return resolve(path_or_hub_id, SMALL_FILES + names)
+
+
 def weight_files(path: Path, keep=None) -> list[Path]:
     """The safetensors files of a checkpoint, as listed by its index when there is one; with
     `keep(tensor_name)`, only the files the index lists for the kept tensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_index(index)["weight_map"]
-        names = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
+    names = indexed_files(path, keep)
+    if names is not None:
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise CheckpointError(f"{index.name} lists {missing[0]}, which is not in {path}")
+            raise CheckpointError(
+                f"model.safetensors.index.json lists {missing[0]}, which is not in {path}"
+            )
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -24,7 +24,16 @@ from mlx_lm.models.base import create_attention_mask
 from . import memory, stages
 from .config import ModelArgs
 from .errors import CheckpointError, MLAError
-from .loading import fill, read_config, read_weights, resolve, tokenizer_of, weight_files
+from .loading import (
+    SMALL_FILES,
+    fill,
+    read_config,
+    read_weights,
+    resolve,
+    resolve_weights,
+    tokenizer_of,
+    weight_files,
+)
 from .model import DecoderLayer, Model
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -144,9 +153,10 @@ def plan(path: Path, config: dict, ranks: int, attention: str = "mla", context=N
     return stages.split_layers(costs, ranks, per_layer * context)
 
 
-def load_stage(path: Path, args: ModelArgs, attention: str, layers: range, group) -> Stage:
+def load_stage(path_or_hub_id, args: ModelArgs, attention: str, layers: range, group) -> Stage:
     """Build the rank's stage and fill it with only its tensors, read lazily from only the files
-    that hold them; layer numbers are shifted so the stage's first layer is layers.0."""
+    that hold them (from a hub id, only those are downloaded); layer numbers are shifted so the
+    stage's first layer is layers.0."""
     stage = Stage(args, attention, layers, group)
     wanted = {"embed"} if "embed_tokens" in stage.model else set()
     wanted |= {"norm", "head"} if stage.last else set()
@@ -161,6 +171,7 @@ def load_stage(path: Path, args: ModelArgs, attention: str, layers: range, group
             return key
         return f"model.layers.{int(match[1]) - layers.start}.{key[match.end() :]}"
 
+    path = resolve_weights(path_or_hub_id, keep)
     weights = {local(k): v for k, v in read_weights(path, keep).items()}
     fill(stage, weights, args)
     return stage
@@ -194,11 +205,12 @@ def load(
     trust_remote_code: bool = False,
 ):
     """This rank's Stage and the tokenizer. Every rank of `group` calls it; `split` gives the
-    layer counts per rank (rank 0 first), else rank 0 plans them (`plan`) and tells the others."""
+    layer counts per rank (rank 0 first), else rank 0 plans them (`plan`) and tells the others.
+    From a hub id each rank downloads the small files, then only the weight files of its part."""
     group = group or mx.distributed.init()
     stage, tokenizer, error = None, None, None
     try:
-        path = resolve(path_or_hub_id)
+        path = resolve(path_or_hub_id, SMALL_FILES)
         config = read_config(path)
         args = ModelArgs.from_dict(config)
         if split is None and group.rank() == 0:
@@ -210,7 +222,7 @@ def load(
         if split is not None and error is None:
             stages.check_split(split, group.size(), args.num_hidden_layers)
             layers = stages.layer_range(split, group.rank())
-            stage = load_stage(path, args, attention, layers, group)
+            stage = load_stage(path_or_hub_id, args, attention, layers, group)
             tokenizer = tokenizer_of(path, trust_remote_code)
     except LOAD_ERRORS as e:
         error = str(e)

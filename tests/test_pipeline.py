@@ -1,5 +1,6 @@
 """Pipeline parallelism: two local processes under `mlx.launch --backend ring` give the
-single-process tokens, each loading only its own layers, and a rank that cannot load ends both."""
+single-process tokens, each loading (and from a hub id, downloading) only its own layers, and a
+rank that cannot load ends both."""
 
 import json
 import os
@@ -9,19 +10,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import mlx.core as mx
 import pytest
 from conftest import CONFIGS, make_torch_model, write_checkpoint
+from fake_hub import FakeHub
+from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 
 import mlx_mla
-from mlx_mla import stages
-from mlx_mla.loading import weight_files
+from mlx_mla import ModelArgs, pipeline, stages
+from mlx_mla.loading import read_config, weight_files
 
 LAYERS = 4
 PROMPT = [1, 10, 20, 30, 40, 50]
 MAX_TOKENS = 8
+ROOT = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
+HUB_RANK_SCRIPT = Path(__file__).with_name("pipeline_hub_rank.py")
+HUB_ID = "someone/tiny-mla"
+# what each rank holds besides its layers: rank 0 runs the last ones, rank 1 the first
+RANK_PARTS = [{"norm", "head"}, {"embed"}]
+
+
+class Group:
+    """A rank and a group size, enough to build and load a stage without talking to anyone."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
 
 
 def free_port() -> int:
@@ -32,8 +54,10 @@ def free_port() -> int:
 
 
 def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
-    """Two ranks on 127.0.0.1 over the ring backend. mlx.launch never passes end of input on to
-    the ranks (and spins on it), so their stdin is a pipe held open until they are done."""
+    """Two ranks on 127.0.0.1 over the ring backend, importing this checkout's mlx_mla (a rank
+    script's own folder, not the working directory, leads sys.path). mlx.launch never passes end
+    of input on to the ranks (and spins on it), so their stdin is a pipe held open until they
+    are done."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.fail("mlx.launch is not installed (it comes with mlx): cannot test pipelining")
@@ -47,7 +71,8 @@ def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProces
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
+            | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
         )
     finally:
         os.close(read)
@@ -70,9 +95,12 @@ def single_process_tokens(path, attention) -> list[int]:
     ]
 
 
-def run_ranks(path, attention, out) -> list[dict]:
+def run_ranks(path, attention, out, hub: tuple = ()) -> list[dict]:
+    """Each rank's report; with `hub` (REPO, CACHE) `path` is a hub id served from REPO."""
     prompt = ",".join(map(str, PROMPT))
-    result = launch(str(RANK_SCRIPT), str(path), attention, str(out), prompt, str(MAX_TOKENS))
+    script = HUB_RANK_SCRIPT if hub else RANK_SCRIPT
+    args = [*hub, str(path), attention, str(out), prompt, str(MAX_TOKENS)]
+    result = launch(str(script), *map(str, args))
     files = [out / f"rank{r}.json" for r in range(2)]
     assert all(f.is_file() for f in files), result.stdout + result.stderr
     return [json.loads(f.read_text()) for f in files]
@@ -149,3 +177,86 @@ def test_chat_over_two_ranks_prints_what_one_process_prints(checkpoint):
     piped = launch(*args, "--pipeline", stdin=turns)
     assert "KV cache:" in single.stdout
     assert piped.stdout == single.stdout, piped.stderr
+
+
+def shards_holding(checkpoint, layers: range, parts: set[str]) -> set[str]:
+    """The files the index lists for the tensors of `layers` and of `parts` ("embed", ...)."""
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    return {f for k, f in weight_map.items() if stages.part_of(k, LAYERS) in {*layers, *parts}}
+
+
+def stage_parameters(stage) -> dict:
+    return dict(tree_flatten(stage.parameters()))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_stage_from_a_hub_id_downloads_only_its_shards_and_equals_the_local_stage(
+    checkpoint, rank, tmp_path, monkeypatch
+):
+    hub = FakeHub(checkpoint, tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    args = ModelArgs.from_dict(read_config(checkpoint))
+    layers = stages.layer_range([2, 2], rank)
+
+    stage = pipeline.load_stage(HUB_ID, args, "mla", layers, Group(rank, 2))
+    wanted = shards_holding(checkpoint, layers, RANK_PARTS[rank])
+    assert hub.weights_fetched() == wanted
+    assert wanted < {f.name for f in checkpoint.glob("*.safetensors")}
+
+    local = stage_parameters(pipeline.load_stage(checkpoint, args, "mla", layers, Group(rank, 2)))
+    ours = stage_parameters(stage)
+    assert ours.keys() == local.keys()
+    assert all(mx.array_equal(ours[k], local[k]).item() for k in ours)
+
+
+def test_a_hub_checkpoint_without_an_index_is_downloaded_whole_with_a_note(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    repo = tmp_path / "repo"
+    shutil.copytree(checkpoint, repo, ignore=shutil.ignore_patterns("*.safetensors*"))
+    weights = {}
+    for file in weight_files(checkpoint):
+        weights |= mx.load(str(file))
+    mx.save_safetensors(str(repo / "model.safetensors"), weights)
+    hub = FakeHub(repo, tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    args = ModelArgs.from_dict(read_config(checkpoint))
+
+    pipeline.load_stage(HUB_ID, args, "mla", stages.layer_range([2, 2], 1), Group(1, 2))
+    assert hub.weights_fetched() == {"model.safetensors"}
+    assert f"note: {HUB_ID} has no model.safetensors.index.json" in capsys.readouterr().err
+
+
+def test_a_rank_whose_shards_cannot_be_downloaded_stops_with_the_hub_error(
+    checkpoint, tmp_path, monkeypatch
+):
+    hub = FakeHub(checkpoint, tmp_path)
+
+    def offline_for_weights(repo_id, allow_patterns=None, **kwargs):
+        if any(p.endswith(".safetensors") for p in allow_patterns):
+            raise ConnectionError("no network")
+        return hub.snapshot_download(repo_id, allow_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_for_weights)
+    with pytest.raises(
+        pipeline.PipelineError,
+        match=f"rank 0 could not load its part: could not fetch '{HUB_ID}' from the Hugging "
+        r"Face hub \(ConnectionError\); if you are offline",
+    ):
+        pipeline.load(HUB_ID)
+    assert hub.weights_fetched() == set()
+
+
+def test_two_ranks_on_a_hub_id_plan_from_the_small_files_and_download_only_their_shards(
+    checkpoint, tmp_path
+):
+    ranks = run_ranks(HUB_ID, "mla", tmp_path, hub=(checkpoint, tmp_path / "cache"))
+    expected = single_process_tokens(checkpoint, "mla")
+    for rank, parts in zip(ranks, RANK_PARTS, strict=True):
+        first, *rest = rank["downloads"]
+        assert "config.json" in first and "model.safetensors.index.json" in first
+        assert not [name for name in first if name.endswith(".safetensors")]
+        shards = {name for call in rest for name in call if name.endswith(".safetensors")}
+        assert shards == shards_holding(checkpoint, range(*rank["layers"]), parts)
+        assert rank["tokens"] == expected
+    assert ranks[0]["layers"][1] == LAYERS and ranks[1]["layers"][0] == 0
