@@ -239,6 +239,12 @@ def test_server_over_two_ranks_answers_like_one_process_and_ctrl_c_ends_every_ra
         with ThreadPoolExecutor(4) as pool:  # batched on every rank
             assert list(pool.map(complete, prompts)) == expected
         assert complete(prompts[0], seed=7) == expected[0]  # a seed is served one at a time
+        left = client.completions.create(
+            model="default_model", prompt="x", max_tokens=40, seed=7, stream=True
+        )
+        next(iter(left))
+        left.close()  # its client leaves: every rank still finishes it, in step
+        assert complete(prompts[1], seed=7) == expected[1]
         stream = client.chat.completions.create(
             model="default_model",
             messages=[{"role": "user", "content": "Hi"}],
