@@ -72,6 +72,7 @@ class Stage(nn.Module):
         if self.last and not tied:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.hidden_dtype = mx.float32  # the first stage's, agreed on at load time
+        self.logits_on_every_rank = False  # rank 0's logits given to all (the server needs them)
         self.tokens_seen = self.bytes_sent = 0
 
     @property
@@ -97,8 +98,17 @@ class Stage(nn.Module):
             self.bytes_sent += h.nbytes
             if cache[-1] is not None:  # prefill evaluates only the caches: make them carry the send
                 cache[-1].keys = tree_map(lambda a: mx.depends(a, h), cache[-1].keys)
-            return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
-        h = self.model.norm(h)
+            if not self.logits_on_every_rank:
+                return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
+            logits = mx.depends(mx.zeros((B, L, self.args.vocab_size), self.hidden_dtype), h)
+        else:
+            logits = self.head(self.model.norm(h))
+        if not self.logits_on_every_rank:
+            return logits
+        # rank 0's logits to every rank (the others add zeros); only evaluated where they are read
+        return mx.distributed.all_sum(logits.astype(self.hidden_dtype), group=self.group)
+
+    def head(self, h: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -1,11 +1,16 @@
 """An OpenAI-compatible server whose prompt cache holds many conversations, because it is latent.
 
 python -m mlx_mla.server [--model PATH_OR_HUB_ID] [--port 8080] [--prompt-cache-bytes 1GB]
+mlx.launch --backend ring -n 2 -- python -m mlx_mla.server --pipeline   # the layers over 2 ranks
 
 mlx-lm's server with our loader: its HTTP handler, continuous batching and prefix prompt cache,
 plus what a local endpoint needs: a byte budget on the stored caches, a prompt longer than the
 context refused up front, strict request checks, /v1/models without a Hugging Face cache, a quiet
 Ctrl-C.
+
+With --pipeline every rank runs mlx-lm's generation loop in lockstep (rank 0 shares each request,
+as mlx-lm's distributed server does), holding only its own layers and their caches; rank 0 answers
+HTTP, and its logits are given to every rank so that all sample the same token.
 """
 
 import argparse
@@ -26,7 +31,7 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from . import cli
+from . import cli, pipeline
 from .cache import check_kv_quantization
 from .loading import load
 
@@ -44,7 +49,6 @@ MLX_LM_DEFAULTS = dict(
     adapter_path=None,
     draft_model=None,
     num_draft_tokens=0,
-    pipeline=False,
     chat_template="",
     use_default_chat_template=False,
     chat_template_args={},
@@ -64,12 +68,21 @@ class ModelProvider(mlx_server.ModelProvider):
         self._load(args.model)
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        model, tokenizer = load(
-            model_path,
-            attention=self.cli_args.attention,
-            trust_remote_code=self.cli_args.trust_remote_code,
-        )
         args = self.cli_args
+        if self.pipeline_group is None:
+            model, tokenizer = load(
+                model_path, attention=args.attention, trust_remote_code=args.trust_remote_code
+            )
+        else:
+            stages = cli.pipeline_stages(args.pipeline_stages)
+            model, tokenizer = pipeline.load(
+                model_path,
+                args.attention,
+                self.pipeline_group,
+                stages,
+                trust_remote_code=args.trust_remote_code,
+            )
+            model.logits_on_every_rank = True
         if args.kv_bits is not None:
             check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
         # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
@@ -93,9 +106,38 @@ class ModelProvider(mlx_server.ModelProvider):
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
-    """mlx-lm's generation thread; tokenizing is serialised, as request handlers tokenize too."""
+    """mlx-lm's generation thread; tokenizing is serialised, as request handlers tokenize too.
+
+    Over a pipeline every rank runs this loop in lockstep, so rank 0 must not leave it, nor cut a
+    reply short, on its own: a stop is shared like a request, and a reply served one at a time
+    (kv bits, a seed) runs to its end even if its client left.
+    """
 
     tokenizer_lock = threading.Lock()
+
+    def __init__(self, model_provider, prompt_cache):
+        self._agreed_stop = False
+        super().__init__(model_provider, prompt_cache)
+
+    @property
+    def _stop(self) -> bool:
+        return self._agreed_stop if self._is_distributed else self._stop_asked
+
+    @_stop.setter
+    def _stop(self, value: bool):
+        self._stop_asked = value
+
+    def _next_request(self, timeout=None):
+        if self._is_distributed and self._share_object(self._stop_asked or None):
+            self._agreed_stop = True
+            return None
+        return super()._next_request(timeout)
+
+    def _serve_single(self, request, stream):
+        rqueue, request, args = request
+        if self._is_distributed:
+            rqueue = RunsToTheEnd(rqueue)
+        super()._serve_single((rqueue, request, args), stream)
 
     def _tokenize(self, tokenizer, request, args):
         with self.tokenizer_lock:
@@ -109,6 +151,18 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
         args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
         return self._tokenize(self.model_provider.tokenizer, copy.deepcopy(request), args)[0]
+
+
+class RunsToTheEnd:
+    """A reply queue whose generation context ignores its client leaving."""
+
+    def __init__(self, rqueue):
+        self.rqueue = rqueue
+
+    def put(self, item):
+        if isinstance(item, mlx_server.GenerationContext):
+            item.stop = lambda: None
+        self.rqueue.put(item)
 
 
 def check_messages(messages):
@@ -337,6 +391,7 @@ def setup_arg_parser():
         help="at most this many cached prompts",
     )
     cli.add_cache_arguments(parser)
+    cli.add_pipeline_arguments(parser)
     parser.add_argument(
         "--allowed-origins",
         type=lambda x: [o for o in x.split(",") if o],
@@ -350,10 +405,21 @@ def setup_arg_parser():
 
 
 def serve(args: argparse.Namespace):
+    group = mx.distributed.init()
+    if group.size() > 1 and not args.pipeline:
+        cli.fail(
+            f"this is rank {group.rank()} of {group.size()}: pass --pipeline to split the model"
+        )
+    if args.pipeline:
+        pipeline.end_on_sigterm(group.rank())
     provider = ModelProvider(args)
     prompt_cache = LRUPromptCache(
         max_size=args.prompt_cache_size or sys.maxsize, max_bytes=args.prompt_cache_bytes
     )
+    if group.rank() != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logging.getLogger().setLevel(logging.WARNING)
+        return follow(ResponseGenerator(provider, prompt_cache), group.rank())
     try:
         httpd = bind(args.host, args.port)
     except OSError as e:
@@ -372,6 +438,15 @@ def serve(args: argparse.Namespace):
     # Leave without interpreter teardown: with MLX streams on the generation thread (and it may
     # still be in a prompt), teardown aborts in C++ ("terminate called without an active
     # exception"). Nothing is lost: the prompt cache lives in memory only.
+    os._exit(0)
+
+
+def follow(generator: ResponseGenerator, rank: int):
+    """A rank past 0 of a pipeline server: run the generation loop until rank 0 stops it (Ctrl-C
+    reaches rank 0 too, and it stops every rank)."""
+    generator.join()
+    if generator._generation_failed:
+        cli.fail(f"rank {rank} lost the pipeline (rank 0 ended or the network is down)")
     os._exit(0)
 
 

@@ -5,9 +5,12 @@ rank that cannot load ends both."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import huggingface_hub
@@ -260,3 +263,125 @@ def test_two_ranks_on_a_hub_id_plan_from_the_small_files_and_download_only_their
         assert shards == shards_holding(checkpoint, range(*rank["layers"]), parts)
         assert rank["tokens"] == expected
     assert ranks[0]["layers"][1] == LAYERS and ranks[1]["layers"][0] == 0
+
+
+def start_server_ranks(checkpoint, attention, log: Path):
+    """`server --pipeline` on two ranks in a process group of their own; its URL. Its stdin is
+    a pipe the caller keeps open (see `launch`)."""
+    read, write = os.pipe()
+    command = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
+    command += ["--starting-port", str(free_port()), "--", sys.executable, "-m", "mlx_mla.server"]
+    command += ["--pipeline", "--model", str(checkpoint), "--attention", attention, "--port", "0"]
+    process = subprocess.Popen(
+        command,
+        stdin=read,
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(read)
+    process.stdin_pipe = write
+    line = process.stdout.readline()
+    if "Serving" not in line:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"the pipeline server did not start: {line}{log.read_text()}")
+    return process, line.split(" on ")[1].strip()
+
+
+def group_ends(process, timeout: float) -> bool:
+    """Whether every process of the server's group (launcher and ranks) is gone in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        process.poll()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    return False
+
+
+def rank_pids(process) -> dict[int, int]:
+    """{rank: pid} of the ranks mlx.launch started (their MLX_RANK)."""
+    pids = {}
+    for pid in subprocess.run(
+        ["pgrep", "-g", str(process.pid)], capture_output=True, text=True
+    ).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"MLX_RANK="):
+                pids[int(entry.split(b"=")[1])] = int(pid)
+    return pids
+
+
+def greedy_text(path, attention, prompt: str, max_tokens: int) -> str:
+    model, tokenizer = mlx_mla.load(path, attention)
+    ids = tokenizer.encode(prompt)
+    return "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_server_over_two_ranks_answers_like_one_process_and_ctrl_c_ends_every_rank(
+    checkpoint, attention, tmp_path
+):
+    openai = pytest.importorskip("openai")
+    prompts = ["Hello", "The cat", "Once upon", "A B C"]
+    expected = [greedy_text(checkpoint, attention, p, 8) for p in prompts]
+    process, url = start_server_ranks(checkpoint, attention, tmp_path / "stderr.log")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+
+        def complete(prompt, **extra):
+            return (
+                client.completions.create(
+                    model="default_model", prompt=prompt, max_tokens=8, temperature=0, **extra
+                )
+                .choices[0]
+                .text
+            )
+
+        assert [complete(p) for p in prompts] == expected
+        with ThreadPoolExecutor(4) as pool:  # batched on every rank
+            assert list(pool.map(complete, prompts)) == expected
+        assert complete(prompts[0], seed=7) == expected[0]  # a seed is served one at a time
+        left = client.completions.create(
+            model="default_model", prompt="x", max_tokens=40, seed=7, stream=True
+        )
+        next(iter(left))
+        left.close()  # its client leaves: every rank still finishes it, in step
+        assert complete(prompts[1], seed=7) == expected[1]
+        stream = client.chat.completions.create(
+            model="default_model",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            stream=True,
+        )
+        assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        assert group_ends(process, 60), "a rank outlived Ctrl-C"
+    finally:
+        os.close(process.stdin_pipe)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    # the ranks stop together (no "lost the pipeline"); only mlx.launch prints a traceback
+    log = (tmp_path / "stderr.log").read_text()
+    assert "error:" not in log
+    tracebacks = log.split("Traceback (most recent call last)")
+    assert all("bin/mlx.launch" in t.splitlines()[1] for t in tracebacks[1:]), tracebacks
+
+
+def test_server_rank_that_dies_ends_the_other_with_one_line(checkpoint, tmp_path):
+    log = tmp_path / "stderr.log"
+    process, url = start_server_ranks(checkpoint, "mla", log)
+    try:
+        os.kill(rank_pids(process)[1], signal.SIGKILL)
+        assert group_ends(process, 60), "rank 0 went on serving without rank 1"
+    finally:
+        os.close(process.stdin_pipe)
+    assert "error: rank 0 stopped: another rank ended" in log.read_text()
