@@ -2,9 +2,12 @@
 and write what the rank saw to OUT/rank<r>.json.
 
 python pipeline_rank.py MODEL ATTENTION OUT PROMPT_IDS MAX_TOKENS
+
+MODEL may be several folders joined by os.pathsep: each is run in turn, reporting to OUT/<i>/.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,4 +43,8 @@ def main(model, attention, out, prompt, max_tokens):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    models, attention, out, *rest = sys.argv[1:]
+    for i, model in enumerate(models.split(os.pathsep)):
+        folder = Path(out, str(i)) if os.pathsep in models else Path(out)
+        folder.mkdir(exist_ok=True)
+        main(model, attention, folder, *rest)

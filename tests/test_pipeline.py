@@ -23,6 +23,7 @@ from mlx_lm.generate import stream_generate
 
 import mlx_mla
 from mlx_mla import ModelArgs, pipeline, stages
+from mlx_mla.convert import convert
 from mlx_mla.loading import read_config, weight_files
 
 LAYERS = 4
@@ -56,26 +57,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
-    """Two ranks on 127.0.0.1 over the ring backend, importing this checkout's mlx_mla (a rank
-    script's own folder, not the working directory, leads sys.path). mlx.launch never passes end
-    of input on to the ranks (and spins on it), so their stdin is a pipe held open until they
-    are done."""
+def launch_command(*command) -> list[str]:
+    """mlx.launch running `python *command` as two ranks on 127.0.0.1 over the ring backend."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.fail("mlx.launch is not installed (it comes with mlx): cannot test pipelining")
+    return [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"] + [
+        "--starting-port",
+        str(free_port()),
+        "--",
+        sys.executable,
+        *command,
+    ]
+
+
+def rank_environment() -> dict:
+    """The ranks import this checkout's mlx_mla (a rank script's own folder, not the working
+    directory, leads sys.path)."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"} | {
+        "PYTHONPATH": path
+    }
+
+
+def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
+    """Two ranks run to their end. mlx.launch never passes end of input on to the ranks (and
+    spins on it), so their stdin is a pipe held open until they are done."""
     read, write = os.pipe()
     os.write(write, stdin.encode())
     try:
         return subprocess.run(
-            [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
-            + ["--starting-port", str(free_port()), "--", sys.executable, *command],
+            launch_command(*command),
             stdin=read,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
-            | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+            env=rank_environment(),
         )
     finally:
         os.close(read)
@@ -140,6 +157,25 @@ def test_two_ranks_give_the_single_process_tokens_each_holding_only_its_layers(
     # one float32 hidden state per token crosses the stage boundary
     assert ranks[0]["bytes_sent"] == 0
     assert ranks[1]["bytes_sent"] == ranks[1]["tokens_seen"] * whole.args.hidden_size * 4
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_every_family_layout_and_a_quantized_checkpoint_give_the_single_process_tokens(
+    checkpoints, attention, tmp_path
+):
+    folders = [folder for folder, _ in checkpoints.values()]
+    folders.append(convert(folders[-1], tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32))
+    out = tmp_path / "out"
+    out.mkdir()
+    models = os.pathsep.join(map(str, folders))
+    prompt = ",".join(map(str, PROMPT))
+    result = launch(str(RANK_SCRIPT), models, attention, str(out), prompt, str(MAX_TOKENS))
+    for i, folder in enumerate(folders):
+        files = [out / str(i) / f"rank{r}.json" for r in range(2)]
+        assert all(f.is_file() for f in files), f"{folder}: {result.stdout}{result.stderr}"
+        expected = single_process_tokens(folder, attention)
+        for f in files:
+            assert json.loads(f.read_text())["tokens"] == expected, folder
 
 
 def test_generate_cli_with_pipeline_stages_prints_the_single_process_text(checkpoint):
@@ -269,9 +305,10 @@ def start_server_ranks(checkpoint, attention, log: Path):
     """`server --pipeline` on two ranks in a process group of their own; its URL. Its stdin is
     a pipe the caller keeps open (see `launch`)."""
     read, write = os.pipe()
-    command = [shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
-    command += ["--starting-port", str(free_port()), "--", sys.executable, "-m", "mlx_mla.server"]
-    command += ["--pipeline", "--model", str(checkpoint), "--attention", attention, "--port", "0"]
+    command = launch_command(
+        *["-m", "mlx_mla.server", "--pipeline", "--model", str(checkpoint)],
+        *["--attention", attention, "--port", "0"],
+    )
     process = subprocess.Popen(
         command,
         stdin=read,
@@ -279,7 +316,7 @@ def start_server_ranks(checkpoint, attention, log: Path):
         stderr=log.open("w"),
         text=True,
         start_new_session=True,
-        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"},
+        env=rank_environment(),
     )
     os.close(read)
     process.stdin_pipe = write
