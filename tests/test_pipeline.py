@@ -4,10 +4,13 @@ single-process tokens, each loading only its own layers, and a rank that cannot 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from subprocess import PIPE
 
 import mlx.core as mx
 import pytest
@@ -22,6 +25,7 @@ LAYERS = 4
 PROMPT = [1, 10, 20, 30, 40, 50]
 MAX_TOKENS = 8
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
+ROOT = Path(__file__).parents[1]  # the ranks import this checkout's mlx_mla, not an installed one
 
 
 def free_port() -> int:
@@ -33,22 +37,33 @@ def free_port() -> int:
 
 def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
     """Two ranks on 127.0.0.1 over the ring backend. mlx.launch never passes end of input on to
-    the ranks (and spins on it), so their stdin is a pipe held open until they are done."""
+    the ranks (and spins on it), so their stdin is a pipe held open until they are done. Past
+    `timeout` the test fails, and the ranks are killed with mlx.launch (their process group)."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.fail("mlx.launch is not installed (it comes with mlx): cannot test pipelining")
     read, write = os.pipe()
     os.write(write, stdin.encode())
+    ring = ["--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
+    command = [launcher, *ring, "--starting-port", str(free_port()), "--", sys.executable, *command]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     try:
-        return subprocess.run(
-            [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"]
-            + ["--starting-port", str(free_port()), "--", sys.executable, *command],
+        with subprocess.Popen(
+            command,
             stdin=read,
-            capture_output=True,
+            stdout=PIPE,
+            stderr=PIPE,
             text=True,
-            timeout=timeout,
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"},
-        )
+            env=env,
+            start_new_session=True,
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"the ranks were still running after {timeout} s")
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     finally:
         os.close(read)
         os.close(write)
@@ -70,9 +85,14 @@ def single_process_tokens(path, attention) -> list[int]:
     ]
 
 
-def run_ranks(path, attention, out) -> list[dict]:
+def launch_ranks(path, attention, out, *timeout_and_fault, timeout=180):
     prompt = ",".join(map(str, PROMPT))
-    result = launch(str(RANK_SCRIPT), str(path), attention, str(out), prompt, str(MAX_TOKENS))
+    args = [str(RANK_SCRIPT), str(path), attention, str(out), prompt, str(MAX_TOKENS)]
+    return launch(*args, *timeout_and_fault, timeout=timeout)
+
+
+def run_ranks(path, attention, out) -> list[dict]:
+    result = launch_ranks(path, attention, out)
     files = [out / f"rank{r}.json" for r in range(2)]
     assert all(f.is_file() for f in files), result.stdout + result.stderr
     return [json.loads(f.read_text()) for f in files]
@@ -149,3 +169,31 @@ def test_chat_over_two_ranks_prints_what_one_process_prints(checkpoint):
     piped = launch(*args, "--pipeline", stdin=turns)
     assert "KV cache:" in single.stdout
     assert piped.stdout == single.stdout, piped.stderr
+
+
+def errors_and_seconds_after_the_stall(result, out) -> tuple[list[str], float]:
+    seconds = time.time() - float((out / "stalled").read_text())
+    return sorted(line for line in result.stderr.splitlines() if line.startswith("error:")), seconds
+
+
+def test_a_rank_that_hangs_ends_every_rank_with_one_line_once_the_timeout_passes(
+    checkpoint, tmp_path
+):
+    result = launch_ranks(checkpoint, "mla", tmp_path, "3", "stall", timeout=90)
+    errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
+    assert errors == [
+        "error: rank 0: no progress from the pipeline for 3 s (a rank hangs or the network is "
+        "down); stopping",
+        "error: rank 1 stopped: another rank ended",
+    ], result.stderr
+    assert 3 <= seconds < 3 + 5
+
+
+def test_sigterm_ends_a_rank_blocked_in_a_collective_at_once(checkpoint, tmp_path):
+    result = launch_ranks(checkpoint, "mla", tmp_path, "0", "sigterm", timeout=90)
+    errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
+    assert errors == [
+        "error: rank 0 stopped: another rank ended",
+        "error: rank 1 stopped: another rank ended",
+    ], result.stderr
+    assert seconds < 2 + 3  # rank 1 sends the SIGTERM 2 s after it stalls
