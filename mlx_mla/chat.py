@@ -133,21 +133,29 @@ def setup_arg_parser():
 
 def read_message(group=None) -> str | None:
     """The next UTF-8 line typed on rank 0 (None at end of input), given to every rank."""
-    message = None
-    if group is None or group.rank() == 0:
-        while True:
-            try:
-                message = input(">> ")
-            except EOFError:
-                print()
-                break
-            except KeyboardInterrupt:
-                print()
-                continue
-            if not cli.has_undecodable_bytes(message):
-                break
-            print("error: that line is not UTF-8 text; it was skipped", file=sys.stderr)
-    return message if group is None else pipeline.broadcast(group, message)
+    if group is None:
+        return read_line()
+    if group.rank() != 0:
+        with pipeline.idle():  # waiting for rank 0's user is no hang
+            return pipeline.broadcast(group)
+    with pipeline.idle():  # nor is the user typing; the broadcast after it is watched
+        message = read_line()
+    return pipeline.broadcast(group, message)
+
+
+def read_line() -> str | None:
+    while True:
+        try:
+            message = input(">> ")
+        except EOFError:
+            print()
+            return None
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not cli.has_undecodable_bytes(message):
+            return message
+        print("error: that line is not UTF-8 text; it was skipped", file=sys.stderr)
 
 
 def _main(argv=None):
@@ -159,7 +167,7 @@ def _main(argv=None):
     group = None
     if args.pipeline:
         group = mx.distributed.init()
-        pipeline.end_on_sigterm(group.rank())
+        pipeline.watch(group.rank(), args.pipeline_timeout)
         model, tokenizer = pipeline.load(
             args.model,
             args.attention,

@@ -21,6 +21,7 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
 DEFAULT_KV_GROUP_SIZE = 64
 DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_PIPELINE_TIMEOUT = 300.0  # seconds; a long prefill chunk of a big model fits in it
 EXIT_BAD_INPUT = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
@@ -136,6 +137,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser):
         "--pipeline-stages",
         default=None,
         help="layer counts per rank, rank 0 (the last layers) first; default: split by bytes",
+    )
+    parser.add_argument(
+        "--pipeline-timeout",
+        type=nonnegative_float,
+        default=DEFAULT_PIPELINE_TIMEOUT,
+        help="seconds without a prefill chunk or token before a rank ends them all; 0: never",
     )
 
 

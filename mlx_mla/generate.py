@@ -175,7 +175,7 @@ def print_report(response):
 def pipeline_main(args):
     """Every rank runs this; rank 0 reads the prompt, samples and prints."""
     group = mx.distributed.init()
-    pipeline.end_on_sigterm(group.rank())
+    pipeline.watch(group.rank(), args.pipeline_timeout)
     stages = cli.pipeline_stages(args.pipeline_stages)
     model, tokenizer = pipeline.load(
         args.model, args.attention, group, stages, trust_remote_code=args.trust_remote_code

@@ -10,8 +10,14 @@ the ranks with send/recv, rank 0 samples, and one all_sum gives every rank the t
 """
 
 import json
+import os
+import select
 import signal
+import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -85,6 +91,7 @@ class Stage(nn.Module):
         cache = cache or [None] * len(self.layers)
         B, L = inputs.shape
         self.tokens_seen += B * L
+        progress()  # the step before this one is done (on every path: generate, chat, server)
         if self.first:
             h = self.model.embed_tokens(inputs)
         else:
@@ -237,6 +244,7 @@ def load(
     except LOAD_ERRORS as e:
         error = str(e)
     agree(group, stage, error)
+    progress()
     return stage, tokenizer
 
 
@@ -245,10 +253,25 @@ def stream_generate(model: Stage, tokenizer, prompt, sampler=None, prompt_cache=
     goes to every rank, and rank 0's `sampler` (greedy by default) picks each token for all."""
     prompt = broadcast(model.group, prompt if model.rank == 0 else None)
     sample = broadcast_sampler(sampler or (lambda x: mx.argmax(x, axis=-1)), model.group)
+    on_prompt = kwargs.pop("prompt_progress_callback", None)
+
+    def prompt_progress(done: int, total: int):
+        progress()
+        if on_prompt is not None:
+            on_prompt(done, total)
+
     try:
-        yield from mlx_lm_stream_generate(
-            model, tokenizer, prompt, sampler=sample, prompt_cache=prompt_cache, **kwargs
-        )
+        for response in mlx_lm_stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            sampler=sample,
+            prompt_cache=prompt_cache,
+            prompt_progress_callback=prompt_progress,
+            **kwargs,
+        ):
+            progress()
+            yield response
         # mlx-lm computes one step ahead: let it finish before any other collective runs
         mx.synchronize(generation_stream)
     except RuntimeError as e:
@@ -262,11 +285,65 @@ def gather(group, values: list[float]) -> list[list[float]]:
     return mx.distributed.all_sum(rows, group=group, stream=mx.cpu).tolist()
 
 
-def end_on_sigterm(rank: int):
-    """mlx.launch ends the other ranks with SIGTERM when one fails: say so in one line."""
+class Watchdog:
+    """Ends this rank with one line, from a thread, even while the main thread is blocked in an
+    MLX collective (which releases the GIL but never returns to Python, where signal handlers
+    run): when mlx.launch sends SIGTERM because another rank ended, and, once `progress` arms it,
+    when `timeout` seconds pass without another `progress` (0: never)."""
 
-    def handler(signum, frame):
-        print(f"error: rank {rank} stopped: another rank ended", file=sys.stderr, flush=True)
-        sys.exit(2)
+    def __init__(self, rank: int, timeout: float):
+        self.rank, self.timeout, self.deadline = rank, timeout, None
+        self.wakeup, self.signals = socket.socketpair()
+        self.signals.setblocking(False)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.signals.fileno())  # the handler writes here, from any thread
+        threading.Thread(target=self.watch, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, handler)
+    def progress(self):
+        if self.timeout:
+            self.deadline = time.monotonic() + self.timeout
+
+    def pause(self):
+        self.deadline = None
+
+    def watch(self):
+        while True:
+            ready, _, _ = select.select([self.wakeup], [], [], 1.0)
+            if ready and signal.SIGTERM in self.wakeup.recv(64):
+                self.end(f"error: rank {self.rank} stopped: another rank ended")
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.end(
+                    f"error: rank {self.rank}: no progress from the pipeline for "
+                    f"{self.timeout:g} s (a rank hangs or the network is down); stopping"
+                )
+
+    @staticmethod
+    def end(line: str):
+        print(line, file=sys.stderr, flush=True)
+        os._exit(2)
+
+
+watchdog: Watchdog | None = None
+
+
+def watch(rank: int, timeout: float) -> Watchdog:
+    """Start this process's Watchdog; `load` arms it, each prefill chunk and token rearms it."""
+    global watchdog
+    watchdog = Watchdog(rank, timeout)
+    return watchdog
+
+
+def progress():
+    if watchdog is not None:
+        watchdog.progress()
+
+
+@contextmanager
+def idle():
+    """Waiting for a person (a chat message) is no hang: disarm the watchdog until it is done."""
+    if watchdog is not None:
+        watchdog.pause()
+    try:
+        yield
+    finally:
+        progress()

@@ -128,6 +128,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         self._stop_asked = value
 
     def _next_request(self, timeout=None):
+        pipeline.progress()  # every rank got here: waiting for requests is no hang
         if self._is_distributed and self._share_object(self._stop_asked or None):
             self._agreed_stop = True
             return None
@@ -411,7 +412,7 @@ def serve(args: argparse.Namespace):
             f"this is rank {group.rank()} of {group.size()}: pass --pipeline to split the model"
         )
     if args.pipeline:
-        pipeline.end_on_sigterm(group.rank())
+        pipeline.watch(group.rank(), args.pipeline_timeout)
     provider = ModelProvider(args)
     prompt_cache = LRUPromptCache(
         max_size=args.prompt_cache_size or sys.maxsize, max_bytes=args.prompt_cache_bytes

@@ -1,14 +1,17 @@
 """One rank of a pipeline test, run under mlx.launch: load this rank's part, generate greedily,
-and write what the rank saw to OUT/rank<r>.json.
+and write what the rank saw to OUT/rank<r>.json. With FAULT, rank 1 stops taking part after two
+tokens ("stall"), and then also sends rank 0 the SIGTERM mlx.launch would send ("sigterm").
 
-python pipeline_rank.py MODEL ATTENTION OUT PROMPT_IDS MAX_TOKENS
+python pipeline_rank.py MODEL ATTENTION OUT PROMPT_IDS MAX_TOKENS [TIMEOUT [FAULT]]
 
 MODEL may be several folders joined by os.pathsep: each is run in turn, reporting to OUT/<i>/.
 """
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,19 +19,31 @@ import mlx.core as mx
 from mlx_mla import pipeline
 
 
-def main(model, attention, out, prompt, max_tokens):
+def stall(out: Path, fault: str):
+    Path(out, "stalled").write_text(str(time.time()))
+    if fault == "sigterm":
+        time.sleep(2)  # rank 0 is blocked in a collective by now
+        os.kill(int(Path(out, "rank0.pid").read_text()), signal.SIGTERM)
+    time.sleep(3600)
+
+
+def main(model, attention, out, prompt, max_tokens, timeout="0", fault=None):
     group = mx.distributed.init()
+    faulty = fault is not None and group.rank() == 1
+    pipeline.watch(group.rank(), 0 if faulty else float(timeout))
+    Path(out, f"rank{group.rank()}.pid").write_text(str(os.getpid()))
     mx.reset_peak_memory()
     stage, tokenizer = pipeline.load(model, attention, group)
     load_peak = mx.get_peak_memory()
     prompt = [int(t) for t in prompt.split(",")] if group.rank() == 0 else None
     cache = stage.make_cache()
-    tokens = [
-        r.token
-        for r in pipeline.stream_generate(
-            stage, tokenizer, prompt, prompt_cache=cache, max_tokens=int(max_tokens)
-        )
-    ]
+    tokens = []
+    for r in pipeline.stream_generate(
+        stage, tokenizer, prompt, prompt_cache=cache, max_tokens=int(max_tokens)
+    ):
+        tokens.append(r.token)
+        if faulty and len(tokens) == 2:
+            stall(out, fault)
     result = {
         "layers": [stage.layer_range.start, stage.layer_range.stop],
         "parameter_bytes": stage.parameter_bytes(),

@@ -82,18 +82,27 @@ def rank_environment() -> dict:
 
 def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
     """Two ranks run to their end. mlx.launch never passes end of input on to the ranks (and
-    spins on it), so their stdin is a pipe held open until they are done."""
+    spins on it), so their stdin is a pipe held open until they are done. Past `timeout` the
+    test fails, and the ranks are killed with mlx.launch (their process group)."""
     read, write = os.pipe()
     os.write(write, stdin.encode())
+    command = launch_command(*command)
     try:
-        return subprocess.run(
-            launch_command(*command),
+        with subprocess.Popen(
+            command,
             stdin=read,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
             env=rank_environment(),
-        )
+            start_new_session=True,
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"the ranks were still running after {timeout} s")
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     finally:
         os.close(read)
         os.close(write)
@@ -115,12 +124,18 @@ def single_process_tokens(path, attention) -> list[int]:
     ]
 
 
-def run_ranks(path, attention, out, hub: tuple = ()) -> list[dict]:
-    """Each rank's report; with `hub` (REPO, CACHE) `path` is a hub id served from REPO."""
+def launch_ranks(path, attention, out, *timeout_and_fault, hub: tuple = (), timeout=180):
+    """The rank script on two ranks; with `hub` (REPO, CACHE) `path` is a hub id served from
+    REPO."""
     prompt = ",".join(map(str, PROMPT))
     script = HUB_RANK_SCRIPT if hub else RANK_SCRIPT
-    args = [*hub, str(path), attention, str(out), prompt, str(MAX_TOKENS)]
-    result = launch(str(script), *map(str, args))
+    args = [*hub, path, attention, out, prompt, MAX_TOKENS, *timeout_and_fault]
+    return launch(str(script), *map(str, args), timeout=timeout)
+
+
+def run_ranks(path, attention, out, hub: tuple = ()) -> list[dict]:
+    """Each rank's report."""
+    result = launch_ranks(path, attention, out, hub=hub)
     files = [out / f"rank{r}.json" for r in range(2)]
     assert all(f.is_file() for f in files), result.stdout + result.stderr
     return [json.loads(f.read_text()) for f in files]
@@ -422,3 +437,31 @@ def test_server_rank_that_dies_ends_the_other_with_one_line(checkpoint, tmp_path
     finally:
         os.close(process.stdin_pipe)
     assert "error: rank 0 stopped: another rank ended" in log.read_text()
+
+
+def errors_and_seconds_after_the_stall(result, out) -> tuple[list[str], float]:
+    seconds = time.time() - float((out / "stalled").read_text())
+    return sorted(line for line in result.stderr.splitlines() if line.startswith("error:")), seconds
+
+
+def test_a_rank_that_hangs_ends_every_rank_with_one_line_once_the_timeout_passes(
+    checkpoint, tmp_path
+):
+    result = launch_ranks(checkpoint, "mla", tmp_path, "3", "stall", timeout=90)
+    errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
+    assert errors == [
+        "error: rank 0: no progress from the pipeline for 3 s (a rank hangs or the network is "
+        "down); stopping",
+        "error: rank 1 stopped: another rank ended",
+    ], result.stderr
+    assert 3 <= seconds < 3 + 5
+
+
+def test_sigterm_ends_a_rank_blocked_in_a_collective_at_once(checkpoint, tmp_path):
+    result = launch_ranks(checkpoint, "mla", tmp_path, "0", "sigterm", timeout=90)
+    errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
+    assert errors == [
+        "error: rank 0 stopped: another rank ended",
+        "error: rank 1 stopped: another rank ended",
+    ], result.stderr
+    assert seconds < 2 + 3  # rank 1 sends the SIGTERM 2 s after it stalls
