@@ -14,7 +14,7 @@ import argparse
 import mlx.core as mx
 
 from mlx_mla import memory
-from mlx_mla.cache import ExpandedKVCache, LatentCache
+from mlx_mla.cache.latent import ExpandedKVCache, LatentCache
 from mlx_mla.cli import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFILL_STEP_SIZE
 
 CONFIG = memory.PRESETS["deepseek-v2-lite"]

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from benchmarks import common
 from mlx_mla import Model, ModelArgs
-from mlx_mla.cache import LatentCache
+from mlx_mla.cache.latent import LatentCache
 
 DEFAULT_BLOCKS = "512,1024,2048,4096,whole"
 

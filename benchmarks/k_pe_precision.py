@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_mla import cli, load
-from mlx_mla.cache import LatentCache
+from mlx_mla.cache.latent import LatentCache
 from mlx_mla.perplexity import DEFAULT_TEXT_FILE, heldout_tokens
 
 DEFAULT_WINDOWS = 8

@@ -4,7 +4,7 @@ LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python -m
 python -m benchmarks.profile --quick
 
 1. One layer's attention, one new token against a filled cache (random fill), evaluated alone.
-2. The latent (absorbed) path of mlx_mla.attention op by op, on inputs of the same shapes.
+2. The latent (absorbed) path of mlx_mla.model.attention op by op, on inputs of the same shapes.
 """
 
 import argparse
@@ -61,7 +61,7 @@ def attention_alone(models, cfg, expander, context, repeats) -> dict:
 
 
 def latent_ops(model, cfg, context, repeats) -> dict:
-    """The absorbed path of mlx_mla.attention op by op, on random inputs of the same shapes; the
+    """The absorbed path of mlx_mla.model.attention op by op, on random inputs of the same shapes; the
     last line is the softmax it replaced, for comparison (not part of the sum)."""
     attn = model.model.layers[0].self_attn
     H, kv, rope = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]

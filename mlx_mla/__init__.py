@@ -1,8 +1,7 @@
 """DeepSeek Multi-head Latent Attention for MLX, with a latent KV cache."""
 
 from . import startup  # noqa: F401  first: a tool's Ctrl-C is quiet during the slow imports below
-from .cache import LatentCache, QuantizationError, QuantizedLatentCache
-from .config import ModelArgs
+from .cache.latent import LatentCache, QuantizationError, QuantizedLatentCache
 from .errors import (
     BadArgumentError,
     CheckpointError,
@@ -11,8 +10,9 @@ from .errors import (
     MLAError,
     UnsupportedModelError,
 )
-from .loading import load, load_model
-from .model import Model
+from .model.config import ModelArgs
+from .model.decoder import Model
+from .model.loading import load, load_model
 
 __all__ = [
     "BadArgumentError",

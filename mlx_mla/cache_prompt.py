@@ -10,9 +10,10 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from . import cli, memory, prompt_cache
+from . import cli, memory
+from .cache import prompt_cache
 from .generate import cache_stats, format_cache_stats
-from .loading import load
+from .model.loading import load
 
 
 def setup_arg_parser():

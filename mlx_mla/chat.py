@@ -14,11 +14,13 @@ import sys
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, pipeline, prompt_cache
+from . import cli
+from .cache import prompt_cache
+from .distributed import pipeline
 from .errors import ContextError
 from .generate import build_prompt, cache_stats, fit_context
 from .generate import format_cache_stats as format_stats
-from .loading import load
+from .model.loading import load
 
 DEFAULT_MAX_TOKENS = 256
 HELP = "commands: /reset, /stats, /save FILE, /load FILE, /exit; Ctrl-C stops a reply, Ctrl-D exits"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 
-from .attention import ATTENTION_MODES
-from .cache import GROUP_SIZES, KV_BITS, check_kv_quantization
+from .cache.latent import GROUP_SIZES, KV_BITS, check_kv_quantization
 from .errors import BadArgumentError, MLAError
+from .model.attention import ATTENTION_MODES
 from .startup import EXIT_INTERRUPTED, exit_interrupted
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")

@@ -22,11 +22,11 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from . import cli
-from .config import ModelArgs
 from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
-from .loading import check_weights, read_config, read_weights, resolve
 from .memory import format_bytes
-from .model import LAYER_KEY, Model, sanitize
+from .model.config import ModelArgs
+from .model.decoder import LAYER_KEY, Model, sanitize
+from .model.loading import check_weights, read_config, read_weights, resolve
 
 DEFAULT_MLX_PATH = "mlx_model"
 DEFAULT_Q_BITS = 4

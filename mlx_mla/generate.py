@@ -10,10 +10,12 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory, pipeline, prompt_cache
-from .cache import QUANTIZED_CACHES
+from . import cli, memory
+from .cache import prompt_cache
+from .cache.latent import QUANTIZED_CACHES
+from .distributed import pipeline
 from .errors import BadArgumentError, ContextError
-from .loading import load
+from .model.loading import load
 
 DEFAULT_MAX_TOKENS = 100
 

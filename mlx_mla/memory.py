@@ -462,7 +462,7 @@ def ranks_report(
 ) -> str:
     """Per-rank weights and cache when the layers are split into pipeline stages (by weights +
     cache at the longest context), against tensor parallelism over the heads ("TP")."""
-    from . import stages
+    from .distributed import stages
 
     if "vocab_size" not in config or "intermediate_size" not in config:
         raise ValueError(f"{name} has no weight shapes (vocab_size, ...): pass its config.json")

@@ -9,9 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from . import cli, prompt_cache
+from . import cli
+from .cache import prompt_cache
 from .errors import BadArgumentError, ContextError
-from .loading import load
+from .model.loading import load
 
 DEFAULT_TEXT_FILE = "../shared/data/tinyshakespeare.txt"
 DEFAULT_HOLDOUT = 0.1

@@ -31,9 +31,10 @@ import mlx.core as mx
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from . import cli, pipeline
-from .cache import check_kv_quantization
-from .loading import load
+from . import cli
+from .cache.latent import check_kv_quantization
+from .distributed import pipeline
+from .model.loading import load
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

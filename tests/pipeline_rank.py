@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_mla import pipeline
+from mlx_mla.distributed import pipeline
 
 
 def stall(out: Path, fault: str):

@@ -3,7 +3,7 @@
 import pytest
 
 from mlx_mla import ConfigError, ModelArgs
-from mlx_mla.model import Model
+from mlx_mla.model.decoder import Model
 
 MLA = dict(
     vocab_size=64,

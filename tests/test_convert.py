@@ -408,7 +408,7 @@ def fp8_checkpoint(checkpoints, tmp_path_factory):
 
 
 def test_fp8_block_weights_are_dequantised_as_the_reference_computes(fp8_checkpoint, tmp_path):
-    from mlx_mla.model import sanitize
+    from mlx_mla.model.decoder import sanitize
 
     path, reference = fp8_checkpoint
     assert any("kv_b_proj" in n for n in reference) and any("experts.3" in n for n in reference)

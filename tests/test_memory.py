@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_mla import memory
-from mlx_mla.cache import QuantizedLatentCache
+from mlx_mla.cache.latent import QuantizedLatentCache
 from mlx_mla.memory import (
     CLAIMS,
     PRESETS,

@@ -11,7 +11,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import mlx_mla
 from mlx_mla import LatentCache
-from mlx_mla.cache import ExpandedKVCache
+from mlx_mla.cache.latent import ExpandedKVCache
 
 TOL = 1e-4
 LAYOUTS = ("original", "transformers5")
@@ -239,7 +239,7 @@ def test_kimi_k2_checkpoint_runs_as_deepseek_v3(checkpoints, tmp_path):
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_quantized_latent_cache_decodes_every_family_close_to_float(checkpoints, name):
     """8-bit latent cache (k_pe float) after a float prefill, against the float cache."""
-    from mlx_mla.cache import QuantizedLatentCache
+    from mlx_mla.cache.latent import QuantizedLatentCache
 
     path, _ = checkpoints[name, "original"]
     model = mlx_mla.load_model(path)

@@ -22,9 +22,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 
 import mlx_mla
-from mlx_mla import ModelArgs, pipeline, stages
+from mlx_mla import ModelArgs
 from mlx_mla.convert import convert
-from mlx_mla.loading import read_config, weight_files
+from mlx_mla.distributed import pipeline, stages
+from mlx_mla.model.loading import read_config, weight_files
 
 LAYERS = 4
 PROMPT = [1, 10, 20, 30, 40, 50]

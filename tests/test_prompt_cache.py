@@ -8,7 +8,7 @@ from mlx_lm.generate import generate_step
 from test_cli import generated_text, run
 
 import mlx_mla
-from mlx_mla import prompt_cache
+from mlx_mla.cache import prompt_cache
 
 DOC = "Once upon a time, in a quiet town, there lived a baker. " * 3
 
@@ -52,7 +52,7 @@ def test_generation_after_loading_a_file_equals_generation_from_the_cache_it_sav
 
 
 def test_a_quantized_cache_round_trips_through_a_file(model_dir, tmp_path):
-    from mlx_mla.cache import QuantizedLatentCache
+    from mlx_mla.cache.latent import QuantizedLatentCache
 
     model, tokenizer = mlx_mla.load(model_dir)
     kv = {"kv_bits": 8, "kv_group_size": 32}

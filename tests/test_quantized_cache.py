@@ -9,7 +9,12 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt_cache
 
 from mlx_mla import Model, ModelArgs, memory
-from mlx_mla.cache import LatentCache, QuantizationError, QuantizedLatent, QuantizedLatentCache
+from mlx_mla.cache.latent import (
+    LatentCache,
+    QuantizationError,
+    QuantizedLatent,
+    QuantizedLatentCache,
+)
 from mlx_mla.cli import DEFAULT_MODEL as DEMO_MODEL
 
 # Head dims that group sizes 32 and 64 divide (kv_lora 64, nope + rope 32, v 32); rope 8 cannot

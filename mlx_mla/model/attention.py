@@ -19,7 +19,7 @@ from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .cache import QuantizedLatent, check_quantizable, quantized_dims
+from ..cache.latent import QuantizedLatent, check_quantizable, quantized_dims
 from .config import ModelArgs
 
 ATTENTION_MODES = ("mla", "mha")

@@ -27,10 +27,11 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.models.base import create_attention_mask
 
-from . import memory, stages
-from .config import ModelArgs
-from .errors import CheckpointError, MLAError
-from .loading import (
+from .. import memory
+from ..errors import CheckpointError, MLAError
+from ..model.config import ModelArgs
+from ..model.decoder import DecoderLayer, Model
+from ..model.loading import (
     SMALL_FILES,
     fill,
     read_config,
@@ -40,7 +41,7 @@ from .loading import (
     tokenizer_of,
     weight_files,
 )
-from .model import DecoderLayer, Model
+from . import stages
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 LOAD_ERRORS = (MLAError, OSError, ValueError)

@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
 ROPE_TYPES = ("default", "yarn")
 POSITIVE_FIELDS = (

@@ -6,10 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
+from ..cache.latent import ExpandedKVCache, LatentCache
+from ..errors import ConfigError
 from .attention import ATTENTION_MODES, Attention
-from .cache import ExpandedKVCache, LatentCache
 from .config import ModelArgs
-from .errors import ConfigError
 from .moe import MLP, MoE
 
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, create_attention_mask
 
-from .errors import MLAError
+from ..errors import MLAError
 
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts, and its bit widths:
 KV_BITS = (1, 2, 3, 4, 5, 6, 8)

@@ -13,9 +13,9 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import infer_quant_config
 
+from ..errors import BadArgumentError, CheckpointError, ConfigError
 from .config import ModelArgs, check_types
-from .errors import BadArgumentError, CheckpointError, ConfigError
-from .model import Model, sanitize
+from .decoder import Model, sanitize
 
 # *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
 # A tokenizer needs one of these; tokenizer_config.json adds its special tokens and chat template.

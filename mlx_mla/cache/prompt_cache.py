@@ -14,8 +14,8 @@ import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from .errors import MLAError
-from .loading import resolve, weight_files
+from ..errors import MLAError
+from ..model.loading import resolve, weight_files
 
 FORMAT = "mlx_mla prompt cache 1"
 SUFFIX = ".safetensors"
