@@ -317,13 +317,13 @@ def test_two_ranks_on_a_hub_id_plan_from_the_small_files_and_download_only_their
     assert ranks[0]["layers"][1] == LAYERS and ranks[1]["layers"][0] == 0
 
 
-def start_server_ranks(checkpoint, attention, log: Path):
+def start_server_ranks(checkpoint, attention, log: Path, *flags):
     """`server --pipeline` on two ranks in a process group of their own; its URL. Its stdin is
     a pipe the caller keeps open (see `launch`)."""
     read, write = os.pipe()
     command = launch_command(
         *["-m", "mlx_mla.server", "--pipeline", "--model", str(checkpoint)],
-        *["--attention", attention, "--port", "0"],
+        *["--attention", attention, "--port", "0", *flags],
     )
     process = subprocess.Popen(
         command,
@@ -358,18 +358,17 @@ def group_ends(process, timeout: float) -> bool:
 
 
 def rank_pids(process) -> dict[int, int]:
-    """{rank: pid} of the ranks mlx.launch started (their MLX_RANK)."""
+    """{rank: pid} of the ranks mlx.launch started: the processes of its group with MLX_RANK."""
     pids = {}
-    for pid in subprocess.run(
-        ["pgrep", "-g", str(process.pid)], capture_output=True, text=True
-    ).stdout.split():
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            group = int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[2])
+            environ = proc.joinpath("environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
             continue
-        for entry in environ:
-            if entry.startswith(b"MLX_RANK="):
-                pids[int(entry.split(b"=")[1])] = int(pid)
+        ranks = [e for e in environ if e.startswith(b"MLX_RANK=")]
+        if group == process.pid and ranks:
+            pids[int(ranks[0].split(b"=")[1])] = int(proc.name)
     return pids
 
 
@@ -429,10 +428,18 @@ def test_server_over_two_ranks_answers_like_one_process_and_ctrl_c_ends_every_ra
     assert all("bin/mlx.launch" in t.splitlines()[1] for t in tracebacks[1:]), tracebacks
 
 
-def test_server_rank_that_dies_ends_the_other_with_one_line(checkpoint, tmp_path):
+def test_idle_server_outlives_its_timeout_and_a_rank_that_dies_ends_the_other_with_one_line(
+    checkpoint, tmp_path
+):
+    openai = pytest.importorskip("openai")
     log = tmp_path / "stderr.log"
-    process, url = start_server_ranks(checkpoint, "mla", log)
+    process, url = start_server_ranks(checkpoint, "mla", log, "--pipeline-timeout", "3")
     try:
+        time.sleep(6)  # no request: waiting for one is no hang
+        assert process.poll() is None and len(rank_pids(process)) == 2, log.read_text()
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        reply = client.completions.create(model="default_model", prompt="Hi", max_tokens=4)
+        assert reply.choices[0].text
         os.kill(rank_pids(process)[1], signal.SIGKILL)
         assert group_ends(process, 60), "rank 0 went on serving without rank 1"
     finally:
