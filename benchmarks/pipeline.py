@@ -12,7 +12,6 @@ and the bytes it sent per token.
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from benchmarks import common
 from mlx_mla import Model, ModelArgs
 from mlx_mla.cli import DEFAULT_MODEL
 
@@ -126,12 +126,10 @@ def main():
         one = parse(run(generate))
         launcher = shutil.which("mlx.launch") or sys.exit("mlx.launch is not installed")
         two = parse(run([launcher, "--backend", "ring", "-n", "2", "--", *generate]))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, MLX CPU"
-    if not mx.metal.is_available():
-        machine += " (shared 2-core box: other jobs ran beside this one)"
+    machine = common.machine_info()  # the load average says whether other jobs ran beside it
+    machine["openblas_num_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
     result = {
         "machine": machine,
-        "mlx": mx.__version__,
         "weights_bytes": total,
         "same_text": one["text"] == two["text"],
         "one": one,
@@ -147,7 +145,9 @@ def main():
                 f"  rank {r['rank']}: layers {r['layers']}, weights {r['weights']}, cache "
                 f"{r['cache']}, peak {r['peak_gb']:.3f} GB, sent {r['sent_per_token']} B/token"
             )
-    print(f"same text: {result['same_text']}; {machine}; mlx {mx.__version__}")
+    print(f"same text: {result['same_text']}")
+    print(common.format_machine(machine))
+    print(f"OPENBLAS_NUM_THREADS: {machine['openblas_num_threads'] or 'unset'}")
     Path(args.out).mkdir(exist_ok=True)
     (Path(args.out) / "pipeline.json").write_text(json.dumps(result, indent=2))
 

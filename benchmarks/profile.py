@@ -61,8 +61,8 @@ def attention_alone(models, cfg, expander, context, repeats) -> dict:
 
 
 def latent_ops(model, cfg, context, repeats) -> dict:
-    """The absorbed path of mlx_mla.model.attention op by op, on random inputs of the same shapes; the
-    last line is the softmax it replaced, for comparison (not part of the sum)."""
+    """The absorbed path of mlx_mla.model.attention op by op, on random inputs of the same
+    shapes; the last line is the softmax it replaced, for comparison (not part of the sum)."""
     attn = model.model.layers[0].self_attn
     H, kv, rope = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
     keys = mx.random.split(mx.random.key(4), 5)
