@@ -473,3 +473,22 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective_at_once(checkpoint, tmp_pat
         "error: rank 1 stopped: another rank ended",
     ], result.stderr
     assert seconds < 2 + 3  # rank 1 sends the SIGTERM 2 s after it stalls
+
+
+def test_ranks_end_when_mlx_launch_is_killed(checkpoint, tmp_path):
+    process, url = start_server_ranks(checkpoint, "mla", tmp_path / "stderr.log")
+    try:
+        ranks = rank_pids(process)
+        assert len(ranks) == 2
+        process.kill()  # mlx.launch leaves its ranks running; each notices its parent gone
+        process.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(
+            Path(f"/proc/{p}").exists() for p in ranks.values()
+        ):
+            time.sleep(0.2)
+        assert not [p for p in ranks.values() if Path(f"/proc/{p}").exists()], "orphaned ranks"
+    finally:
+        os.close(process.stdin_pipe)
+        if any(Path(f"/proc/{p}").exists() for p in rank_pids(process).values()):
+            os.killpg(process.pid, signal.SIGKILL)

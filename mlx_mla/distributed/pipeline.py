@@ -289,11 +289,13 @@ def gather(group, values: list[float]) -> list[list[float]]:
 class Watchdog:
     """Ends this rank with one line, from a thread, even while the main thread is blocked in an
     MLX collective (which releases the GIL but never returns to Python, where signal handlers
-    run): when mlx.launch sends SIGTERM because another rank ended, and, once `progress` arms it,
-    when `timeout` seconds pass without another `progress` (0: never)."""
+    run): when mlx.launch sends SIGTERM because another rank ended, when mlx.launch itself is
+    gone (killed, it leaves its ranks running), and, once `progress` arms it, when `timeout`
+    seconds pass without another `progress` (0: never)."""
 
     def __init__(self, rank: int, timeout: float):
         self.rank, self.timeout, self.deadline = rank, timeout, None
+        self.launcher = os.getppid()
         self.wakeup, self.signals = socket.socketpair()
         self.signals.setblocking(False)
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -312,6 +314,8 @@ class Watchdog:
             ready, _, _ = select.select([self.wakeup], [], [], 1.0)
             if ready and signal.SIGTERM in self.wakeup.recv(64):
                 self.end(f"error: rank {self.rank} stopped: another rank ended")
+            if os.getppid() != self.launcher:
+                self.end(f"error: rank {self.rank} stopped: its launcher ended")
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.end(
                     f"error: rank {self.rank}: no progress from the pipeline for "
@@ -320,7 +324,10 @@ class Watchdog:
 
     @staticmethod
     def end(line: str):
-        print(line, file=sys.stderr, flush=True)
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:  # mlx.launch, which read our output through a pipe, may be gone
+            pass
         os._exit(2)
 
 
