@@ -58,12 +58,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(*command) -> list[str]:
-    """mlx.launch running `python *command` as two ranks on 127.0.0.1 over the ring backend."""
+def launch_command(*command, ranks: int = 2) -> list[str]:
+    """mlx.launch running `python *command` as `ranks` ranks on 127.0.0.1 over the ring backend."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.fail("mlx.launch is not installed (it comes with mlx): cannot test pipelining")
-    return [launcher, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1"] + [
+    return [launcher, "--backend", "ring", "-n", str(ranks), "--hosts", "127.0.0.1"] + [
         "--starting-port",
         str(free_port()),
         "--",
@@ -81,13 +81,13 @@ def rank_environment() -> dict:
     }
 
 
-def launch(*command, stdin: str = "", timeout=180) -> subprocess.CompletedProcess:
-    """Two ranks run to their end. mlx.launch never passes end of input on to the ranks (and
+def launch(*command, stdin: str = "", timeout=180, ranks=2) -> subprocess.CompletedProcess:
+    """The ranks run to their end. mlx.launch never passes end of input on to the ranks (and
     spins on it), so their stdin is a pipe held open until they are done. Past `timeout` the
     test fails, and the ranks are killed with mlx.launch (their process group)."""
     read, write = os.pipe()
     os.write(write, stdin.encode())
-    command = launch_command(*command)
+    command = launch_command(*command, ranks=ranks)
     try:
         with subprocess.Popen(
             command,
@@ -194,7 +194,7 @@ def test_every_family_layout_and_a_quantized_checkpoint_give_the_single_process_
             assert json.loads(f.read_text())["tokens"] == expected, folder
 
 
-def test_generate_cli_with_pipeline_stages_prints_the_single_process_text(checkpoint):
+def test_generate_cli_over_two_and_three_ranks_prints_the_single_process_text(checkpoint):
     args = ["--model", str(checkpoint), "--prompt", "Hello", "--max-tokens", "10"]
     single = subprocess.run(
         [sys.executable, "-m", "mlx_mla.generate", *args], capture_output=True, text=True
@@ -204,6 +204,10 @@ def test_generate_cli_with_pipeline_stages_prints_the_single_process_text(checkp
     text = single.stdout.split("\n==========")[0]
     assert piped.stdout.split("\n==========")[0] == text, piped.stdout + piped.stderr
     assert "rank 0: layers 3-3" in piped.stdout and "rank 1: layers 0-2" in piped.stdout
+
+    three = launch("-m", "mlx_mla.generate", *args, "--pipeline", ranks=3)
+    assert three.stdout.split("\n==========")[0] == text, three.stdout + three.stderr
+    assert [f"rank {r}: layers" in three.stdout for r in range(3)] == [True] * 3
 
 
 def test_a_rank_that_cannot_load_its_part_ends_every_rank_with_one_line(checkpoint, tmp_path):
