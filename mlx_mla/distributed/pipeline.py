@@ -65,7 +65,8 @@ class StageLayers(nn.Module):
 
 class Stage(nn.Module):
     """Decoder layers `layers` of a Model on one rank of `group`: `stage(tokens, cache) -> logits`
-    on rank 0; on the other ranks a (B, L, 1) placeholder that carries the send to the next rank."""
+    on rank 0; on the other ranks a (B, L, 1) placeholder that carries the send to the next rank,
+    or, with `logits_on_every_rank`, rank 0's logits."""
 
     def __init__(self, args: ModelArgs, attention: str, layers: range, group):
         super().__init__()
@@ -254,25 +255,10 @@ def stream_generate(model: Stage, tokenizer, prompt, sampler=None, prompt_cache=
     goes to every rank, and rank 0's `sampler` (greedy by default) picks each token for all."""
     prompt = broadcast(model.group, prompt if model.rank == 0 else None)
     sample = broadcast_sampler(sampler or (lambda x: mx.argmax(x, axis=-1)), model.group)
-    on_prompt = kwargs.pop("prompt_progress_callback", None)
-
-    def prompt_progress(done: int, total: int):
-        progress()
-        if on_prompt is not None:
-            on_prompt(done, total)
-
     try:
-        for response in mlx_lm_stream_generate(
-            model,
-            tokenizer,
-            prompt,
-            sampler=sample,
-            prompt_cache=prompt_cache,
-            prompt_progress_callback=prompt_progress,
-            **kwargs,
-        ):
-            progress()
-            yield response
+        yield from mlx_lm_stream_generate(
+            model, tokenizer, prompt, sampler=sample, prompt_cache=prompt_cache, **kwargs
+        )
         # mlx-lm computes one step ahead: let it finish before any other collective runs
         mx.synchronize(generation_stream)
     except RuntimeError as e:
@@ -335,7 +321,8 @@ watchdog: Watchdog | None = None
 
 
 def watch(rank: int, timeout: float) -> Watchdog:
-    """Start this process's Watchdog; `load` arms it, each prefill chunk and token rearms it."""
+    """Start this process's Watchdog; `load` arms it, each step of the stage (a prefill chunk,
+    a token) rearms it."""
     global watchdog
     watchdog = Watchdog(rank, timeout)
     return watchdog
