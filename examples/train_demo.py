@@ -1,8 +1,12 @@
-"""Train a small DeepSeek-V2 (MLA, YaRN, DeepSeekMoE) on tinyshakespeare, save a HF checkpoint.
+"""Train a small DeepSeek-V2 (MLA, YaRN, DeepSeekMoE) with a DeepSeek-V3-style multi-token
+prediction (MTP) layer on tinyshakespeare, save a HF checkpoint.
 
-    python examples/train_demo.py                    # about 40 minutes on 2 CPU cores
+    python examples/train_demo.py                    # about 80 minutes on 2 CPU cores
 
-The last 10% of the text is held out: the tokenizer and the model see only the first 90%.
+The last 10% of the text is held out: the tokenizer and the model see only the first 90%. Most steps
+train on `--short-context` windows (cheap), the last `--long-fraction` on the whole `--context`, so
+the model holds the context it claims. The MTP layer is saved as DeepSeek-V3 ships it: decoder layer
+`num_hidden_layers` with `enorm`, `hnorm`, `eh_proj`, `shared_head` and its own `embed_tokens`.
 """
 
 import argparse
@@ -18,8 +22,14 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer, DeepseekV2Config, DeepseekV2ForCausalLM, LlamaTokenizer
+from transformers.masking_utils import create_causal_mask
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+    DeepseekV2DecoderLayer,
+    DeepseekV2RMSNorm,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared/data/tinyshakespeare.txt"
@@ -41,17 +51,27 @@ def setup_arg_parser():
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=260)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--short-context", type=int, default=256)
+    p.add_argument("--long-fraction", type=float, default=0.15, help="share of steps on --context")
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--aux-loss-alpha", type=float, default=0.01)
+    # DeepSeek-V3's report: MTP loss weight 0.3 for the first 10T of 14.8T tokens, then 0.1
+    p.add_argument("--mtp-weight", type=float, nargs=2, default=(0.3, 0.1))
+    p.add_argument(
+        "--mtp-switch", type=float, default=10 / 14.8, help="share of steps at the first"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads; 1 where other work shares the CPU"
+    )
     return p
 
 
@@ -125,7 +145,60 @@ def make_config(vocab_size, context):
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        num_nextn_predict_layers=1,
     )
+
+
+class MTPLayer(torch.nn.Module):
+    """DeepSeek-V3's MTP module: from the main model's final-norm hidden state h_i and the embedding
+    of token i+1, predict token i+2 through one more decoder layer. Embedding and output head are
+    the main model's (shared, as in V3); the checkpoint stores copies under the layer's names."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        hidden = config.hidden_size
+        self.enorm = DeepseekV2RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.hnorm = DeepseekV2RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.eh_proj = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        self.layer = DeepseekV2DecoderLayer(config, layer_idx)
+        self.norm = DeepseekV2RMSNorm(hidden, eps=config.rms_norm_eps)  # shared_head.norm
+        self.layer_idx = layer_idx
+        torch.nn.init.normal_(self.eh_proj.weight, std=config.initializer_range)
+        for name, w in self.layer.named_parameters():
+            if w.dim() >= 2:
+                torch.nn.init.normal_(w, std=config.initializer_range)
+            elif "norm" in name:
+                torch.nn.init.ones_(w)
+
+    def forward(self, model, hidden, next_tokens):
+        """hidden (B, T, D) at positions 0..T-1, next_tokens (B, T): tokens 1..T -> logits (B, T, V)
+        for tokens 2..T+1."""
+        x = torch.cat([self.enorm(model.model.embed_tokens(next_tokens)), self.hnorm(hidden)], -1)
+        x = self.eh_proj(x)
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
+        mask = create_causal_mask(
+            config=model.config,
+            inputs_embeds=x,
+            attention_mask=None,
+            cache=None,
+            position_ids=positions,
+        )
+        rope = model.model.rotary_emb(x, positions)
+        x = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        return model.lm_head(self.norm(x))
+
+    def checkpoint_tensors(self, model):
+        prefix = f"model.layers.{self.layer_idx}."
+        out = {prefix + k: v for k, v in self.layer.state_dict().items()}
+        out |= {
+            prefix + "enorm.weight": self.enorm.weight,
+            prefix + "hnorm.weight": self.hnorm.weight,
+            prefix + "eh_proj.weight": self.eh_proj.weight,
+            prefix + "shared_head.norm.weight": self.norm.weight,
+            prefix + "shared_head.head.weight": model.lm_head.weight,
+            prefix + "embed_tokens.weight": model.model.embed_tokens.weight,
+        }
+        return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def get_batch(data, batch_size, context, gen):
@@ -143,6 +216,32 @@ def balance_loss(router_logits, top_k):
         chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, -1).indices, 1.0)
         loss = loss + (chosen.mean(0) * probs.mean(0)).sum() * probs.shape[-1] / top_k
     return loss / len(router_logits)
+
+
+def context_at(step, args):
+    return args.context if step >= args.steps * (1 - args.long_fraction) else args.short_context
+
+
+def mtp_weight_at(step, args):
+    return args.mtp_weight[0] if step < args.steps * args.mtp_switch else args.mtp_weight[1]
+
+
+@torch.no_grad()
+def mtp_accuracy(model, mtp, data, context, batch_size=4):
+    """Share of held-out positions where the MTP layer's greedy token equals the one two ahead."""
+    model.eval()
+    n = (len(data) - 2) // context
+    hits = total = 0
+    for i in range(0, n, batch_size):
+        x = torch.stack(
+            [data[j * context : (j + 1) * context + 2] for j in range(i, min(n, i + batch_size))]
+        )
+        hidden = model.model(x[:, :-2]).last_hidden_state
+        logits = mtp(model, hidden, x[:, 1:-1])
+        hits += (logits.argmax(-1) == x[:, 2:]).sum().item()
+        total += logits.shape[0] * logits.shape[1]
+    model.train()
+    return hits / total
 
 
 def lr_at(step, args):
@@ -181,7 +280,7 @@ def main():
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
     text = args.data.read_text(encoding="utf-8")
@@ -193,27 +292,29 @@ def main():
 
     config = make_config(sp.vocab_size(), args.context)
     model = DeepseekV2ForCausalLM(config).float()
+    mtp = MTPLayer(config, config.num_hidden_layers).float()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"parameters: {n_params:,}")
+    n_mtp = sum(p.numel() for p in mtp.parameters())
+    print(f"parameters: {n_params:,} (+ {n_mtp:,} in the MTP layer)")
     # weight decay on matrices and embeddings, not on norms
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    norms = [p for p in model.parameters() if p.dim() < 2]
+    params = [*model.parameters(), *mtp.parameters()]
+    decay = [p for p in params if p.dim() >= 2]
+    norms = [p for p in params if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": args.weight_decay},
         {"params": norms, "weight_decay": 0},
     ]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
-    batch_size = args.batch_tokens // args.context
     report = {
         "parameters": n_params,
+        "mtp_parameters": n_mtp,
         "train_tokens": len(train_data),
         "eval_tokens": len(eval_data),
         "train_chars": split,
         "eval_chars": len(text) - split,
         "tokenizer": {"type": "sentencepiece bpe, byte_fallback", "vocab_size": sp.vocab_size()},
-        "batch_size": batch_size,
-        "tokens_per_step": batch_size * args.context,
+        "tokens_per_step": args.batch_tokens,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -223,6 +324,8 @@ def main():
     def checkpoint(steps_done):
         """Save, so that a run stopped early still leaves a usable checkpoint."""
         model.save_pretrained(args.out)
+        weights = args.out / "model.safetensors"
+        save_file(load_file(weights) | mtp.checkpoint_tensors(model), weights, {"format": "pt"})
         report.update(steps_done=steps_done, train_minutes=(time.time() - start) / 60)
         (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -232,28 +335,38 @@ def main():
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        x, y = get_batch(train_data, batch_size, args.context, gen)
-        out = model(x, output_router_logits=True)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+        context = context_at(step, args)
+        x, y = get_batch(train_data, args.batch_tokens // context, context + 1, gen)
+        out = model.model(x[:, :-1], output_router_logits=True)
+        hidden = out.last_hidden_state  # (B, T, D), after the final norm
+        loss = F.cross_entropy(model.lm_head(hidden).flatten(0, 1), y[:, :-1].flatten())
+        mtp_logits = mtp(model, hidden[:, :-1], x[:, 1:-1])  # token i+1 with h_i -> token i+2
+        mtp_loss = F.cross_entropy(mtp_logits.flatten(0, 1), y[:, 1:-1].flatten())
         aux = balance_loss(out.router_logits, config.num_experts_per_tok)
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_loss_alpha * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + mtp_weight_at(step, args) * mtp_loss + args.aux_loss_alpha * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", balance=f"{aux.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.3f}", mtp=f"{mtp_loss.item():.3f}", refresh=False)
         if step % 50 == 0 or step == args.steps - 1:
-            tqdm.write(f"step {step:5d}  loss {loss.item():.4f}  balance {aux.item():.3f}")
+            tqdm.write(
+                f"step {step:5d}  context {context}  loss {loss.item():.4f}  "
+                f"mtp {mtp_loss.item():.4f}  balance {aux.item():.3f}"
+            )
         if (step + 1) % args.save_every == 0 and step != args.steps - 1:
             checkpoint(step + 1)
 
     checkpoint(args.steps)
     eval_loss, by_part = evaluate(model, eval_data, args.context)
+    mtp.eval()
     report.update(
+        held_out_mtp_accuracy=mtp_accuracy(model, mtp, eval_data, args.context),
         held_out_loss=eval_loss,
         held_out_perplexity=math.exp(eval_loss),
         held_out_perplexity_by_position=position_report(by_part, args.context),
     )
     print(f"held-out loss {eval_loss:.4f}  perplexity {math.exp(eval_loss):.2f}")
+    print(f"held-out MTP accuracy (token i+2): {report['held_out_mtp_accuracy']:.3f}")
     for span, ppl in report["held_out_perplexity_by_position"].items():
         print(f"  tokens {span}: perplexity {ppl:.2f}")
     model = DeepseekV2ForCausalLM.from_pretrained(args.out, dtype=torch.float32)

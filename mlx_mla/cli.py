@@ -13,6 +13,8 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from .cache.latent import GROUP_SIZES, KV_BITS, check_kv_quantization
 from .errors import BadArgumentError, MLAError
 from .model.attention import ATTENTION_MODES
+from .model.loading import load
+from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DRAFTERS, check_draft_tokenizer, make_drafter
 from .startup import EXIT_INTERRUPTED, exit_interrupted
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")
@@ -144,6 +146,55 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser):
         default=DEFAULT_PIPELINE_TIMEOUT,
         help="seconds without a prefill chunk or token before a rank ends them all; 0: never",
     )
+
+
+def add_draft_arguments(parser: argparse.ArgumentParser):
+    """Speculative decoding, named as mlx-lm (--draft-model, --num-draft-tokens) and llama.cpp
+    (--draft-min) name it."""
+    parser.add_argument(
+        "--draft",
+        choices=DRAFTERS,
+        default=None,
+        help="draft with the checkpoint's MTP layer, or by n-gram lookup in the prompt and reply",
+    )
+    parser.add_argument("--draft-model", default=None, help="draft with this smaller model")
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=positive_int,
+        default=DEFAULT_NUM_DRAFT_TOKENS,
+        help="the most tokens drafted a step; fewer (down to --draft-min) where they do not pay",
+    )
+    parser.add_argument(
+        "--draft-min",
+        type=nonnegative_int,
+        default=0,
+        help="the fewest tokens drafted a step; --draft-min N --num-draft-tokens N holds it at N",
+    )
+
+
+def check_draft_arguments(num_draft_tokens: int, draft_min: int):
+    for name, value in (("num_draft_tokens", num_draft_tokens), ("draft_min", draft_min)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadArgumentError(f"{name} must be a whole number, not {value!r}")
+    if draft_min > num_draft_tokens:
+        raise BadArgumentError(
+            f"--draft-min {draft_min} is more than --num-draft-tokens {num_draft_tokens}"
+        )
+
+
+def refuse_draft_with_pipeline(args: argparse.Namespace):
+    if args.draft or args.draft_model:
+        fail("speculative decoding (--draft, --draft-model) does not run with --pipeline yet")
+
+
+def load_drafter(args: argparse.Namespace, model, tokenizer):
+    """The drafter the --draft flags ask for (None without them), checked before generating."""
+    check_draft_arguments(args.num_draft_tokens, args.draft_min)
+    draft_model = None
+    if args.draft_model is not None:
+        draft_model, draft_tokenizer = load(args.draft_model, attention=args.attention)
+        check_draft_tokenizer(tokenizer, draft_tokenizer)
+    return make_drafter(model, args.draft, draft_model)
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):

@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory
+from . import cli, memory, speculative
 from .cache import prompt_cache
 from .cache.latent import QUANTIZED_CACHES
 from .distributed import pipeline
@@ -106,11 +106,17 @@ def generate(
     chat_template: bool = True,
     on_text=None,
     cache: list | None = None,
+    drafter=None,
+    num_draft_tokens: int = speculative.DEFAULT_NUM_DRAFT_TOKENS,
+    draft_min: int = 0,
+    stats: speculative.SpeculativeStats | None = None,
     **cache_options,
 ):
     """Generate a reply, calling `on_text(segment)` as it streams; `cache` (e.g. from a prompt-cache
     file) holds tokens the prompt continues. `cache_options` go to mlx-lm's generate_step:
-    kv_bits, kv_group_size, quantized_kv_start, prefill_step_size.
+    kv_bits, kv_group_size, quantized_kv_start, prefill_step_size. With a `drafter`
+    (speculative.make_drafter), decoding is speculative, drafting between `draft_min` and
+    `num_draft_tokens` tokens a step, and `stats` (a SpeculativeStats) counts the drafts.
 
     Returns the text, the last mlx-lm GenerationResponse and the cache.
     """
@@ -130,17 +136,33 @@ def generate(
         raise BadArgumentError("the prompt is empty: there is nothing to continue")
     used = cache[0].offset + len(tokens)
     max_tokens = fit_context(model.args.max_position_embeddings, used, max_tokens)
-    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p)
+    if drafter is None:
+        responses = stream_generate(
+            model,
+            tokenizer,
+            tokens,
+            max_tokens=max_tokens,
+            sampler=make_sampler(temp=temp, top_p=top_p, min_p=min_p),
+            prompt_cache=cache,
+            **cache_options,
+        )
+    else:
+        cli.check_draft_arguments(num_draft_tokens, draft_min)
+        responses = speculative.stream_generate(
+            model,
+            tokenizer,
+            tokens,
+            drafter,
+            max_tokens=max_tokens,
+            sampling=speculative.Sampling(temp, top_p, min_p),
+            prompt_cache=cache,
+            num_draft_tokens=num_draft_tokens,
+            draft_min=draft_min,
+            stats=stats,
+            **cache_options,
+        )
     text, response = "", None
-    for response in stream_generate(
-        model,
-        tokenizer,
-        tokens,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        prompt_cache=cache,
-        **cache_options,
-    ):
+    for response in responses:
         text += response.text
         if on_text:
             on_text(response.text)
@@ -161,6 +183,7 @@ def setup_arg_parser():
         "--prompt-cache-file", help="continue from this cache (see mlx_mla.cache_prompt)"
     )
     cli.add_pipeline_arguments(parser)
+    cli.add_draft_arguments(parser)
     return parser
 
 
@@ -216,11 +239,17 @@ def pipeline_main(args):
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.pipeline:
+        cli.refuse_draft_with_pipeline(args)
         return pipeline_main(args)
     prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
     model, tokenizer = load(
-        args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+        args.model,
+        attention=args.attention,
+        trust_remote_code=args.trust_remote_code,
+        mtp=args.draft == "mtp",
     )
+    drafter = cli.load_drafter(args, model, tokenizer)
+    stats = speculative.SpeculativeStats()
     options = cli.cache_options(args, model)
     cache = None
     if args.prompt_cache_file:
@@ -246,9 +275,15 @@ def _main(argv=None):
         chat_template=args.chat_template,
         on_text=lambda t: print(t, end="", flush=True),
         cache=cache,
+        drafter=drafter,
+        num_draft_tokens=args.num_draft_tokens,
+        draft_min=args.draft_min,
+        stats=stats,
         **options,
     )
     print_report(response)
+    if drafter is not None:
+        print(stats.line())
     print(format_cache_stats(cache_stats(model, cache)))
 
 

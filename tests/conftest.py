@@ -173,7 +173,8 @@ def add_mtp_layers(path, config):
         for name, value in load_file(path / shard).items():
             if name.startswith(f"model.layers.{last}."):
                 for i in range(config.num_nextn_predict_layers):
-                    mtp[name.replace(f".{last}.", f".{last + 1 + i}.")] = value.clone()
+                    rest = name.removeprefix(f"model.layers.{last}.")
+                    mtp[f"model.layers.{last + 1 + i}.{rest}"] = value.clone()
     for i in range(config.num_nextn_predict_layers):
         prefix = f"model.layers.{last + 1 + i}."
         mtp[prefix + "eh_proj.weight"] = torch.randn(config.hidden_size, 2 * config.hidden_size)

@@ -223,8 +223,8 @@ class ModelArgs:
         """GLM's mlp_layer_types when given, else first_k_dense_replace and moe_layer_freq."""
         if not self.n_routed_experts:
             return False
-        if self.mlp_layer_types is not None:
-            return self.mlp_layer_types[layer_idx] == "sparse"
+        if self.mlp_layer_types is not None and layer_idx < len(self.mlp_layer_types):
+            return self.mlp_layer_types[layer_idx] == "sparse"  # not the MTP layers past them
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     def validate(self):

@@ -1,4 +1,5 @@
-"""The one MLA decoder of every family: attention, DeepSeekMoE, and the checkpoint transforms."""
+"""The one MLA decoder of every family: attention, DeepSeekMoE, the multi-token-prediction (MTP)
+layer the checkpoints ship for drafting, and the checkpoint transforms."""
 
 import re
 
@@ -29,6 +30,38 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3's MTP module, checkpoint layer `num_hidden_layers + i`: from the main model's
+    hidden state h_t (after its final norm) and the embedding of token t+1 it predicts token t+2,
+        logits = shared_head(layer(eh_proj([enorm(embed(t+1)); hnorm(h_t)])))
+    as llama.cpp's `deepseek2.cpp`, vLLM's `deepseek_mtp.py` and SGLang's `deepseek_nextn.py` do.
+    Its decoder layer is an ordinary one, with a latent cache of its own."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int, attention: str):
+        super().__init__(args, layer_idx, attention)
+        self.enorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.shared_head = SharedHead(args)
+
+    def __call__(self, hidden: mx.array, tokens: mx.array, cache=None):
+        """hidden (B, L, D) at positions p..p+L-1, tokens (B, L) at p+1..p+L -> the layer's
+        output (B, L, D), which a chained draft feeds back as `hidden`, and the logits of the
+        tokens at p+2..p+L+1, (B, L, vocab)."""
+        x = mx.concatenate([self.enorm(self.embed_tokens(tokens)), self.hnorm(hidden)], axis=-1)
+        x = self.eh_proj(x)
+        h = super().__call__(x, create_attention_mask(x, cache), cache)
+        return h, self.shared_head.head(self.shared_head.norm(h))
+
+
 class DecoderModel(nn.Module):
     def __init__(self, args: ModelArgs, attention: str):
         super().__init__()
@@ -46,35 +79,45 @@ class DecoderModel(nn.Module):
 
 
 class Model(nn.Module):
-    """`model(tokens, cache=None) -> logits`, with the cache layout chosen by `attention`."""
+    """`model(tokens, cache=None) -> logits`, with the cache layout chosen by `attention`; with
+    `mtp`, also the checkpoint's MTP layers (`model.mtp`), which only drafting uses."""
 
-    def __init__(self, args: ModelArgs, attention: str = "mla"):
+    def __init__(self, args: ModelArgs, attention: str = "mla", mtp: bool = False):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ConfigError(f"attention {attention!r} is not one of {', '.join(ATTENTION_MODES)}")
+        if mtp and not args.num_nextn_predict_layers:
+            raise ConfigError("the model has no MTP layer (num_nextn_predict_layers is 0)")
         self.args = args
         self.attention = attention
         self.model_type = args.model_type
         self.model = DecoderModel(args, attention)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        first = args.num_hidden_layers
+        n = args.num_nextn_predict_layers if mtp else 0
+        self.mtp = [MTPLayer(args, first + i, attention) for i in range(n)]
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        h = self.model(inputs, cache, input_embeddings)
+        return self.logits(self.model(inputs, cache, input_embeddings))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The head applied to final-norm hidden states (what `model.model` returns)."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
 
     @property
     def layers(self):
         return self.model.layers
 
-    def make_cache(self) -> list:
+    def make_cache(self, layers=None) -> list:
+        """One cache per layer of `layers` (default: the decoder's; `model.mtp` for the MTP's)."""
         cache_class = LatentCache if self.attention == "mla" else ExpandedKVCache
-        return [cache_class() for _ in self.layers]
+        return [cache_class() for _ in (self.layers if layers is None else layers)]
 
     def sanitize(self, weights: dict) -> dict:
-        return sanitize(weights, self.args)
+        return sanitize(weights, self.args, mtp=bool(self.mtp))
 
 
 FP8_SCALE = ".weight_scale_inv"
@@ -82,7 +125,7 @@ EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_pro
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def sanitize(weights: dict, args: ModelArgs) -> dict:
+def sanitize(weights: dict, args: ModelArgs, mtp: bool = False) -> dict:
     """Map Hugging Face tensor names and layouts to this model's; MLX-layout weights pass through.
 
     Works on any subset of a checkpoint that holds whole layers, so convert can stream by layer.
@@ -90,22 +133,21 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
     - per-expert tensors (original layout) or fused `experts.gate_up_proj` / `experts.down_proj`
       (transformers 5) become the stacked `switch_mlp` weights;
     - FP8 weights with a `weight_scale_inv` (DeepSeek-V3's release) are dequantised to bfloat16;
-    - rotary `inv_freq`, layers beyond num_hidden_layers (multi-token prediction) and zero-size
-      tensors (transformers' shared experts when n_shared_experts is 0) are dropped.
+    - the multi-token-prediction layers (`model.layers.{num_hidden_layers + i}`) become `mtp.{i}`
+      with `mtp`, and are dropped without it;
+    - rotary `inv_freq` and zero-size tensors (transformers' shared experts when n_shared_experts
+      is 0) are dropped.
     """
     out = {}
     experts: dict[str, dict[int, mx.array]] = {}
     for key, value in weights.items():
-        layer = LAYER_KEY.match(key)
-        if (
-            "rotary_emb.inv_freq" in key
-            or (layer and int(layer[1]) >= args.num_hidden_layers)
-            or value.size == 0
-            or key.endswith(FP8_SCALE)
-        ):
+        if "rotary_emb.inv_freq" in key or value.size == 0 or key.endswith(FP8_SCALE):
             continue
         if key + "_scale_inv" in weights:  # "x.weight" -> "x.weight_scale_inv"
             value = dequantize_fp8(key, value, weights[key + "_scale_inv"], args.fp8_block_size)
+        key = mtp_name(key, args, mtp)
+        if key is None:
+            continue
         if key.endswith("self_attn.kv_b_proj.weight"):
             prefix = key.removesuffix("kv_b_proj.weight")
             out[prefix + "embed_q.weight"], out[prefix + "unembed_out.weight"] = split_kv_b_proj(
@@ -128,7 +170,28 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
         out[key] = mx.stack([by_index[e] for e in sorted(by_index)])
     if args.tie_word_embeddings:
         out.pop("lm_head.weight", None)
+    if mtp:  # checkpoints that share the main model's embedding and head do not repeat them
+        head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+        for i in range(args.num_nextn_predict_layers):
+            for name, main in (
+                ("embed_tokens.weight", "model.embed_tokens.weight"),
+                ("shared_head.head.weight", head),
+            ):
+                if f"mtp.{i}.eh_proj.weight" in out and main in out:
+                    out.setdefault(f"mtp.{i}.{name}", out[main])
     return out
+
+
+def mtp_name(key: str, args: ModelArgs, mtp: bool) -> str | None:
+    """With `mtp`, `model.layers.{N + i}.x` -> `mtp.{i}.x` for the N decoder layers' MTP layers;
+    None for a tensor of an MTP layer that is not loaded (any, without `mtp`)."""
+    if key.startswith("mtp."):
+        return key if mtp else None
+    layer = LAYER_KEY.match(key)
+    if not layer or int(layer[1]) < args.num_hidden_layers:
+        return key
+    i = int(layer[1]) - args.num_hidden_layers
+    return f"mtp.{i}.{key[layer.end() :]}" if mtp and i < args.num_nextn_predict_layers else None
 
 
 def dequantize_fp8(name: str, w: mx.array, scale_inv: mx.array, block: tuple[int, int]):

@@ -193,18 +193,25 @@ def upcast_experts_for_cpu(model: nn.Module):
     )
 
 
-def load_model(path: str | Path, attention: str = "mla") -> Model:
-    """The model of a checkpoint folder (Hugging Face or MLX layout) with its weights loaded."""
+def load_model(path: str | Path, attention: str = "mla", mtp: bool = False) -> Model:
+    """The model of a checkpoint folder (Hugging Face or MLX layout) with its weights loaded;
+    with `mtp`, its multi-token-prediction layers too (for `--draft mtp`)."""
     path = resolve(path)
     config = read_config(path)
     args = ModelArgs.from_dict(config)
-    model = Model(args, attention)
-    fill(model, read_weights(path), args)
+    if mtp and not args.num_nextn_predict_layers:
+        raise CheckpointError(
+            f"{path} has no MTP layer (its config.json has no num_nextn_predict_layers); "
+            "draft with --draft ngram or --draft-model instead"
+        )
+    model = Model(args, attention, mtp)
+    fill(model, read_weights(path), args, mtp)
     return model
 
 
-def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs):
-    """Load checkpoint tensors (Hugging Face or MLX names) into a model built from `args`."""
+def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs, mtp: bool = False):
+    """Load checkpoint tensors (Hugging Face or MLX names) into a model built from `args`, its
+    MTP layers too with `mtp`."""
     if args.quantization_config:
         print(
             "note: FP8 weights are dequantised to bfloat16 at every load; "
@@ -212,9 +219,14 @@ def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs):
             file=sys.stderr,
         )
     try:
-        weights = sanitize(weights, args)
+        weights = sanitize(weights, args, mtp)
     except ValueError as e:
         raise CheckpointError(f"weights do not match config.json: {e}") from None
+    if mtp and not any(k.startswith("mtp.") for k in weights):
+        raise CheckpointError(
+            "the checkpoint has no MTP layer tensors (converted with --drop-mtp, or by a tool "
+            "that drops them); draft with --draft ngram or --draft-model instead"
+        )
     if args.quantization:
         quantize_like(model, weights, args.quantization)
     check_weights(model, weights)
@@ -247,14 +259,18 @@ def tokenizer_code(path: Path) -> list[str]:
 
 
 def load(
-    path_or_hub_id: str | Path, attention: str = "mla", trust_remote_code: bool = False
+    path_or_hub_id: str | Path,
+    attention: str = "mla",
+    trust_remote_code: bool = False,
+    mtp: bool = False,
 ) -> tuple[Model, TokenizerWrapper]:
     """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
-    Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code."""
+    Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code. `mtp` loads the MTP
+    layers too."""
     path = resolve(path_or_hub_id)
     ModelArgs.from_dict(read_config(path))  # transformers reads config.json too: name its faults
     tokenizer = tokenizer_of(path, trust_remote_code)
-    return load_model(path, attention), tokenizer
+    return load_model(path, attention, mtp), tokenizer
 
 
 def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrapper:

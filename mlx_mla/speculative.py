@@ -1,0 +1,505 @@
+"""Speculative decoding on the latent cache: one loop for every drafter.
+
+Each step drafts k tokens, verifies them and the token before them (k + 1) in one forward of the
+main model, keeps the longest prefix the main model agrees with plus one token of its own, and
+rolls every cache back by trimming. Greedy output is the main model's token for token; with
+sampling, drafts are accepted by the rejection sampling of Leviathan et al. (2023), so the emitted
+tokens follow the main model's distribution (under the same temperature, top-p, min-p and top-k).
+
+Drafters, one protocol (`begin`, `extend`, `draft`, `rollback`):
+- `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
+- `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
+- `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
+`DraftLength` picks k each step (0 = plain decoding) from the acceptance and the step times
+measured so far, so that drafting is used only where it pays.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse, maybe_quantize_kv_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .errors import BadArgumentError, MLAError
+
+DRAFTERS = ("mtp", "ngram")
+DEFAULT_NUM_DRAFT_TOKENS = 3
+NGRAM_SIZES = (4, 3, 2)  # the longest suffix that matched earlier wins
+
+
+class DraftError(MLAError):
+    """A drafter that cannot work with this model (no MTP layer, another vocabulary)."""
+
+
+@dataclass
+class Sampling:
+    """The main model's sampling settings, as mlx-lm's make_sampler takes them; temp 0 is greedy."""
+
+    temp: float = 0.0
+    top_p: float = 0.0
+    min_p: float = 0.0
+    top_k: int = 0
+
+    def probs(self, logits: mx.array) -> mx.array:
+        """The distribution mlx-lm's sampler draws from, (..., vocab)."""
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if 0 < self.top_p < 1:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.min_p:
+            logprobs = apply_min_p(logprobs, self.min_p)
+        if self.top_k:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        return mx.softmax(logprobs / self.temp, axis=-1, precise=True)
+
+    def pick(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Token (...,) of logits (..., vocab), and the distribution it came from (None: argmax)."""
+        if self.temp == 0:
+            return logits.argmax(-1), None
+        p = self.probs(logits)
+        return mx.random.categorical(mx.log(p)), p
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    tokens: int = 0
+    lengths: dict = field(default_factory=dict)  # draft length -> steps
+
+    def line(self) -> str:
+        rate = f"{100 * self.accepted / self.drafted:.1f}%" if self.drafted else "n/a"
+        per_step = self.tokens / self.steps if self.steps else 0.0
+        return (
+            f"Speculative: {self.drafted} drafted, {self.accepted} accepted ({rate}), "
+            f"{per_step:.2f} tokens per step"
+        )
+
+
+class DraftLength:
+    """Draft length per step, from measured acceptance and step times.
+
+    Acceptance is modelled per drafted token (the chance the next draft is kept, given the ones
+    before it were): k drafts then yield (1 - a^(k+1)) / (1 - a) tokens a step. A step's time is
+    the verify forward of k + 1 tokens plus the drafting of k, both measured (exponential averages
+    per k). k maximises tokens per second between `least` and `most`; with k = 0 chosen, a 1-token
+    draft is tried now and then (ever more rarely while they fail) so that a drafter that starts to
+    pay is noticed. `least` = `most` holds k there (tests and benchmarks).
+    """
+
+    def __init__(self, most: int, least: int = 0, decay: float = 0.3):
+        self.most, self.least, self.decay = most, min(least, most), decay
+        self.kept, self.tried = 1.0, 2.0  # prior: half the drafts kept
+        self.seconds: dict[int, float] = {}  # k -> seconds for a step that drafts k
+        self.wait, self.plain_steps = 4, 0
+
+    def acceptance(self) -> float:
+        return min(self.kept / self.tried, 0.999)
+
+    def step_seconds(self, k: int) -> float:
+        if k in self.seconds:
+            return self.seconds[k]
+        plain = self.seconds.get(0)
+        if plain is None:
+            return 1.0 + 0.5 * k
+        # Unmeasured: interpolate the cost per drafted token from the measured lengths.
+        per_draft = [(s - plain) / j for j, s in self.seconds.items() if j]
+        return plain + k * (min(per_draft) if per_draft else 0.5 * plain)
+
+    def choose(self, room: int) -> int:
+        most = min(self.most, room)
+        if self.least >= most:
+            return max(most, 0)
+        a = self.acceptance()
+        best, best_rate = self.least, 0.0
+        for k in range(self.least, most + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / self.step_seconds(k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0 and most > 0:
+            self.plain_steps += 1
+            if self.plain_steps >= self.wait:
+                self.plain_steps = 0
+                return 1
+        return best
+
+    def record(self, k: int, accepted: int, seconds: float):
+        old = self.seconds.get(k)
+        self.seconds[k] = seconds if old is None else old + self.decay * (seconds - old)
+        if k:
+            # each kept draft, and the first rejected one, is one trial of the per-token chance
+            trials = accepted + (accepted < k)
+            self.kept = (1 - self.decay) * self.kept + accepted
+            self.tried = (1 - self.decay) * self.tried + trials
+            self.wait = 4 if accepted else min(2 * self.wait, 64)
+
+
+class NgramDrafter:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the text's last
+    n tokens (n from NGRAM_SIZES, longest first). No weights, no cache; an index of every n-gram's
+    latest continuation keeps a step's lookup constant in the text's length."""
+
+    name = "ngram"
+
+    def begin(self, prompt: list[int]):
+        self.tokens = []
+        self.index = {n: {} for n in NGRAM_SIZES}  # n -> {n-gram: where its continuation starts}
+        self.extend(prompt)
+
+    def extend(self, tokens: list[int], hidden=None):
+        for token in tokens:
+            end = len(self.tokens)
+            for n in NGRAM_SIZES:
+                if end >= n:
+                    self.index[n][tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(token)
+
+    def draft(self, k: int, sampling: Sampling):
+        for n in NGRAM_SIZES:
+            start = self.index[n].get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return self.tokens[start : start + k], None
+        return [], None
+
+    def rollback(self):
+        pass
+
+
+class CachedDrafter:
+    """A drafter with a cache of its own that holds a prefix of the true text; the entries it does
+    not hold yet are pending, fed before the next draft in one forward (or in steps of `step` once
+    that many wait, so a long prompt is fed as it is prefilled). Drafts past the first are chained
+    on the drafter's own outputs and trimmed away by `rollback`."""
+
+    step = 512
+
+    def begin(self, prompt: list[int]):
+        self.cache = self.make_cache()
+        self.chained = 0
+
+    def extend(self, tokens: list[int], hidden=None):
+        self.add(tokens, hidden)
+        if self.waiting() > self.step:
+            self.feed(self.waiting() - 1)  # one stays: the next draft starts from its logits
+            mx.eval([c.state for c in self.cache])
+
+    def rollback(self):
+        for c in self.cache:
+            c.trim(self.chained)
+        self.chained = 0
+
+    def draft(self, k: int, sampling: Sampling):
+        logits = self.feed(self.waiting())
+        tokens, probs = [], []
+        for i in range(k):
+            token, p = sampling.pick(logits[:, -1])
+            tokens.append(token)
+            probs.append(p)
+            if i + 1 < k:
+                logits = self.feed_draft(token)
+                self.chained += 1
+        mx.eval(tokens, [p for p in probs if p is not None])
+        return [t.item() for t in tokens], probs if sampling.temp else None
+
+
+class ModelDrafter(CachedDrafter):
+    """A smaller model with the same tokenizer."""
+
+    name = "draft-model"
+
+    def __init__(self, model):
+        self.model = model
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+    def begin(self, prompt: list[int]):
+        super().begin(prompt)
+        self.pending = list(prompt)
+
+    def add(self, tokens, hidden):
+        self.pending.extend(tokens)
+
+    def waiting(self) -> int:
+        return len(self.pending)
+
+    def feed(self, n: int):
+        tokens, self.pending = self.pending[:n], self.pending[n:]
+        for start in range(0, n, self.step):
+            logits = self.model(mx.array(tokens[start : start + self.step])[None], cache=self.cache)
+        return logits
+
+    def feed_draft(self, token: mx.array):
+        return self.model(token.reshape(1, 1), cache=self.cache)
+
+
+class MTPDrafter(CachedDrafter):
+    """The main model's MTP layer. Its cache entry at position i is the pair (h_i, t_{i+1}): the
+    main model's hidden state there and the token after it. Chained drafts feed the layer's own
+    output in place of h, as vLLM does for more than one MTP token."""
+
+    name = "mtp"
+
+    def __init__(self, model):
+        if not model.mtp:
+            raise DraftError("the model was loaded without its MTP layer (load(..., mtp=True))")
+        self.model, self.layer = model, model.mtp[0]
+
+    def make_cache(self):
+        return self.model.make_cache(self.model.mtp[:1])
+
+    def begin(self, prompt: list[int]):
+        super().begin(prompt)
+        self.hidden, self.tokens = [], []
+
+    def add(self, tokens, hidden):
+        """tokens (n,) and the main model's hidden states (1, n, D) at the positions before each."""
+        self.tokens.extend(tokens)
+        self.hidden.append(hidden)
+
+    def waiting(self) -> int:
+        return len(self.tokens)
+
+    def feed(self, n: int):
+        hidden = mx.concatenate(self.hidden, axis=1)
+        tokens, self.tokens = self.tokens[:n], self.tokens[n:]
+        self.hidden = [hidden[:, n:]] if self.tokens else []
+        for start in range(0, n, self.step):
+            stop = min(start + self.step, n)
+            inputs = mx.array(tokens[start:stop])[None]
+            self.out, logits = self.layer(hidden[:, start:stop], inputs, self.cache[0])
+        return logits
+
+    def feed_draft(self, token: mx.array):
+        self.out, logits = self.layer(self.out[:, -1:], token.reshape(1, 1), self.cache[0])
+        return logits
+
+
+def make_drafter(model, draft: str | None = None, draft_model=None):
+    """The drafter `--draft` / `--draft-model` name; None when neither is given."""
+    if draft is not None and draft_model is not None:
+        raise BadArgumentError("--draft and --draft-model cannot be used together")
+    if draft_model is not None:
+        return ModelDrafter(draft_model)
+    if draft is None:
+        return None
+    if draft == "ngram":
+        return NgramDrafter()
+    if draft == "mtp":
+        return MTPDrafter(model)
+    raise BadArgumentError(f"--draft must be one of {', '.join(DRAFTERS)}, not {draft!r}")
+
+
+def check_draft_tokenizer(tokenizer, draft_tokenizer):
+    """Refuse a draft model whose tokenizer maps text to other ids."""
+    if tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise DraftError(
+            "the draft model's tokenizer has another vocabulary than the model's; speculative "
+            "decoding needs the same token ids"
+        )
+
+
+def verify(logits: mx.array, drafts: list[int], draft_probs, sampling: Sampling):
+    """Accepted drafts (count) and the main model's own next token, from its logits (k+1, vocab)
+    at the positions before each draft and after the last.
+
+    Greedy: drafts equal to the argmax are kept. Sampling: draft d with draft distribution q (a
+    point mass when the drafter gives none) is kept with chance min(1, p(d) / q(d)); the first
+    rejected one is replaced by a sample of max(p - q, 0), normalised (Leviathan et al.).
+    """
+    k = len(drafts)
+    if sampling.temp == 0:
+        target = logits.argmax(-1).tolist()
+        n = 0
+        while n < k and target[n] == drafts[n]:
+            n += 1
+        return n, target[n]
+    p = sampling.probs(logits)  # (k+1, vocab)
+    d = mx.array(drafts, dtype=mx.int32)
+    if draft_probs is None:
+        q = mx.zeros_like(p[:k])
+        q = mx.put_along_axis(q, d[:, None], mx.ones((k, 1), q.dtype), axis=-1)
+    else:
+        q = mx.stack(draft_probs).reshape(k, -1)
+    rows = mx.arange(k)
+    keep = mx.random.uniform(shape=(k,)) * q[rows, d] <= p[rows, d]
+    residual = mx.maximum(p[:k] - q, 0)
+    mx.eval(keep, p, residual)
+    keep = keep.tolist()
+    n = 0
+    while n < k and keep[n]:
+        n += 1
+    if n == k:
+        return n, mx.random.categorical(mx.log(p[k])).item()
+    rest = residual[n]
+    total = rest.sum()
+    if total.item() <= 0:  # p equals q here: any sample of p is right
+        rest = p[n]
+    return n, mx.random.categorical(mx.log(rest)).item()
+
+
+def cache_slots(cache) -> int:
+    """Token slots a cache has allocated (its growth is in steps of `step` tokens)."""
+    keys = cache.keys[0] if isinstance(cache.keys, tuple) else cache.keys
+    return 0 if keys is None else keys.shape[2]
+
+
+def set_slots(cache, slots: int):
+    """Cut or grow a cache's storage to `slots` tokens (all of its arrays), keeping its offset."""
+
+    def fit(x):
+        have = x.shape[2]
+        if have >= slots:
+            return x[:, :, :slots]
+        return mx.concatenate([x, mx.zeros((*x.shape[:2], slots - have, *x.shape[3:]), x.dtype)], 2)
+
+    for name in ("keys", "values"):
+        value = getattr(cache, name)
+        if isinstance(value, tuple):
+            setattr(cache, name, tuple(fit(x) for x in value))
+        elif value is not None:
+            setattr(cache, name, fit(value))
+
+
+def roll_back(cache: list, n: int, slots: list[int]):
+    """Trim n tokens from every cache and give it the storage plain decoding would have by now: as
+    before the verify step while the tokens fit, else grown by whole steps as one token at a time
+    would have grown it. So `offset` and `nbytes` equal plain decoding's."""
+    for c, before in zip(cache, slots, strict=True):
+        c.trim(n)
+        if not before or cache_slots(c) == before:
+            continue
+        step = c.step
+        grown = before + step * math.ceil(max(c.offset - before, 0) / step)
+        set_slots(c, grown)
+
+
+def speculative_generate_step(
+    prompt: mx.array,
+    model,
+    drafter,
+    *,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    draft_min: int = 0,
+    max_tokens: int = 256,
+    sampling: Sampling | None = None,
+    prompt_cache: list | None = None,
+    prefill_step_size: int = 512,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    stats: SpeculativeStats | None = None,
+):
+    """Yield (token, logprobs, from_draft) as mlx-lm's speculative_generate_step does, with any
+    drafter, every cache of this project, and a draft length that adapts between `draft_min` and
+    `num_draft_tokens` (held there when they are equal)."""
+    sampling = sampling or Sampling()
+    stats = stats if stats is not None else SpeculativeStats()
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    length = DraftLength(num_draft_tokens, draft_min)
+
+    def quantize():
+        maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+
+    tokens = prompt.tolist()
+    drafter.begin(tokens)
+    for start in range(0, len(tokens), prefill_step_size):
+        stop = min(start + prefill_step_size, len(tokens))
+        h = model.model(mx.array(tokens[start:stop])[None], cache=cache)  # (1, L, D)
+        quantize()
+        mx.eval(h)
+        drafter.extend(tokens[start + 1 : stop + 1], h[:, : len(tokens) - 1 - start])
+    logits = model.logits(h[:, -1])  # (1, vocab)
+    y, _ = sampling.pick(logits)
+    y = y.item()
+    drafter.extend([y], h[:, -1:])
+    emitted = 1
+    yield y, (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0], False
+
+    while max_tokens < 0 or emitted < max_tokens:
+        room = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens
+        k = length.choose(room)
+        tic = time.perf_counter()
+        drafts, draft_probs = drafter.draft(k, sampling) if k else ([], None)
+        k = len(drafts)
+        slots = [cache_slots(c) for c in cache]
+        h = model.model(mx.array([y, *drafts])[None], cache=cache)  # (1, k+1, D)
+        logits = model.logits(h)[0]
+        accepted, y = verify(logits, drafts, draft_probs, sampling)
+        roll_back(cache, k - accepted, slots)
+        quantize()
+        drafter.rollback()
+        new = drafts[:accepted] + [y]
+        drafter.extend(new, h[:, : accepted + 1])
+        mx.eval(h)
+        length.record(k, accepted, time.perf_counter() - tic)
+        stats.steps += 1
+        stats.drafted += k
+        stats.accepted += accepted
+        stats.lengths[k] = stats.lengths.get(k, 0) + 1
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for i, token in enumerate(new):
+            emitted += 1
+            stats.tokens += 1
+            yield token, logprobs[i], i < accepted
+            if emitted == max_tokens:
+                return
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt,
+    drafter,
+    max_tokens: int = 256,
+    stats: SpeculativeStats | None = None,
+    **kwargs,
+):
+    """mlx-lm's stream_generate (the same GenerationResponse objects) with a drafter of ours."""
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = mx.array(prompt)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    steps = speculative_generate_step(
+        prompt, model, drafter, max_tokens=max_tokens, stats=stats, **kwargs
+    )
+    tic = time.perf_counter()
+    prompt_tps = n = 0
+    token = logprobs = None
+    from_draft = False
+    for n, (token, logprobs, from_draft) in enumerate(steps, 1):
+        if n == 1:
+            prompt_tps = prompt.size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        detokenizer.add_token(token)
+        if n == max_tokens:
+            break
+        yield response(
+            detokenizer.last_segment, token, logprobs, from_draft, prompt, prompt_tps, n, tic, None
+        )
+    detokenizer.finalize()
+    finish = "stop" if token in tokenizer.eos_token_ids else "length"
+    yield response(
+        detokenizer.last_segment, token, logprobs, from_draft, prompt, prompt_tps, n, tic, finish
+    )
+
+
+def response(text, token, logprobs, from_draft, prompt, prompt_tps, n, tic, finish):
+    return GenerationResponse(
+        text=text,
+        token=token,
+        logprobs=logprobs,
+        from_draft=from_draft,
+        prompt_tokens=prompt.size,
+        prompt_tps=prompt_tps,
+        generation_tokens=n,
+        generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish,
+    )
