@@ -191,10 +191,10 @@ def load_drafter(args: argparse.Namespace, model, tokenizer):
     """The drafter the --draft flags ask for (None without them), checked before generating."""
     check_draft_arguments(args.num_draft_tokens, args.draft_min)
     draft_model = None
-    if args.draft_model is not None:
+    if args.draft_model is not None and args.draft is None:
         draft_model, draft_tokenizer = load(args.draft_model, attention=args.attention)
         check_draft_tokenizer(tokenizer, draft_tokenizer)
-    return make_drafter(model, args.draft, draft_model)
+    return make_drafter(model, args.draft, draft_model or args.draft_model)
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):

@@ -25,7 +25,7 @@ from . import cli
 from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
 from .memory import format_bytes
 from .model.config import ModelArgs
-from .model.decoder import LAYER_KEY, Model, sanitize
+from .model.decoder import LAYER_KEY, Model, mtp_name, sanitize, share_with_mtp
 from .model.loading import check_weights, read_config, read_weights, resolve
 
 DEFAULT_MLX_PATH = "mlx_model"
@@ -88,7 +88,9 @@ def quantization_config(plan: dict, q_group_size: int, q_bits: int) -> dict:
     return config
 
 
-def sanitize_by_layer(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+def sanitize_by_layer(
+    weights: dict[str, mx.array], args: ModelArgs, mtp: bool = False
+) -> dict[str, mx.array]:
     """`sanitize` one layer at a time (lazily), so a mismatch names the layer it is in."""
     groups: dict[str, dict[str, mx.array]] = {}
     while weights:
@@ -99,10 +101,12 @@ def sanitize_by_layer(weights: dict[str, mx.array], args: ModelArgs) -> dict[str
     for prefix in sorted(groups, key=layer_order):
         group = groups.pop(prefix)
         try:
-            out.update(sorted(sanitize(group, args).items()))
+            out.update(sorted(sanitize(group, args, mtp).items()))
         except ValueError as e:
             where = prefix.rstrip(".") or "the non-layer tensors"
             raise CheckpointError(f"{where} does not match config.json: {e}") from None
+    if mtp:
+        share_with_mtp(out, args)
     return out
 
 
@@ -222,12 +226,14 @@ def convert(
     quant_recipe: str | None = None,
     max_shard_gb: float = DEFAULT_MAX_SHARD_GB,
     force: bool = False,
+    drop_mtp: bool = False,
 ) -> Path:
     """Convert a checkpoint folder or hub id to an MLX folder at `mlx_path`, which is returned.
 
     dtype: output dtype of the float tensors (default: keep the source's). quantize: q_bits
     (default 4) and q_group_size affine quantization; quant_recipe (implies quantize) picks bits
     per module, see QUANT_RECIPES. force: replace an existing mlx_path once the new one is complete.
+    The multi-token-prediction (MTP) layers are kept, quantized like the rest, unless drop_mtp.
     """
     if not isinstance(mlx_path, (str, os.PathLike)) or not str(mlx_path):
         raise BadArgumentError(f"mlx_path must be a folder path, not {mlx_path!r}")
@@ -247,8 +253,14 @@ def convert(
     args = ModelArgs.from_dict(config)
     if config.pop("quantization_config", None):  # FP8 blocks, dequantised by sanitize
         dtype = dtype or "bfloat16"
-    weights = sanitize_by_layer(read_weights(src), args)
-    skeleton = Model(args)
+    weights = read_weights(src)
+    mtp = not drop_mtp and any(
+        mtp_name(k, args, mtp=True) != mtp_name(k, args, mtp=False) for k in weights
+    )
+    if not mtp and args.num_nextn_predict_layers:
+        config["num_nextn_predict_layers"] = 0  # what the folder holds: --draft mtp is refused
+    weights = sanitize_by_layer(weights, args, mtp)
+    skeleton = Model(args, mtp=mtp)
     check_weights(skeleton, weights)
 
     plan, left_float = {}, []
@@ -430,6 +442,11 @@ def setup_arg_parser():
         help="shard size; peak memory is about one shard",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    parser.add_argument(
+        "--drop-mtp",
+        action="store_true",
+        help="leave out the multi-token-prediction layer (it drafts for --draft mtp)",
+    )
     return parser
 
 

@@ -343,7 +343,7 @@ def verify(logits: mx.array, drafts: list[int], draft_probs, sampling: Sampling)
 
 def cache_slots(cache) -> int:
     """Token slots a cache has allocated (its growth is in steps of `step` tokens)."""
-    keys = cache.keys[0] if isinstance(cache.keys, tuple) else cache.keys
+    keys = cache.keys[0] if isinstance(cache.keys, (list, tuple)) else cache.keys
     return 0 if keys is None else keys.shape[2]
 
 
@@ -358,8 +358,8 @@ def set_slots(cache, slots: int):
 
     for name in ("keys", "values"):
         value = getattr(cache, name)
-        if isinstance(value, tuple):
-            setattr(cache, name, tuple(fit(x) for x in value))
+        if isinstance(value, (list, tuple)):
+            setattr(cache, name, type(value)(fit(x) for x in value))
         elif value is not None:
             setattr(cache, name, fit(value))
 
@@ -406,8 +406,10 @@ def speculative_generate_step(
 
     tokens = prompt.tolist()
     drafter.begin(tokens)
-    for start in range(0, len(tokens), prefill_step_size):
-        stop = min(start + prefill_step_size, len(tokens))
+    # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
+    # last one, so that a quantised cache holds what plain decoding's does.
+    starts = [*range(0, len(tokens) - 1, prefill_step_size), len(tokens) - 1]
+    for start, stop in zip(starts, [*starts[1:], len(tokens)], strict=True):
         h = model.model(mx.array(tokens[start:stop])[None], cache=cache)  # (1, L, D)
         quantize()
         mx.eval(h)

@@ -163,7 +163,8 @@ def to_original_config(path, model):
 
 def add_mtp_layers(path, config):
     """Add the multi-token-prediction layers that DeepSeek-V3's checkpoints carry after the
-    decoder layers (layer num_hidden_layers on): a copy of the last layer plus MTP's own tensors."""
+    decoder layers (layer num_hidden_layers on): a copy of the last layer plus MTP's own tensors.
+    DeepSeek-V3's carry their own embedding and head too; GLM's share the main model's."""
     from safetensors.torch import load_file, save_file
 
     index_file = path / "model.safetensors.index.json"
@@ -179,7 +180,10 @@ def add_mtp_layers(path, config):
         prefix = f"model.layers.{last + 1 + i}."
         mtp[prefix + "eh_proj.weight"] = torch.randn(config.hidden_size, 2 * config.hidden_size)
         for norm in ("enorm", "hnorm", "shared_head.norm"):
-            mtp[f"{prefix}{norm}.weight"] = torch.ones(config.hidden_size)
+            mtp[f"{prefix}{norm}.weight"] = 1 + 0.2 * torch.randn(config.hidden_size)
+        if config.model_type != "glm4_moe_lite":
+            for name in ("embed_tokens", "shared_head.head"):
+                mtp[f"{prefix}{name}.weight"] = torch.randn(config.vocab_size, config.hidden_size)
     save_file(mtp, path / "model-mtp.safetensors")
     index["weight_map"] |= dict.fromkeys(mtp, "model-mtp.safetensors")
     index_file.write_text(json.dumps(index, indent=2))

@@ -170,16 +170,22 @@ def sanitize(weights: dict, args: ModelArgs, mtp: bool = False) -> dict:
         out[key] = mx.stack([by_index[e] for e in sorted(by_index)])
     if args.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    if mtp:  # checkpoints that share the main model's embedding and head do not repeat them
-        head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
-        for i in range(args.num_nextn_predict_layers):
-            for name, main in (
-                ("embed_tokens.weight", "model.embed_tokens.weight"),
-                ("shared_head.head.weight", head),
-            ):
-                if f"mtp.{i}.eh_proj.weight" in out and main in out:
-                    out.setdefault(f"mtp.{i}.{name}", out[main])
+    if mtp:
+        share_with_mtp(out, args)
     return out
+
+
+def share_with_mtp(weights: dict, args: ModelArgs):
+    """Give MTP layers that do not carry their own embedding and head (checkpoints that share the
+    main model's) the main model's, when `weights` holds both."""
+    head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    for i in range(args.num_nextn_predict_layers):
+        for name, main in (
+            ("embed_tokens.weight", "model.embed_tokens.weight"),
+            ("shared_head.head.weight", head),
+        ):
+            if f"mtp.{i}.eh_proj.weight" in weights and main in weights:
+                weights.setdefault(f"mtp.{i}.{name}", weights[main])
 
 
 def mtp_name(key: str, args: ModelArgs, mtp: bool) -> str | None:

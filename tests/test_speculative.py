@@ -1,0 +1,344 @@
+"""Speculative decoding: every drafter gives plain decoding's greedy tokens on every cache, sampling
+follows the main model's distribution, caches roll back to plain decoding's, and the flags fail
+cleanly."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import CONFIGS, make_torch_model, save_tokenizer, write_checkpoint
+from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
+
+from mlx_mla import speculative
+from mlx_mla.convert import convert
+from mlx_mla.model.config import ModelArgs
+from mlx_mla.model.decoder import Model
+from mlx_mla.model.loading import load_model
+
+torch = pytest.importorskip("torch")
+
+# Head dims that kv-bits group 32 divides on both paths: keys 24 + 8, values 32, latent 32.
+DIMS = dict(qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=32, kv_lora_rank=32)
+FAMILIES = {
+    "v3": {**CONFIGS["v3_grouped_q_lora"], **DIMS},
+    "glm": {
+        **CONFIGS["glm_lite"],
+        **DIMS,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "num_nextn_predict_layers": 1,
+    },
+}
+PROMPT = [1] + [5, 9, 12, 40, 7, 33] * 4 + [5, 9]  # repeats, so n-gram lookup drafts
+KV_GROUP = 32
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{family: checkpoint folder with a complete random MTP layer (original layout)}."""
+    return {
+        name: write_checkpoint(
+            make_torch_model(cfg, seed=1), tmp_path_factory.mktemp(name), "original"
+        )
+        for name, cfg in FAMILIES.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    loaded = {}
+
+    def get(family, attention="mla"):
+        if (family, attention) not in loaded:
+            loaded[family, attention] = load_model(folders[family], attention, mtp=True)
+        return loaded[family, attention]
+
+    return get
+
+
+def plain_tokens(model, n, kv_bits=None):
+    steps = generate_step(
+        mx.array(PROMPT),
+        model,
+        max_tokens=n,
+        kv_bits=kv_bits,
+        kv_group_size=KV_GROUP,
+        quantized_kv_start=0,
+    )
+    return [t for t, _ in steps]
+
+
+def speculative_tokens(model, drafter, n, k=3, least=None, kv_bits=None, cache=None, stats=None):
+    steps = speculative.speculative_generate_step(
+        mx.array(PROMPT),
+        model,
+        drafter,
+        num_draft_tokens=k,
+        draft_min=k if least is None else least,
+        max_tokens=n,
+        kv_bits=kv_bits,
+        kv_group_size=KV_GROUP,
+        quantized_kv_start=0,
+        prompt_cache=cache,
+        stats=stats,
+    )
+    return [t for t, _, _ in steps]
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "ngram", "draft-model"])
+@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_speculative_tokens_equal_plain_decoding(
+    models, family, attention, kv_bits, drafter
+):
+    model = models(family, attention)
+    other = models("glm" if family == "v3" else "v3", attention)
+    draft = speculative.make_drafter(
+        model,
+        None if drafter == "draft-model" else drafter,
+        other if drafter == "draft-model" else None,
+    )
+    stats = speculative.SpeculativeStats()
+    ours = speculative_tokens(model, draft, 24, kv_bits=kv_bits, stats=stats)
+    assert ours == plain_tokens(model, 24, kv_bits)
+    # random drafters are mostly wrong: the caches were rolled back
+    assert stats.drafted > stats.accepted
+
+
+def reference_cache(model, emitted, kv_bits):
+    """The cache plain decoding leaves: the prompt but its last token in one forward, then that
+    token and each emitted one but the last, one at a time."""
+    cache = model.make_cache()
+    for tokens in [PROMPT[:-1]] + [[t] for t in PROMPT[-1:] + emitted[:-1]]:
+        model(mx.array(tokens)[None], cache=cache)
+        maybe_quantize_kv_cache(cache, 0, KV_GROUP, kv_bits)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_rolled_back_caches_have_plain_decodings_offset_and_nbytes(models, attention, kv_bits):
+    model = models("v3", attention)
+    cache = model.make_cache()
+    n = 270  # past a 256-token step of storage
+    emitted = speculative_tokens(
+        model, speculative.make_drafter(model, "mtp"), n, kv_bits=kv_bits, cache=cache
+    )
+    expected = reference_cache(model, emitted, kv_bits)
+    assert [type(c) for c in cache] == [type(c) for c in expected]
+    assert [c.offset for c in cache] == [c.offset for c in expected] == [len(PROMPT) + n - 1] * 3
+    assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
+
+
+def tiny_model(seed):
+    """A 6-token vocabulary with an MTP layer: small enough to know every distribution exactly."""
+    args = ModelArgs.from_dict(
+        dict(
+            model_type="deepseek_v3",
+            vocab_size=6,
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=64,
+        )
+    )
+    mx.random.seed(seed)
+    model = Model(args, mtp=True)
+    # sharper heads than the default initialisation: distributions far from uniform and from each
+    # other, so that drafts are both kept and rejected
+    model.lm_head.weight = model.lm_head.weight * 6
+    model.mtp[0].shared_head.head.weight = mx.random.normal(model.lm_head.weight.shape) * 0.6
+    mx.eval(model.parameters())
+    return model
+
+
+def chi2_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's test of counts against probabilities; cells expected below 5 are pooled."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    stat = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
+    df = keep.sum() - 1
+    return torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)).item()
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "ngram"])
+def test_sampled_tokens_follow_the_main_models_distribution(drafter):
+    """Two tokens sampled at temperature 1 after a prompt, 1,500 times: the first from the prefill,
+    the second from a verify step with two drafts. Their joint counts must fit p(t1) p(t2 | t1)."""
+    model = tiny_model(seed=3)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    sampling = speculative.Sampling(temp=1.0)
+    p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
+    p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
+    joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
+    counts = np.zeros(36)
+    stats = speculative.SpeculativeStats()
+    mx.random.seed(11)
+    for _ in range(1500):
+        steps = speculative.speculative_generate_step(
+            mx.array(prompt),
+            model,
+            speculative.make_drafter(model, drafter),
+            num_draft_tokens=2,
+            draft_min=2,
+            max_tokens=3,
+            sampling=sampling,
+            stats=stats,
+        )
+        t1, t2 = [t for t, _, _ in steps][:2]
+        counts[6 * t1 + t2] += 1
+    assert 0 < stats.accepted < stats.drafted  # both branches of the acceptance test ran
+    assert chi2_p_value(counts, joint / joint.sum()) > 1e-3
+
+
+def test_sampling_with_a_wrong_rule_is_caught():
+    """The test above can fail: emitting the draft whenever it is proposed skews the counts."""
+    model = tiny_model(seed=3)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
+    p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
+    joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
+    q = mx.softmax(model.mtp[0].shared_head.head.weight.sum(-1))  # any other distribution
+    mx.random.seed(11)
+    t1 = mx.random.categorical(mx.log(p1), num_samples=1500)
+    t2 = mx.random.categorical(mx.log(q), num_samples=1500)
+    counts = np.bincount(np.array(6 * t1 + t2), minlength=36).astype(np.float64)
+    assert chi2_p_value(counts, joint / joint.sum()) < 1e-3
+
+
+def test_adaptive_draft_length_falls_to_plain_decoding_when_drafts_are_rejected(models):
+    model = models("v3")
+    stats = speculative.SpeculativeStats()
+    ours = speculative_tokens(
+        model, speculative.make_drafter(model, "mtp"), 80, k=3, least=0, stats=stats
+    )
+    assert ours == plain_tokens(model, 80)
+    assert stats.accepted == 0
+    assert stats.lengths.get(0, 0) >= 0.7 * stats.steps, stats.lengths
+
+
+def test_draft_length_model_prefers_drafting_when_it_pays():
+    length = speculative.DraftLength(4)
+    for _ in range(20):
+        length.record(0, 0, 1.0)
+        length.record(2, 2, 1.2)  # two drafts kept for 20% more time
+    assert length.choose(10) >= 2
+    for _ in range(20):
+        length.record(2, 0, 1.2)
+    assert length.choose(10) == 0
+
+
+def test_converted_quantized_mtp_layer_loads_and_drafts(folders, tmp_path):
+    out = convert(folders["v3"], tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
+    model = load_model(out, mtp=True)
+    assert "scales" in model.mtp[0].self_attn.kv_a_proj_with_mqa
+    assert "scales" in model.mtp[0].eh_proj
+    ours = speculative_tokens(model, speculative.make_drafter(model, "mtp"), 20)
+    assert ours == plain_tokens(model, 20)
+
+
+def test_drop_mtp_leaves_the_layer_out_and_says_so_in_config(folders, tmp_path):
+    out = convert(folders["v3"], tmp_path / "nomtp", drop_mtp=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0
+    kept = convert(folders["v3"], tmp_path / "mtp")
+    assert sum(f.stat().st_size for f in out.glob("*.safetensors")) < sum(
+        f.stat().st_size for f in kept.glob("*.safetensors")
+    )
+    assert load_model(kept, mtp=True).mtp
+
+
+def run(*args, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_mla.generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
+
+
+def one_line_error(result, pattern):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+
+
+def test_generate_prints_speculative_statistics(folders):
+    result = run(
+        "--model",
+        str(folders["v3"]),
+        "--prompt",
+        "abcabcabcab",
+        "--max-tokens",
+        "12",
+        "--draft",
+        "ngram",
+        "--num-draft-tokens",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"^Speculative: \d+ drafted, \d+ accepted \((\d+\.\d%|n/a)\), \d+\.\d\d tokens per step$",
+        result.stdout,
+        re.M,
+    ), result.stdout
+
+
+def test_draft_mtp_on_a_checkpoint_without_mtp_is_one_line_exit_2(checkpoints, folders, tmp_path):
+    no_config, _ = checkpoints["plain_rope", "original"]
+    one_line_error(run("--model", str(no_config), "--prompt", "ab", "--draft", "mtp"), "MTP")
+    dropped = convert(folders["v3"], tmp_path / "dropped", drop_mtp=True)
+    one_line_error(run("--model", str(dropped), "--prompt", "ab", "--draft", "mtp"), "MTP")
+
+
+def test_draft_model_with_another_vocabulary_is_one_line_exit_2(folders, tmp_path):
+    other = shutil.copytree(folders["glm"], tmp_path / "other")
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    import conftest
+
+    chars = conftest.CHARS
+    try:
+        conftest.CHARS = chars[::-1]  # the same size, other ids
+        save_tokenizer(other)
+    finally:
+        conftest.CHARS = chars
+    result = run("--model", str(folders["v3"]), "--prompt", "ab", "--draft-model", str(other))
+    one_line_error(result, "vocabulary")
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--draft", "ngram", "--draft-model", "x"], "together"),
+        (["--draft", "ngram", "--draft-min", "3", "--num-draft-tokens", "2"], "draft-min"),
+        (["--draft", "ngram", "--pipeline"], "pipeline"),
+        (["--draft", "eagle"], "draft"),
+    ],
+)
+def test_bad_draft_flags_are_one_line_exit_2(folders, flags, pattern):
+    one_line_error(run("--model", str(folders["v3"]), "--prompt", "ab", *flags), pattern)
