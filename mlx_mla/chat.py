@@ -14,7 +14,7 @@ import sys
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli
+from . import cli, speculative
 from .cache import prompt_cache
 from .distributed import pipeline
 from .errors import ContextError
@@ -37,9 +37,14 @@ class Chat:
         system=None,
         file_metadata=None,
         cache_options=None,
+        drafter=None,
+        num_draft_tokens=speculative.DEFAULT_NUM_DRAFT_TOKENS,
+        draft_min=0,
         **sampling,
     ):
         self.model = model
+        self.drafter = drafter  # speculative decoding when set; it starts afresh each turn
+        self.draft_options = {"num_draft_tokens": num_draft_tokens, "draft_min": draft_min}
         self.file_metadata = file_metadata  # what /save records and /load checks
         self.cache_options = cache_options or {}
         self.tokenizer = tokenizer
@@ -47,6 +52,7 @@ class Chat:
         self.system = system
         cli.check_generation_arguments(max_tokens=max_tokens, **sampling)
         self.sampler = make_sampler(**sampling)
+        self.sampling = speculative.Sampling(**sampling)
         self.stream_generate = stream_generate  # pipeline.stream_generate on every rank of one
         self.context = model.args.max_position_embeddings
         self.stop = False
@@ -55,6 +61,7 @@ class Chat:
     def reset(self):
         self.cache = self.model.make_cache()
         self.last_turn = (0, 0)
+        self.speculative_stats = speculative.SpeculativeStats()
 
     @property
     def tokens(self) -> int:
@@ -72,15 +79,30 @@ class Chat:
             return False
         self.stop = False
         generated = 0
-        for response in self.stream_generate(
-            self.model,
-            self.tokenizer,
-            prompt,
-            max_tokens=max_tokens,
-            sampler=self.sampler,
-            prompt_cache=self.cache,
-            **self.cache_options,
-        ):
+        if self.drafter is None:
+            responses = self.stream_generate(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_tokens=max_tokens,
+                sampler=self.sampler,
+                prompt_cache=self.cache,
+                **self.cache_options,
+            )
+        else:
+            responses = speculative.stream_generate(
+                self.model,
+                self.tokenizer,
+                prompt,
+                self.drafter,
+                max_tokens=max_tokens,
+                sampling=self.sampling,
+                prompt_cache=self.cache,
+                stats=self.speculative_stats,
+                **self.draft_options,
+                **self.cache_options,
+            )
+        for response in responses:
             on_text(response.text)
             generated = response.generation_tokens
             if self.stop:
@@ -102,10 +124,13 @@ class Chat:
         stats = cache_stats(self.model, self.cache)
         if group is not None:
             stats["nbytes"] = sum(r[0] for r in pipeline.gather(group, [stats["nbytes"]]))
-        return (
+        line = (
             f"{format_stats(stats)}; context {self.context}; "
             f"last turn added {prompt} prompt + {generated} generated tokens"
         )
+        if self.drafter is not None:
+            line += f"\n{self.speculative_stats.line()} (since the conversation began)"
+        return line
 
 
 def file_command(chat: Chat, command: str) -> str:
@@ -130,6 +155,7 @@ def setup_arg_parser():
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     cli.add_cache_arguments(parser)
     cli.add_pipeline_arguments(parser)
+    cli.add_draft_arguments(parser)
     return parser
 
 
@@ -168,6 +194,7 @@ def _main(argv=None):
         mx.random.seed(args.seed)
     group = None
     if args.pipeline:
+        cli.refuse_draft_with_pipeline(args)
         group = mx.distributed.init()
         pipeline.watch(group.rank(), args.pipeline_timeout)
         model, tokenizer = pipeline.load(
@@ -179,8 +206,12 @@ def _main(argv=None):
         )
     else:
         model, tokenizer = load(
-            args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
+            args.model,
+            attention=args.attention,
+            trust_remote_code=args.trust_remote_code,
+            mtp=args.draft == "mtp",
         )
+    drafter = None if group is not None else cli.load_drafter(args, model, tokenizer)
     options = cli.cache_options(args, model)
     chat = Chat(
         model,
@@ -191,6 +222,9 @@ def _main(argv=None):
             model, args.model, options["kv_bits"], options["kv_group_size"]
         ),
         cache_options=options,
+        drafter=drafter,
+        num_draft_tokens=args.num_draft_tokens,
+        draft_min=args.draft_min,
         temp=args.temp,
         top_p=args.top_p,
         min_p=args.min_p,

@@ -28,10 +28,11 @@ from types import SimpleNamespace
 from urllib.parse import unquote
 
 import mlx.core as mx
+from mlx_lm import generate as mlx_generate
 from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
-from . import cli
+from . import cli, speculative
 from .cache.latent import check_kv_quantization
 from .distributed import pipeline
 from .model.loading import load
@@ -48,8 +49,6 @@ SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**2
 # Options of mlx-lm's server that we do not expose, at the values a single local model needs.
 MLX_LM_DEFAULTS = dict(
     adapter_path=None,
-    draft_model=None,
-    num_draft_tokens=0,
     chat_template="",
     use_default_chat_template=False,
     chat_template_args={},
@@ -72,7 +71,10 @@ class ModelProvider(mlx_server.ModelProvider):
         args = self.cli_args
         if self.pipeline_group is None:
             model, tokenizer = load(
-                model_path, attention=args.attention, trust_remote_code=args.trust_remote_code
+                model_path,
+                attention=args.attention,
+                trust_remote_code=args.trust_remote_code,
+                mtp=args.draft == "mtp",
             )
         else:
             stages = cli.pipeline_stages(args.pipeline_stages)
@@ -91,8 +93,13 @@ class ModelProvider(mlx_server.ModelProvider):
         mx.eval(model(mx.array([[0]]), cache=model.make_cache()))
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
+        # mlx-lm's own draft model stays unset: our drafter runs in ResponseGenerator.speculate.
         self.processor = self.draft_model = None
-        self.is_batchable = all(hasattr(c, "merge") for c in model.make_cache())
+        self.drafter = None if args.pipeline else cli.load_drafter(args, model, tokenizer)
+        # A drafter serves one request at a time, as in mlx-lm: BatchGenerator has no verify step.
+        self.is_batchable = self.drafter is None and all(
+            hasattr(c, "merge") for c in model.make_cache()
+        )
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
         if model_path not in self.names:
@@ -118,6 +125,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
 
     def __init__(self, model_provider, prompt_cache):
         self._agreed_stop = False
+        self.speculation = None  # the drafting of the request being served, if it drafts
         super().__init__(model_provider, prompt_cache)
 
     @property
@@ -139,7 +147,54 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         rqueue, request, args = request
         if self._is_distributed:
             rqueue = RunsToTheEnd(rqueue)
-        super()._serve_single((rqueue, request, args), stream)
+        self.speculation = self.drafting(args)
+        try:
+            super()._serve_single((rqueue, request, args), stream)
+        finally:
+            self.speculation = None
+
+    def drafting(self, args) -> dict | None:
+        """speculative.stream_generate's options for a request, or None where it cannot draft:
+        no drafter, or logits processors and XTC, which the verify step does not model."""
+        drafter = self.model_provider.drafter
+        if drafter is None:
+            return None
+        if mlx_server._make_logits_processors(args) or args.sampling.xtc_probability > 0:
+            logging.info("speculative decoding is off for a request with penalties or XTC")
+            return None
+        sampling = args.sampling
+        return dict(
+            drafter=drafter,
+            sampling=speculative.Sampling(
+                sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k
+            ),
+            num_draft_tokens=args.num_draft_tokens,
+            draft_min=min(self.cli_args.draft_min, args.num_draft_tokens),
+        )
+
+    def stream_generate(self, model, tokenizer, prompt, **kwargs):
+        """mlx-lm's stream_generate as mlx-lm's _serve_single calls it, or our speculative loop
+        for a request that drafts; that one logs its drafting statistics when it ends."""
+        if self.speculation is None:
+            yield from mlx_generate.stream_generate(model, tokenizer, prompt, **kwargs)
+            return
+        for name in (
+            "stream",
+            "draft_model",
+            "num_draft_tokens",
+            "sampler",
+            "logits_processors",
+            "input_embeddings",
+            "prompt_progress_callback",
+        ):
+            kwargs.pop(name, None)
+        stats = speculative.SpeculativeStats()
+        try:
+            yield from speculative.stream_generate(
+                model, tokenizer, prompt, stats=stats, **self.speculation, **kwargs
+            )
+        finally:  # mlx-lm leaves the loop at the last token, before the generator ends
+            logging.info(stats.line())
 
     def _tokenize(self, tokenizer, request, args):
         with self.tokenizer_lock:
@@ -394,6 +449,7 @@ def setup_arg_parser():
     )
     cli.add_cache_arguments(parser)
     cli.add_pipeline_arguments(parser)
+    cli.add_draft_arguments(parser)
     parser.add_argument(
         "--allowed-origins",
         type=lambda x: [o for o in x.split(",") if o],
@@ -413,6 +469,7 @@ def serve(args: argparse.Namespace):
             f"this is rank {group.rank()} of {group.size()}: pass --pipeline to split the model"
         )
     if args.pipeline:
+        cli.refuse_draft_with_pipeline(args)
         pipeline.watch(group.rank(), args.pipeline_timeout)
     provider = ModelProvider(args)
     prompt_cache = LRUPromptCache(
@@ -427,6 +484,8 @@ def serve(args: argparse.Namespace):
     except OSError as e:
         cli.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     generator = httpd.response_generator = ResponseGenerator(provider, prompt_cache)
+    # mlx-lm's _serve_single calls its module's stream_generate: ours drafts where asked.
+    mlx_server.stream_generate = generator.stream_generate
     host, port = httpd.server_address[:2]
     print(f"Serving {provider.model_id} ({args.attention}) on http://{host}:{port}/v1", flush=True)
     try:

@@ -342,3 +342,50 @@ def test_draft_model_with_another_vocabulary_is_one_line_exit_2(folders, tmp_pat
 )
 def test_bad_draft_flags_are_one_line_exit_2(folders, flags, pattern):
     one_line_error(run("--model", str(folders["v3"]), "--prompt", "ab", *flags), pattern)
+
+
+def test_server_drafts_one_request_at_a_time_with_plain_greedy_answers_and_logs_stats(tmp_path):
+    from test_server import start_server
+
+    openai = pytest.importorskip("openai")
+    prompt = "ROMEO:\nAnd I will not, and the chard,\nAnd I will not,"
+    answers = []
+    for flags in ([], ["--draft", "ngram", "--num-draft-tokens", "3"]):
+        log = tmp_path / f"server{len(answers)}.log"
+        process, url = start_server(log, *flags)
+        try:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+            reply = client.completions.create(
+                model="mlx-mla-demo", prompt=prompt, max_tokens=30, temperature=0
+            )
+            answers.append(reply.choices[0].text)
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+    assert answers[0] == answers[1] and answers[0]
+    assert re.search(r"Speculative: \d+ drafted, \d+ accepted", log.read_text())
+
+
+def test_chat_stats_show_the_drafting(folders):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_mla.chat",
+            "--model",
+            str(folders["v3"]),
+            "--draft",
+            "mtp",
+            "--max-tokens",
+            "10",
+        ],
+        input="abcabcabc\n/stats\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"^Speculative: \d+ drafted, \d+ accepted .* tokens per step", result.stdout, re.M
+    )
