@@ -6,7 +6,9 @@ rolls every cache back by trimming. Greedy output is the main model's token for 
 sampling, drafts are accepted by the rejection sampling of Leviathan et al. (2023), so the emitted
 tokens follow the main model's distribution (under the same temperature, top-p, min-p and top-k).
 
-Drafters, one protocol (`begin`, `extend`, `draft`, `rollback`):
+Drafters, one protocol: `begin(first)` with the text's first token; `extend(tokens, hidden)` with
+the tokens that became final and the main model's hidden states at the positions before each;
+`draft(k, sampling)`; `rollback()` after each verify step.
 - `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
 - `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
 - `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
@@ -144,10 +146,10 @@ class NgramDrafter:
 
     name = "ngram"
 
-    def begin(self, prompt: list[int]):
+    def begin(self, first: list[int]):
         self.tokens = []
         self.index = {n: {} for n in NGRAM_SIZES}  # n -> {n-gram: where its continuation starts}
-        self.extend(prompt)
+        self.extend(first)
 
     def extend(self, tokens: list[int], hidden=None):
         for token in tokens:
@@ -176,7 +178,7 @@ class CachedDrafter:
 
     step = 512
 
-    def begin(self, prompt: list[int]):
+    def begin(self, first: list[int]):
         self.cache = self.make_cache()
         self.chained = 0
 
@@ -216,9 +218,9 @@ class ModelDrafter(CachedDrafter):
     def make_cache(self):
         return self.model.make_cache()
 
-    def begin(self, prompt: list[int]):
-        super().begin(prompt)
-        self.pending = list(prompt)
+    def begin(self, first: list[int]):
+        super().begin(first)
+        self.pending = list(first)
 
     def add(self, tokens, hidden):
         self.pending.extend(tokens)
@@ -251,8 +253,8 @@ class MTPDrafter(CachedDrafter):
     def make_cache(self):
         return self.model.make_cache(self.model.mtp[:1])
 
-    def begin(self, prompt: list[int]):
-        super().begin(prompt)
+    def begin(self, first: list[int]):
+        super().begin(first)
         self.hidden, self.tokens = [], []
 
     def add(self, tokens, hidden):
@@ -405,7 +407,7 @@ def speculative_generate_step(
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
 
     tokens = prompt.tolist()
-    drafter.begin(tokens)
+    drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
     # last one, so that a quantised cache holds what plain decoding's does.
     starts = [*range(0, len(tokens) - 1, prefill_step_size), len(tokens) - 1]

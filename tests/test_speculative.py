@@ -389,3 +389,21 @@ def test_chat_stats_show_the_drafting(folders):
     assert re.search(
         r"^Speculative: \d+ drafted, \d+ accepted .* tokens per step", result.stdout, re.M
     )
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_drafting_with_the_model_itself_keeps_every_greedy_draft(models, attention):
+    model = models("v3", attention)
+    stats = speculative.SpeculativeStats()
+    drafter = speculative.make_drafter(model, draft_model=model)
+    ours = speculative_tokens(model, drafter, 30, stats=stats)
+    assert ours == plain_tokens(model, 30)
+    assert stats.accepted == stats.drafted > 20
+
+
+def test_ngram_drafter_sees_the_prompt_and_reply_once():
+    drafter = speculative.NgramDrafter()
+    drafter.begin([1])
+    drafter.extend([2, 3, 4, 2, 3])
+    assert drafter.tokens == [1, 2, 3, 4, 2, 3]
+    assert drafter.draft(3, speculative.Sampling()) == ([4, 2, 3], None)
