@@ -135,6 +135,7 @@ CONFIGS |= {
     "minicpm3_longrope_scaled": dict(
         model_type="minicpm3",
         q_lora_rank=24,
+        v_head_dim=None,  # hidden_size / heads, as MiniCPM3-4B's config.json leaves it
         scale_emb=12,
         scale_depth=1.4,
         dim_model_base=16,
