@@ -10,8 +10,12 @@ Contenders (same weights, same dtype, same geometry):
   layers: V3's own router is a different (sigmoid, noaux_tc) function.
 - "deepseek_v3", "glm4_moe_lite": mlx-lm's own model of that family as shipped (latent cache,
   absorbed decode), for the --geometry of that family.
+- "minicpm3", "youtu_llm": mlx-lm's own model of that family as shipped (kv_b_proj, cache expanded
+  with k_pe repeated to every head), for the --geometry of that family.
+mlx-lm's model of a family is the module its entry in mlx_mla.model.families names.
 """
 
+import importlib
 import json
 import os
 import platform
@@ -25,11 +29,12 @@ import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models import deepseek_v2, deepseek_v3, glm4_moe_lite
+from mlx_lm.models import deepseek_v2, deepseek_v3
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_mla import Model, ModelArgs
 from mlx_mla import memory as calculator
+from mlx_mla.model.families import FAMILIES
 
 DEFAULT_LAYERS = 8
 DEFAULT_OUT = "results"
@@ -42,6 +47,8 @@ LABELS = {
     "deepseek_v3_attn": "mlx-lm deepseek_v3 attn",
     "deepseek_v3": "mlx-lm deepseek_v3",
     "glm4_moe_lite": "mlx-lm glm4_moe_lite",
+    "minicpm3": "mlx-lm minicpm3",
+    "youtu_llm": "mlx-lm youtu_llm",
 }
 STYLES = {  # ours solid, mlx-lm dashed, so that equal curves stay visible
     "mla": {"marker": "o"},
@@ -50,10 +57,15 @@ STYLES = {  # ours solid, mlx-lm dashed, so that equal curves stay visible
     "deepseek_v3_attn": {"marker": "v", "linestyle": "--"},
     "deepseek_v3": {"marker": "v", "linestyle": "--"},
     "glm4_moe_lite": {"marker": "D", "linestyle": "--"},
+    "minicpm3": {"marker": "^", "linestyle": "--"},
+    "youtu_llm": {"marker": "^", "linestyle": "--"},
 }
 # These cache c_kv (B, 1, S, kv_lora_rank) and k_pe (B, 1, S, qk_rope_head_dim).
 LATENT_CONTENDERS = ("mla", "deepseek_v3_attn", "deepseek_v3", "glm4_moe_lite")
-MLX_LM_MODELS = {"deepseek_v3": deepseek_v3, "glm4_moe_lite": glm4_moe_lite}
+# mlx-lm's model of each of our families, by module name (the family table's `mlx_lm`).
+MLX_LM_MODELS = sorted({family.mlx_lm for family in FAMILIES.values()})
+# Those that take kv_b_proj whole (V2's layout) rather than our embed_q / unembed_out.
+KV_B_PROJ_MODELS = ("deepseek_v2", "minicpm3", "youtu_llm")
 
 # DeepSeek-V2-Lite attention (its config.json), with a small MoE and vocabulary so that attention
 # and the cache dominate the bytes read per token as the context grows.
@@ -136,6 +148,37 @@ NOAUX_MOE = {
     "topk_group": 1,
     "norm_topk_prob": True,
 }
+# MiniCPM3-4B's and Youtu-LLM-2B's attention and dense MLP (memory.PRESETS, where each number
+# comes from), with a small vocabulary as above, untied (mlx-lm's tied MiniCPM3 skips the logit
+# scale) and LongRoPE factors of 1 (MiniCPM3's published factors are not at hand; they cost the
+# same).
+DENSE_SMALL_VOCAB = {"vocab_size": 4096, "tie_word_embeddings": False, "attention_bias": False}
+MINICPM3_4B = {
+    **calculator.PRESETS["minicpm3-4b"],
+    **DENSE_SMALL_VOCAB,
+    "v_head_dim": 64,
+    "scale_emb": 12,
+    "scale_depth": 1.4,
+    "dim_model_base": 256,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 32768,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0] * 16,
+        "long_factor": [1.0] * 16,
+        "original_max_position_embeddings": 32768,
+    },
+}
+YOUTU_LLM_2B = {
+    **calculator.PRESETS["youtu-llm-2b"],
+    **DENSE_SMALL_VOCAB,
+    "model_type": "youtu_llm",  # mlx-lm's name; ours reads both
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131072,
+    "rope_theta": 1600000.0,
+    "rope_scaling": None,
+}
 # name: (title, config without layers, contenders, default layers, default contexts)
 GEOMETRIES = {
     "v2-lite": ("DeepSeek-V2-Lite", {**V2_LITE_ATTENTION, **SMALL_MOE}, CONTENDERS, 8, None),
@@ -152,6 +195,16 @@ GEOMETRIES = {
         ("mla", "mha", "glm4_moe_lite"),
         4,
         "1024,2048,4096,8192,16384",
+    ),
+}
+GEOMETRIES |= {
+    "minicpm3-4b": ("MiniCPM3-4B", MINICPM3_4B, ("mla", "mha", "minicpm3"), 2, "1024,4096,16384"),
+    "youtu-llm-2b": (
+        "Youtu-LLM-2B",
+        YOUTU_LLM_2B,
+        ("mla", "mha", "youtu_llm"),
+        2,
+        "1024,4096,16384",
     ),
 }
 DEFAULT_GEOMETRY = "v2-lite"
@@ -172,12 +225,19 @@ def geometry_title(cfg: dict) -> str:
 
 def describe_config(cfg: dict) -> str:
     rope = cfg["rope_scaling"]
-    rope = f"YaRN x{rope['factor']}" if rope else f"RoPE theta {cfg['rope_theta']:g}"
-    return (
+    if rope and rope["type"] == "longrope":
+        rope = "LongRoPE, factors 1"
+    else:
+        rope = f"YaRN x{rope['factor']}" if rope else f"RoPE theta {cfg['rope_theta']:g}"
+    attention = (
         f"{geometry_title(cfg)} attention (hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads, kv_lora_rank {cfg['kv_lora_rank']}, rope "
         f"{cfg['qk_rope_head_dim']}, nope {cfg['qk_nope_head_dim']}, v {cfg['v_head_dim']}, "
         f"q_lora_rank {cfg['q_lora_rank'] or 'null'}, {rope}), {cfg['num_hidden_layers']} layers; "
+    )
+    if not cfg.get("n_routed_experts"):
+        return attention + f"dense MLP ({cfg['intermediate_size']}), vocab {cfg['vocab_size']}"
+    return attention + (
         f"small {cfg['topk_method']} MoE: "
         f"{cfg['n_routed_experts']} routed experts (top-{cfg['num_experts_per_tok']}, "
         f"{cfg['moe_intermediate_size']} wide) + {cfg['n_shared_experts']} shared, first layer "
@@ -342,8 +402,11 @@ def build(name: str, cfg: dict, weights: dict) -> nn.Module:
         weights = v2_layout(weights)
     elif name == "deepseek_v3_attn":
         model = build_v3_attention_model(cfg)
-    elif name in MLX_LM_MODELS:  # same tensor names as ours
-        model = MLX_LM_MODELS[name].Model(MLX_LM_MODELS[name].ModelArgs.from_dict(cfg))
+    elif name in MLX_LM_MODELS:
+        module = importlib.import_module(f"mlx_lm.models.{name}")
+        model = module.Model(module.ModelArgs.from_dict(cfg))
+        if name in KV_B_PROJ_MODELS:
+            weights = v2_layout(weights)
     else:
         raise ValueError(f"unknown contender {name!r}; one of {', '.join(LABELS)}")
     model.load_weights(list(weights.items()), strict=True)
@@ -384,7 +447,7 @@ def active_weight_bytes(cfg: dict, weights: dict) -> int:
     """Weight bytes read to decode one token: everything but the unused routed experts, and one
     embedding row instead of the table."""
     total = 0
-    share = cfg["num_experts_per_tok"] / cfg["n_routed_experts"]
+    share = (cfg.get("num_experts_per_tok") or 0) / (cfg.get("n_routed_experts") or 1)
     for key, value in weights.items():
         if key.startswith("model.embed_tokens"):
             total += value.nbytes // value.shape[0]

@@ -25,7 +25,8 @@ from . import cli
 from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
 from .memory import format_bytes
 from .model.config import ModelArgs
-from .model.decoder import LAYER_KEY, Model, mtp_name, sanitize, share_with_mtp
+from .model.decoder import Model, mtp_name, sanitize, share_with_mtp
+from .model.families import LAYER_KEY
 from .model.loading import check_weights, read_config, read_weights, resolve
 
 DEFAULT_MLX_PATH = "mlx_model"

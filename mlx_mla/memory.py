@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cli
+from .model import families
 
 DEFAULT_CONFIG = "deepseek-v2-lite"
 DEFAULT_CONTEXT = "4096,32768,131072"
@@ -19,6 +20,7 @@ DEFAULT_KV_GROUP_SIZE = 64
 DEFAULT_STEP = 256
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANT_DEFAULTS = {"dtype": DEFAULT_DTYPE, "kv_bits": None, "kv_group_size": DEFAULT_KV_GROUP_SIZE}
 QUANT_BITS = (1, 2, 3, 4, 5, 6, 8)
 ATTENTIONS = ("mla", "mha")
 
@@ -28,6 +30,9 @@ _MLA_DIMS = {
     "qk_rope_head_dim": 64,
     "v_head_dim": 128,
 }
+# DeepSeek Sparse Attention: each layer's indexer caches one key of index_head_dim per token and
+# attention reads only the index_topk latent rows it scores highest.
+_DSA = {"index_head_dim": 128, "index_topk": 2048}
 
 PRESETS = {
     "deepseek-v2-lite": {
@@ -89,6 +94,57 @@ PRESETS = {
         "qk_nope_head_dim": 192,
         "qk_rope_head_dim": 64,
         "v_head_dim": 256,
+    },
+    # transformers 5.24's DeepseekV32Config defaults, documented as deepseek-ai/DeepSeek-V3.2-Exp's.
+    "deepseek-v3.2": {
+        "model_type": "deepseek_v32",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "q_lora_rank": 1536,
+        **_MLA_DIMS,
+        **_DSA,
+        "index_n_heads": 64,
+    },
+    # transformers 5.24's GlmMoeDsaConfig defaults, documented as zai-org/GLM-5's.
+    "glm-5": {
+        "model_type": "glm_moe_dsa",
+        "hidden_size": 6144,
+        "num_hidden_layers": 78,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "q_lora_rank": 2048,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 256,
+        **_DSA,
+        "index_n_heads": 32,
+    },
+    # transformers 5.24's MiniCPM3Config defaults, documented as openbmb/MiniCPM3-4B's; v_head_dim
+    # is hidden_size / heads (the family derives it).
+    "minicpm3-4b": {
+        "model_type": "minicpm3",
+        "hidden_size": 2560,
+        "num_hidden_layers": 62,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "q_lora_rank": 768,
+        "kv_lora_rank": 256,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+    },
+    # tencent/Youtu-LLM-2B config.json (as quoted in mlx-swift-lm's tests), also transformers 5.24's
+    # YoutuConfig defaults.
+    "youtu-llm-2b": {
+        "model_type": "youtu",
+        "hidden_size": 2048,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": 1536,
+        **_MLA_DIMS,
     },
     "deepseek-67b": {
         "model_type": "llama",
@@ -165,6 +221,17 @@ WEIGHT_SHAPES = {
         "n_shared_experts": 1,
         "first_k_dense_replace": 1,
     },
+    "deepseek-v3.2": _V3_MOE,
+    "glm-5": {
+        "vocab_size": 154880,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 2048,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 3,
+    },
+    "minicpm3-4b": {"vocab_size": 73448, "intermediate_size": 6400, "tie_word_embeddings": True},
+    "youtu-llm-2b": {"vocab_size": 128256, "intermediate_size": 6144, "tie_word_embeddings": True},
     "deepseek-67b": {"vocab_size": 102400, "intermediate_size": 22016},
     "llama-2-70b": {"vocab_size": 32000, "intermediate_size": 28672},
     "llama-3-70b": {"vocab_size": 128256, "intermediate_size": 28672},
@@ -228,6 +295,7 @@ def cache_layout(config: dict, attention: str) -> list[tuple[int, int]]:
     "mha": per-head keys and values; for an MLA config the expanded ones (mlx-lm's deepseek_v2).
     """
     kind = attention_kind(config, attention)
+    config = families.resolve(config)
     if kind == "MLA":
         return [(1, _field(config, "kv_lora_rank")), (1, _field(config, "qk_rope_head_dim"))]
     heads = _field(config, "num_attention_heads")
@@ -261,6 +329,15 @@ def _row_bytes(dim: int, dtype: str, kv_bits: int | None, kv_group_size: int) ->
     return dim * kv_bits // 32 * 4 + 2 * (dim // kv_group_size) * itemsize
 
 
+def index_layers(config: dict) -> int:
+    """Layers whose DSA indexer caches its keys: every layer, or those GLM-5's indexer_types name
+    "full" ("shared" ones reuse the previous full layer's selection); 0 without DSA."""
+    if not config.get("index_topk"):
+        return 0
+    types = config.get("indexer_types")
+    return types.count("full") if types else _field(config, "num_hidden_layers")
+
+
 def bytes_per_token(
     config: dict,
     attention: str,
@@ -270,7 +347,8 @@ def bytes_per_token(
 ) -> int:
     """Bytes all layers cache per token. With kv_bits, rows are laid out as mx.quantize packs them
     (mlx-lm's QuantizedKVCache); the MLA latent cache quantises c_kv and keeps k_pe in `dtype`
-    (mlx_mla.cache.QuantizedLatentCache)."""
+    (mlx_mla.cache.QuantizedLatentCache). A DSA model's indexer keys (index_head_dim per token,
+    in the layers that run an indexer) are quantised as c_kv is."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, not {dtype!r}")
     rows = cache_layout(config, attention)
@@ -279,7 +357,35 @@ def bytes_per_token(
         heads * _row_bytes(dim, dtype, kv_bits if q else None, kv_group_size)
         for (heads, dim), q in zip(rows, quantized, strict=True)
     )
-    return per_layer * _field(config, "num_hidden_layers")
+    total = per_layer * _field(config, "num_hidden_layers")
+    if index_layers(config):
+        index_row = _row_bytes(_field(config, "index_head_dim"), dtype, kv_bits, kv_group_size)
+        total += index_row * index_layers(config)
+    return total
+
+
+def decode_read_bytes(config: dict, tokens: int, index_row: int | None = None, **quant) -> tuple:
+    """Cache bytes one latent decode step reads at `tokens` of context: (dense, DSA). Dense
+    attention reads every latent row; DSA reads index_topk of them and the indexer keys of all
+    `tokens` (each `index_row` bytes, by default as bytes_per_token lays them out), once the
+    context outgrows index_topk; until then it is dense attention."""
+    per_token = bytes_per_token(config, "mla", **quant)
+    if not index_layers(config):
+        return per_token * tokens, per_token * tokens
+    layout = (quant.get(k, d) for k, d in QUANT_DEFAULTS.items())
+    default_row = _row_bytes(_field(config, "index_head_dim"), *layout)
+    latent = per_token - default_row * index_layers(config)
+    index = (index_row or default_row) * index_layers(config)
+    if tokens <= _field(config, "index_topk"):
+        return latent * tokens, latent * tokens
+    return latent * tokens, latent * config["index_topk"] + index * tokens
+
+
+def fp8_index_row(config: dict) -> int:
+    """An indexer key as DeepSeek's inference code caches it: e4m3 bytes plus a float32 scale per
+    block of 128."""
+    dim = _field(config, "index_head_dim")
+    return dim + 4 * math.ceil(dim / 128)
 
 
 def allocated_tokens(tokens: int, step: int = DEFAULT_STEP) -> int:
@@ -407,7 +513,22 @@ def report(name: str, config: dict, contexts: list[int], **quant) -> str:
         rows[0].append("MHA/MLA")
         for row in rows[1:]:
             row.append(ratio)
-    return f"{name}: {config['num_hidden_layers']} layers, {_describe(**quant)}\n{_table(rows)}"
+    block = f"{name}: {config['num_hidden_layers']} layers, {_describe(**quant)}\n{_table(rows)}"
+    if index_layers(config):
+        block += "\n" + dsa_line(config, max(contexts), **quant)
+    return block
+
+
+def dsa_line(config: dict, tokens: int, **quant) -> str:
+    """What one DSA decode step reads from the cache at `tokens`, against dense attention."""
+    dense, sparse = decode_read_bytes(config, tokens, **quant)
+    _, fp8 = decode_read_bytes(config, tokens, fp8_index_row(config), **quant)
+    return (
+        f"DSA decode step at {tokens:,} tokens reads {format_bytes(sparse)} of cache (top "
+        f"{config['index_topk']:,} latent rows + every token's {config['index_head_dim']}-dim "
+        f"indexer key) against {format_bytes(dense)} dense: {dense / sparse:.1f}x less; "
+        f"{format_bytes(fp8)} ({dense / fp8:.1f}x less) with FP8 indexer keys as the original keeps"
+    )
 
 
 def _describe(dtype: str, kv_bits: int | None, kv_group_size: int) -> str:

@@ -48,6 +48,8 @@ TORCH_CLASSES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM"),
     "mistral4": ("Mistral4Config", "Mistral4ForCausalLM"),
+    "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM"),
+    "youtu": ("YoutuConfig", "YoutuForCausalLM"),
 }
 
 # Configurations that between them exercise every option of each family.
@@ -125,6 +127,31 @@ CONFIGS = {
             "llama_4_scaling_beta": 0.1,
             "partial_rotary_factor": 8 / 24,
         },
+    ),
+}
+
+# Dense families: transformers ignores BASE's router fields, as ours does.
+CONFIGS |= {
+    "minicpm3_longrope_scaled": dict(
+        model_type="minicpm3",
+        q_lora_rank=24,
+        v_head_dim=None,  # hidden_size / heads, as MiniCPM3-4B's config.json leaves it
+        scale_emb=12,
+        scale_depth=1.4,
+        dim_model_base=16,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.5, 2.0, 3.0],
+            "long_factor": [2.0, 2.5, 3.0, 4.0],
+            "original_max_position_embeddings": 512,
+        },
+    ),
+    "youtu_untied_yarn": dict(
+        model_type="youtu",
+        q_lora_rank=24,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 10000.0, **YARN},
     ),
 }
 

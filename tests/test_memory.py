@@ -25,6 +25,26 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared/reference/deepseek-v2-lite/config.json"
 
 
+MINI_MLA = {
+    "vocab_size": 80,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 24,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "dim_model_base": 16,
+    "scale_emb": 12,
+    "scale_depth": 1.4,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 512,
+}
+
+
 def one_layer(name):
     return {**PRESETS[name], "num_hidden_layers": 1}
 
@@ -266,7 +286,16 @@ def test_cli_exits_2_without_traceback_on_a_missing_config():
 
 @pytest.mark.parametrize("tokens", [7, 300])
 @pytest.mark.parametrize("attention", ["mla", "mha"])
-@pytest.mark.parametrize("name", ["q_lora_grouped_scaled", "v3_grouped_q_lora", "glm_lite"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "q_lora_grouped_scaled",
+        "v3_grouped_q_lora",
+        "glm_lite",
+        "minicpm3_longrope_scaled",
+        "youtu_untied_yarn",
+    ],
+)
 def test_calculator_equals_our_caches_measured_nbytes(checkpoints, name, attention, tokens):
     import mlx_mla
 
@@ -281,3 +310,68 @@ def test_calculator_equals_our_caches_measured_nbytes(checkpoints, name, attenti
     assert measured == cache_bytes(config, attention, tokens, dtype="float32")
     exact = bytes_per_token(config, attention, dtype="float32") * tokens
     assert sum(c.offset * c.nbytes // c.keys.shape[2] for c in cache) == exact
+
+
+@pytest.mark.parametrize("module", ["minicpm3", "youtu_llm"])
+def test_calculator_mha_equals_mlx_lm_expanded_cache_of_minicpm3_and_youtu(module):
+    """mlx-lm caches both expanded: k_pe repeated to every head beside per-head k_nope and V."""
+    import importlib
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    config = {
+        **MINI_MLA,
+        "model_type": module,
+        "rope_scaling": {"type": "longrope", "short_factor": 1.0, "long_factor": 1.0}
+        | {"original_max_position_embeddings": 512},
+    }
+    models = importlib.import_module(f"mlx_lm.models.{module}")
+    model = models.Model(models.ModelArgs.from_dict(config))
+    cache = make_prompt_cache(model)
+    model(mx.array([list(range(3, 40))]), cache=cache)
+    ours = {**config, "model_type": "youtu" if module == "youtu_llm" else module}
+    assert sum(c.nbytes for c in cache) == cache_bytes(ours, "mha", 37, dtype="float32")
+    assert cache_bytes(ours, "mha", 37, dtype="float32") > 4 * cache_bytes(ours, "mla", 37)
+
+
+def test_minicpm3_preset_derives_v_head_dim_and_caches_a_256_plus_32_latent():
+    config = PRESETS["minicpm3-4b"]
+    assert cache_layout(config, "mla") == [(1, 256), (1, 32)]
+    assert cache_layout(config, "mha") == [(40, 96), (40, 64)]  # v_head_dim = 2560 / 40
+
+
+def test_new_presets_hold_the_published_shapes():
+    shape = ("num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank")
+    assert [PRESETS["deepseek-v3.2"][k] for k in shape] == [61, 128, 1536, 512]
+    assert [PRESETS["glm-5"][k] for k in shape] == [78, 64, 2048, 512]
+    assert [PRESETS["minicpm3-4b"][k] for k in shape] == [62, 40, 768, 256]
+    assert [PRESETS["youtu-llm-2b"][k] for k in shape] == [32, 16, 1536, 512]
+    for name in ("deepseek-v3.2", "glm-5"):
+        assert (PRESETS[name]["index_head_dim"], PRESETS[name]["index_topk"]) == (128, 2048)
+
+
+def test_dsa_caches_one_index_key_per_token_and_indexer_layer_quantised_like_the_latent():
+    v32, v3 = PRESETS["deepseek-v3.2"], PRESETS["deepseek-v3"]
+    assert bytes_per_token(v32, "mla") - bytes_per_token(v3, "mla") == 128 * 2 * 61
+    four_bit = {"kv_bits": 4, "kv_group_size": 64}
+    index_row = 128 * 4 // 8 + 2 * 2 * 2  # packed words + a bf16 scale and bias per group
+    assert (
+        bytes_per_token(v32, "mla", **four_bit) - bytes_per_token(v3, "mla", **four_bit)
+        == index_row * 61
+    )
+    shared = {**v32, "indexer_types": ["full", "shared"] * 30 + ["full"]}
+    assert bytes_per_token(shared, "mla") - bytes_per_token(v3, "mla") == 128 * 2 * 31
+
+
+def test_dsa_decode_reads_topk_latent_rows_and_every_index_key_once_past_topk():
+    v32 = PRESETS["deepseek-v3.2"]
+    latent, index = 576 * 2 * 61, 128 * 2 * 61
+    assert memory.decode_read_bytes(v32, 2048) == (latent * 2048, latent * 2048)
+    assert memory.decode_read_bytes(v32, 131072) == (
+        latent * 131072,
+        latent * 2048 + index * 131072,
+    )
+    assert memory.decode_read_bytes(v32, 131072, memory.fp8_index_row(v32))[1] == (
+        latent * 2048 + 132 * 61 * 131072
+    )
+    assert memory.decode_read_bytes(PRESETS["deepseek-v3"], 131072) == (latent * 131072,) * 2

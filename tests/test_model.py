@@ -253,3 +253,19 @@ def test_quantized_latent_cache_decodes_every_family_close_to_float(checkpoints,
     diff = np.abs(got - expected).max()
     print(f"\n{name}: 8-bit latent vs float, max |logit diff| {diff:.4f}", end="")
     assert 0 < diff <= 0.15  # measured 0.050-0.073 over these 16 steps (init 0.15 weights)
+
+
+def test_longrope_takes_long_factor_and_attention_factor_past_original_max_as_transformers(
+    tmp_path,
+):
+    """40 tokens past an original_max_position_embeddings of 16: long_factor, and cos/sin scaled
+    by sqrt(1 + log(512 / 16) / log(16)) = 1.5."""
+    from conftest import CONFIGS, make_torch_model, write_checkpoint
+
+    config = CONFIGS["minicpm3_longrope_scaled"]
+    rope = {**config["rope_parameters"], "original_max_position_embeddings": 16}
+    torch_model = make_torch_model({**config, "rope_parameters": rope})
+    path = write_checkpoint(torch_model, tmp_path, "transformers5")
+    ids = tokens(40)
+    got = mlx_logits(mlx_mla.load_model(path), ids)
+    assert np.abs(got - reference_logits(torch_model, ids)).max() <= TOL

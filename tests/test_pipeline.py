@@ -17,7 +17,7 @@ from pathlib import Path
 import huggingface_hub
 import mlx.core as mx
 import pytest
-from conftest import CONFIGS, make_torch_model, write_checkpoint
+from conftest import BASE, CONFIGS, make_torch_model, write_checkpoint
 from fake_hub import FakeHub
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
@@ -492,3 +492,19 @@ def test_ranks_end_when_mlx_launch_is_killed(checkpoint, tmp_path):
         os.close(process.stdin_pipe)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "kimi_k2"])
+def test_planned_bytes_equal_the_model_of_every_family(name):
+    """config_costs reads a config.json as the family does: GLM's mlp_layer_types, the router
+    bias of every sigmoid noaux_tc family (Kimi-K2, GLM), MLA's attention biases."""
+    overrides = CONFIGS.get(name) or {**CONFIGS["v3_grouped_q_lora"], "model_type": "kimi_k2"}
+    config = {**BASE, "model_type": "deepseek_v2", **overrides}
+    costs = stages.config_costs(config, dtype_bytes=4)
+    model = mlx_mla.Model(ModelArgs.from_dict(config))
+
+    def nbytes(module) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+    assert costs.layers == [nbytes(layer) for layer in model.layers]
+    assert costs.embed + costs.norm + costs.head == nbytes(model) - sum(costs.layers)

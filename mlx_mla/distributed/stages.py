@@ -7,12 +7,13 @@ first, like mlx-lm's `pipeline(group, split)`. Pure Python: `memory --ranks` use
 """
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+from ..model import families
+from ..model.families import LAYER_KEY
+
 PARTS = {"model.embed_tokens.": "embed", "model.norm.": "norm", "lm_head.": "head"}
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4}
 SAFETENSORS_BYTES |= {"I16": 2, "U16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
@@ -83,11 +84,13 @@ def _matrix_bytes(n: int, dtype_bytes: int, bits: int | None, group_size: int) -
 def config_costs(
     config: dict, dtype_bytes: int = 2, bits: int | None = None, group_size: int = 64
 ) -> Costs:
-    """Costs estimated from a config.json (MLA with DeepSeekMoE, or a dense MHA/GQA model).
+    """Costs estimated from a config.json (MLA with DeepSeekMoE, or a dense MHA/GQA model), read
+    as its family reads it (defaults, GLM's mlp_layer_types, the router's bias).
 
     With `bits`, every matrix (projections, experts, embedding, head) is quantized and norms,
     router gates and biases stay in the float dtype, as `convert.py` does.
     """
+    config = families.resolve(config)
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     heads, vocab = config["num_attention_heads"], config["vocab_size"]
 
@@ -106,6 +109,9 @@ def config_costs(
         attention += matrix(hidden, kv_lora + config["qk_rope_head_dim"]) + kv_lora * dtype_bytes
         attention += matrix(kv_lora, heads * (config["qk_nope_head_dim"] + config["v_head_dim"]))
         attention += matrix(heads * config["v_head_dim"], hidden)
+        if config.get("attention_bias"):  # q_a_proj, kv_a_proj_with_mqa and o_proj
+            bias = (q_lora or 0) + kv_lora + config["qk_rope_head_dim"] + hidden
+            attention += bias * dtype_bytes
     else:
         kv_heads = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or hidden // heads
@@ -113,23 +119,21 @@ def config_costs(
         if config.get("model_type") == "qwen2" or config.get("attention_bias"):
             attention += (heads + 2 * kv_heads) * head_dim * dtype_bytes
 
-    def is_moe(i: int) -> bool:
-        return bool(config.get("n_routed_experts")) and (
-            i >= config.get("first_k_dense_replace", 0) and i % config.get("moe_layer_freq", 1) == 0
-        )
-
     dense = 3 * matrix(hidden, config["intermediate_size"])
     experts = config.get("n_routed_experts") or 0
     expert_size = config.get("moe_intermediate_size") or 0
     moe = 3 * experts * matrix(hidden, expert_size)
     moe += 3 * matrix(hidden, expert_size * (config.get("n_shared_experts") or 0))
     moe += experts * hidden * dtype_bytes  # router gate
-    if config.get("model_type") == "deepseek_v3":
+    if families.has_router_bias(config):
         moe += experts * 4  # e_score_correction_bias, float32
     norms = 2 * hidden * dtype_bytes
     tied = bool(config.get("tie_word_embeddings"))
     return Costs(
-        layers=[attention + norms + (moe if is_moe(i) else dense) for i in range(layers)],
+        layers=[
+            attention + norms + (moe if families.is_moe_layer(config, i) else dense)
+            for i in range(layers)
+        ],
         embed=matrix(vocab, hidden),
         norm=hidden * dtype_bytes,
         head=0 if tied else matrix(vocab, hidden),

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.mla import MultiLinear
-from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.rope_utils import SuScaledRoPE, initialize_rope
 
 from ..cache.latent import QuantizedLatent, check_quantizable, quantized_dims
 from .config import ModelArgs
@@ -58,13 +58,16 @@ class Attention(nn.Module):
         self.embed_q = MultiLinear(self.qk_nope_head_dim, self.kv_lora_rank, H)
         self.unembed_out = MultiLinear(self.kv_lora_rank, self.v_head_dim, H)
         self.o_proj = nn.Linear(H * self.v_head_dim, args.hidden_size, bias=args.attention_bias)
-        self.rope = initialize_rope(
-            self.qk_rope_head_dim,
-            base=args.rope_theta,
-            traditional=args.rope_interleave,  # rotate pairs (x0, x1), ... or halves
-            scaling_config=args.rope_scaling,
-            max_position_embeddings=args.max_position_embeddings,
-        )
+        if args.rope_type == "longrope":
+            self.rope = LongRoPE(self.qk_rope_head_dim, args)
+        else:
+            self.rope = initialize_rope(
+                self.qk_rope_head_dim,
+                base=args.rope_theta,
+                traditional=args.rope_interleave,  # rotate pairs (x0, x1), ... or halves
+                scaling_config=args.rope_scaling,
+                max_position_embeddings=args.max_position_embeddings,
+            )
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -179,6 +182,30 @@ class Attention(nn.Module):
         expanded = S * up_dims + L * S * (qk_dim + self.v_head_dim)
         absorbed = L * up_dims + L * S * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
         return expanded < absorbed
+
+
+class LongRoPE(nn.Module):
+    """MiniCPM3's LongRoPE on halves, as transformers applies it: short_factor while the sequence
+    fits original_max_position_embeddings, long_factor once it does not (mlx-lm's SuScaledRoPE
+    always takes long_factor), both scaled by attention_factor."""
+
+    def __init__(self, dims: int, args: ModelArgs):
+        super().__init__()
+        scaling = args.rope_scaling
+        self.original_max = scaling.get(
+            "original_max_position_embeddings", args.max_position_embeddings
+        )
+        factor = scaling.get("factor") or args.max_position_embeddings / self.original_max
+        default = math.sqrt(1 + math.log(factor) / math.log(self.original_max)) if factor > 1 else 1
+        mscale = scaling.get("attention_factor") or default
+        self.short, self.long = (
+            SuScaledRoPE(dims, args.rope_theta, long_factor=scaling[key], long_mscale=mscale)
+            for key in ("short_factor", "long_factor")
+        )
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        rope = self.long if offset + x.shape[-2] > self.original_max else self.short
+        return rope(x, offset)
 
 
 def merge_softmax(a: tuple, b: tuple) -> tuple:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedModelError
+from . import families
+from .families import FAMILIES
 
-ROPE_TYPES = ("default", "yarn")
+ROPE_TYPES = ("default", "yarn", "longrope")
 POSITIVE_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -35,63 +37,6 @@ ROPE_NUMBERS = (
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 TYPE_NAMES |= {dict: "an object", list: "a list", type(None): "null"}
 
-# What differs between the MLA families, as each one's transformers config and model define it.
-# family: the architecture a model_type is read as (Kimi-K2 is DeepSeek-V3's). defaults: the
-# transformers config's values where config.json is silent. fixed: what the transformers model
-# does whatever config.json says (a config.json saying otherwise is refused). topk_methods: the
-# routings accepted. mlp_layer_types: whether the model reads that list (GLM) or ignores it.
-_NOAUX = dict(topk_methods=("noaux_tc",), mlp_layer_types=False)
-FAMILIES = {
-    "deepseek_v2": dict(
-        family="deepseek_v2",
-        defaults={},
-        fixed=dict(scoring_func="softmax", rope_interleave=True),
-        topk_methods=("greedy", "group_limited_greedy"),
-        mlp_layer_types=False,
-    ),
-    "deepseek_v3": dict(
-        family="deepseek_v3",
-        defaults=dict(
-            n_group=8,
-            topk_group=4,
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            first_k_dense_replace=3,
-            n_shared_experts=1,
-        ),
-        fixed=dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1),
-        **_NOAUX,
-    ),
-    "glm4_moe_lite": dict(
-        family="glm4_moe_lite",
-        defaults=dict(
-            n_group=1,
-            topk_group=1,
-            norm_topk_prob=True,
-            routed_scaling_factor=1.8,
-            first_k_dense_replace=1,
-            n_shared_experts=1,
-            rms_norm_eps=1e-5,
-        ),
-        fixed=dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1),
-        topk_methods=("noaux_tc",),
-        mlp_layer_types=True,
-    ),
-    "mistral4": dict(
-        family="mistral4",
-        defaults=dict(
-            n_group=1,
-            topk_group=1,
-            norm_topk_prob=True,
-            routed_scaling_factor=1.0,
-            first_k_dense_replace=0,
-            n_shared_experts=1,
-        ),
-        fixed=dict(topk_method="noaux_tc", scoring_func="softmax", moe_layer_freq=1),
-        **_NOAUX,
-    ),
-}
-FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
@@ -129,6 +74,9 @@ class ModelArgs:
     rope_interleave: bool = True
     mlp_layer_types: list[str] | None = None
     num_nextn_predict_layers: int = 0
+    scale_emb: float = 1.0
+    scale_depth: float | None = None
+    dim_model_base: int | None = None
     quantization: dict | None = None
     quantization_config: dict | None = None
 
@@ -147,16 +95,11 @@ class ModelArgs:
                 f"model_type {model_type!r} is not supported; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
-        family = FAMILIES[model_type]
-        for key, value in family["fixed"].items():
-            if config.get(key, value) != value:
-                raise ConfigError(
-                    f"{model_type} supports {key} {value!r} only, not {config[key]!r}"
-                )
+        try:
+            config = FAMILIES[model_type].resolve(config)
+        except ValueError as e:
+            raise ConfigError(f"{model_type} {e}") from None
         fields = inspect.signature(cls).parameters
-        config = {**family["defaults"], **config, **family["fixed"]}
-        if not family["mlp_layer_types"]:
-            config.pop("mlp_layer_types", None)
         args = cls(**{k: v for k, v in config.items() if k in fields})
         rope = config.get("rope_parameters")
         if rope:
@@ -172,7 +115,7 @@ class ModelArgs:
     def check_rotary_dims(self, rope: dict):
         """transformers rotates int(head_dim * partial_rotary_factor) dims, where head_dim is
         Mistral 4's qk_head_dim and the others' qk_rope_head_dim: it must be all of q_pe/k_pe."""
-        head_dim = self.qk_head_dim if self.family == "mistral4" else self.qk_rope_head_dim
+        head_dim = getattr(self, FAMILIES[self.model_type].rotary_dim_of)
         factor = rope.get("partial_rotary_factor", self.qk_rope_head_dim / head_dim)
         if int(head_dim * factor) != self.qk_rope_head_dim:
             raise ConfigError(
@@ -182,7 +125,7 @@ class ModelArgs:
 
     @property
     def family(self) -> str:
-        return FAMILIES[self.model_type]["family"]
+        return FAMILIES[self.model_type].name
 
     @property
     def fp8_block_size(self) -> tuple[int, int]:
@@ -215,17 +158,22 @@ class ModelArgs:
     def llama_4_scaling(self) -> tuple[float, int] | None:
         """Mistral 4's position-dependent query scale: (beta, original_max_position_embeddings)."""
         beta = (self.rope_scaling or {}).get("llama_4_scaling_beta")
-        if self.family != "mistral4" or beta is None:
+        if not FAMILIES[self.model_type].llama_4_scaling or beta is None:
             return None
         return beta, self.rope_scaling["original_max_position_embeddings"]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """GLM's mlp_layer_types when given, else first_k_dense_replace and moe_layer_freq."""
-        if not self.n_routed_experts:
-            return False
-        if self.mlp_layer_types is not None and layer_idx < len(self.mlp_layer_types):
-            return self.mlp_layer_types[layer_idx] == "sparse"  # not the MTP layers past them
-        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+        return families.is_moe_layer(vars(self), layer_idx)
+
+    @property
+    def residual_scale(self) -> float:
+        return families.residual_scale(vars(self))
+
+    @property
+    def logits_scale(self) -> float:
+        """MiniCPM3 divides the final hidden state by hidden_size / dim_model_base."""
+        return (self.dim_model_base or self.hidden_size) / self.hidden_size
 
     def validate(self):
         for field in dataclasses.fields(self):
@@ -270,7 +218,7 @@ class ModelArgs:
                 f"{self.num_hidden_layers} layers"
             )
         if self.n_routed_experts:
-            topk_methods = FAMILIES[self.model_type]["topk_methods"]
+            topk_methods = FAMILIES[self.model_type].topk_methods
             if self.topk_method not in topk_methods:
                 raise ConfigError(
                     f"topk_method {self.topk_method!r} is not supported for {self.model_type}; "

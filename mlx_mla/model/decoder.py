@@ -11,7 +11,13 @@ from ..cache.latent import ExpandedKVCache, LatentCache
 from ..errors import ConfigError
 from .attention import ATTENTION_MODES, Attention
 from .config import ModelArgs
+from .families import LAYER_KEY
 from .moe import MLP, MoE
+
+
+def scaled(x: mx.array, scale: float) -> mx.array:
+    """x * scale in x's dtype (MiniCPM3's embedding, residual and logit scales; 1 elsewhere)."""
+    return x if scale == 1 else x * mx.array(scale, x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -24,10 +30,11 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.residual_scale = args.residual_scale
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + scaled(self.self_attn(self.input_layernorm(x), mask, cache), self.residual_scale)
+        return h + scaled(self.mlp(self.post_attention_layernorm(h)), self.residual_scale)
 
 
 class SharedHead(nn.Module):
@@ -68,9 +75,12 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i, attention) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.embed_scale = args.scale_emb
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        if input_embeddings is None:
+            input_embeddings = scaled(self.embed_tokens(inputs), self.embed_scale)
+        h = input_embeddings
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache, strict=True):
@@ -103,6 +113,7 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         """The head applied to final-norm hidden states (what `model.model` returns)."""
+        hidden = scaled(hidden, self.args.logits_scale)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)
@@ -122,7 +133,6 @@ class Model(nn.Module):
 
 FP8_SCALE = ".weight_scale_inv"
 EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def sanitize(weights: dict, args: ModelArgs, mtp: bool = False) -> dict:
