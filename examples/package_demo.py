@@ -62,6 +62,14 @@ def describe(mlx_path: Path, training: dict, data: Path) -> str:
             f"({training['train_tokens']:,} tokens, {training['wall_minutes']:.0f} minutes on "
             f"2 CPU cores, torch {training['torch']}, transformers {training['transformers']}).",
             "",
+            f"With it, trained beside it with DeepSeek-V3's MTP loss, a multi-token-prediction "
+            f"layer of {training['mtp_parameters'] / 1e6:.1f}M parameters (checkpoint layer "
+            f"{config['num_hidden_layers']}, `num_nextn_predict_layers: 1`): from a position's "
+            "hidden state and the next token it predicts the token after, and its greedy guess "
+            f"was right on {training['held_out_mtp_accuracy']:.1%} of held-out positions "
+            "(transformers, float32). `--draft mtp` drafts with it; a run without it does not "
+            "load it.",
+            "",
             f"Held-out perplexity (last 10%, {count:,} tokens, windows of {context}), this "
             f"conversion: **{ppl:.2f}**; the float32 checkpoint in transformers: "
             f"{training['held_out_perplexity']:.2f}. By position in the window:",
