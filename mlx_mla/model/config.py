@@ -257,6 +257,9 @@ class ModelArgs:
         def refuse(name, value, need):
             raise ConfigError(f"config.json field {name} must be {need}, not {value!r}")
 
+        def positive(value) -> bool:
+            return type(value) in (int, float) and 0 < value < math.inf
+
         if self.qk_rope_head_dim % 2:
             refuse("qk_rope_head_dim", self.qk_rope_head_dim, "even (RoPE rotates pairs)")
         for name in ("intermediate_size", "qk_nope_head_dim"):
@@ -265,7 +268,7 @@ class ModelArgs:
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
             refuse("q_lora_rank", self.q_lora_rank, "at least 1, or null")
         for name in ("rms_norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
+            if not positive(getattr(self, name)):
                 refuse(name, getattr(self, name), "a number > 0")
         if self.n_routed_experts:
             if self.moe_intermediate_size < 1:
@@ -278,15 +281,15 @@ class ModelArgs:
                 )
         if self.rope_type == "yarn":
             scaling = self.rope_scaling
-            if not scaling.get("factor", 0) > 0:
+            if not positive(scaling.get("factor")):
                 refuse("rope_scaling.factor", scaling.get("factor"), "a number > 0 with YaRN")
             for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
-                if name in scaling and not scaling[name] > 0:
+                if name in scaling and not positive(scaling[name]):
                     refuse(f"rope_scaling.{name}", scaling[name], "a number > 0")
-            if scaling.get("beta_fast", 32) <= scaling.get("beta_slow", 1):
+            if not scaling.get("beta_fast", 32) > scaling.get("beta_slow", 1):
                 refuse("rope_scaling.beta_fast", scaling.get("beta_fast"), "above beta_slow")
-        if self.llama_4_scaling and not (
-            self.rope_scaling.get("original_max_position_embeddings", 0) >= 1
+        if self.llama_4_scaling and not positive(
+            self.rope_scaling.get("original_max_position_embeddings")
         ):
             refuse(
                 "rope_scaling.original_max_position_embeddings",
