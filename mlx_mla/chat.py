@@ -14,7 +14,7 @@ import sys
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli
+from . import cli, fit
 from .cache import prompt_cache
 from .distributed import pipeline
 from .errors import ContextError
@@ -130,6 +130,7 @@ def setup_arg_parser():
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     cli.add_cache_arguments(parser)
     cli.add_pipeline_arguments(parser)
+    fit.add_fit_argument(parser)
     return parser
 
 
@@ -178,6 +179,7 @@ def _main(argv=None):
             trust_remote_code=args.trust_remote_code,
         )
     else:
+        fit.check_tool_fit(args, args.max_tokens)  # the least a reply needs
         model, tokenizer = load(
             args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
         )

@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory
+from . import cli, fit, memory
 from .cache import prompt_cache
 from .cache.latent import QUANTIZED_CACHES
 from .distributed import pipeline
@@ -161,6 +161,7 @@ def setup_arg_parser():
         "--prompt-cache-file", help="continue from this cache (see mlx_mla.cache_prompt)"
     )
     cli.add_pipeline_arguments(parser)
+    fit.add_fit_argument(parser)
     return parser
 
 
@@ -218,6 +219,7 @@ def _main(argv=None):
     if args.pipeline:
         return pipeline_main(args)
     prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
+    fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )
