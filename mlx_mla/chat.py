@@ -14,7 +14,7 @@ import sys
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, speculative
+from . import cli, fit, speculative
 from .cache import prompt_cache
 from .distributed import pipeline
 from .errors import ContextError
@@ -156,6 +156,7 @@ def setup_arg_parser():
     cli.add_cache_arguments(parser)
     cli.add_pipeline_arguments(parser)
     cli.add_draft_arguments(parser)
+    fit.add_fit_argument(parser)
     return parser
 
 
@@ -205,6 +206,7 @@ def _main(argv=None):
             trust_remote_code=args.trust_remote_code,
         )
     else:
+        fit.check_tool_fit(args, args.max_tokens)  # the least a reply needs
         model, tokenizer = load(
             args.model,
             attention=args.attention,

@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from . import cli, memory, speculative
+from . import cli, fit, memory, speculative
 from .cache import prompt_cache
 from .cache.latent import QUANTIZED_CACHES
 from .distributed import pipeline
@@ -184,6 +184,7 @@ def setup_arg_parser():
     )
     cli.add_pipeline_arguments(parser)
     cli.add_draft_arguments(parser)
+    fit.add_fit_argument(parser)
     return parser
 
 
@@ -242,6 +243,7 @@ def _main(argv=None):
         cli.refuse_draft_with_pipeline(args)
         return pipeline_main(args)
     prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
+    fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
     model, tokenizer = load(
         args.model,
         attention=args.attention,

@@ -1,13 +1,69 @@
 """Tiny random checkpoints of every MLA family, written by transformers in the layouts real ones
 use."""
 
+import functools
 import json
+import os
+import selectors
 import string
+import subprocess
+import sys
+import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+
+def reference():
+    """torch and transformers, imported by the tests that build checkpoints with them (a test that
+    needs neither runs without them)."""
+    return pytest.importorskip("torch"), pytest.importorskip("transformers")
+
+
+@functools.cache
+def startup_seconds() -> float:
+    """How long a tool takes to start on this machine now (`generate --help`: Python, mlx,
+    mlx-lm and transformers imported), timed once per session. Subprocess time-outs are counted
+    in it, so a machine busy with other work gets proportionally longer ones."""
+    start = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "mlx_mla.generate", "--help"], capture_output=True, timeout=600
+    )
+    return time.monotonic() - start
+
+
+def time_limit(startups: float) -> float:
+    """`startups` tool start-ups of this machine, in seconds (at least 30)."""
+    return max(30.0, startups * startup_seconds())
+
+
+def read_line(process: subprocess.Popen, startups: float) -> str:
+    """The next line of a process's stdout, failing the test (not hanging) if none comes within
+    time_limit(startups)."""
+    deadline = time.monotonic() + time_limit(startups)
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                return process.stdout.readline()
+    pytest.fail(f"no line from {process.args} within {time_limit(startups):.0f} s")
+
+
+def read_bytes(process: subprocess.Popen, count: int, startups: float) -> bytes:
+    """`count` bytes of a process's stdout (fewer if it ends), failing the test if they do not
+    come within time_limit(startups)."""
+    data, deadline = b"", time.monotonic() + time_limit(startups)
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while len(data) < count and time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                chunk = os.read(process.stdout.fileno(), count - len(data))
+                if not chunk:
+                    return data
+                data += chunk
+    if len(data) < count:
+        pytest.fail(f"{process.args} wrote {data!r} in {time_limit(startups):.0f} s")
+    return data
+
 
 YARN = {
     "rope_type": "yarn",
@@ -159,6 +215,7 @@ CHARS = string.ascii_letters + string.digits + " .,;:!?'\n-"
 
 
 def make_torch_model(overrides: dict, seed: int = 0):
+    torch, transformers = reference()
     overrides = dict(overrides)
     config_class, model_class = TORCH_CLASSES[overrides.pop("model_type", "deepseek_v2")]
     config = getattr(transformers, config_class)(**{**BASE, **overrides})
@@ -192,6 +249,7 @@ def add_mtp_layers(path, config):
     """Add the multi-token-prediction layers that DeepSeek-V3's checkpoints carry after the
     decoder layers (layer num_hidden_layers on): a copy of the last layer plus MTP's own tensors.
     DeepSeek-V3's carry their own embedding and head too; GLM's share the main model's."""
+    torch, _ = reference()
     from safetensors.torch import load_file, save_file
 
     index_file = path / "model.safetensors.index.json"
@@ -218,6 +276,7 @@ def add_mtp_layers(path, config):
 
 def save_tokenizer(path):
     """A character-level fast tokenizer with a chat template, enough for mlx-lm's wrapper."""
+    _, transformers = reference()
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(CHARS)}

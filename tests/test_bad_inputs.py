@@ -14,6 +14,7 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
+from conftest import read_bytes, startup_seconds, time_limit
 
 import mlx_mla
 import mlx_mla.convert
@@ -39,12 +40,12 @@ def snapshot(root: Path) -> dict[str, str]:
     return seen
 
 
-def run_tool(module: str, *args, stdin=None, timeout=120) -> subprocess.CompletedProcess:
+def run_tool(module: str, *args, stdin=None, startups=25) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", f"mlx_mla.{module}", *args],
         input=stdin,
         capture_output=True,
-        timeout=timeout,
+        timeout=time_limit(startups),
         env=ENV,
         cwd=ROOT,
     )
@@ -114,7 +115,7 @@ def test_convert_cli_with_force_into_the_source_parent_deletes_nothing(source, t
         [sys.executable, "convert.py", "--hf-path", source, "--mlx-path", source.parent, "--force"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=time_limit(25),
         env=ENV,
         cwd=ROOT,
     )
@@ -406,9 +407,9 @@ STARTING = {
 @pytest.mark.parametrize("tool", STARTING)
 def test_ctrl_c_while_a_tool_starts_exits_130_quietly(tool):
     proc = start(*STARTING[tool])
-    time.sleep(0.8)  # inside the imports (they take seconds)
+    time.sleep(0.3 * startup_seconds())  # inside the imports, past Python's own start
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=time_limit(15))
     assert proc.returncode == 130, err.decode()
     assert err == b""
 
@@ -418,9 +419,9 @@ def test_ctrl_c_during_generation_exits_130_quietly(model):
     proc = start(
         "-m", "mlx_mla.generate", "--model", model, "--prompt", "Hi", "--max-tokens", "100000"
     )
-    proc.stdout.read(20)  # generation has begun
+    read_bytes(proc, 20, startups=25)  # generation has begun
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=time_limit(15))
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err and err.strip() == b""
 
@@ -430,10 +431,10 @@ def test_a_reader_closing_the_pipe_ends_generate_quietly(model):
     proc = start(
         "-m", "mlx_mla.generate", "--model", model, "--prompt", "Hi", "--max-tokens", "100000"
     )
-    proc.stdout.read(5)  # `| head -c 5`
+    read_bytes(proc, 5, startups=25)  # `| head -c 5`
     proc.stdout.close()
     err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 141
+    assert proc.wait(timeout=time_limit(15)) == 141
     assert err == b""
 
 

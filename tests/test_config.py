@@ -19,6 +19,8 @@ MLA = dict(
     v_head_dim=8,
     n_routed_experts=16,
     num_experts_per_tok=2,
+    n_shared_experts=1,
+    max_position_embeddings=256,
 )
 
 
@@ -92,3 +94,41 @@ def test_llama_4_query_scaling_is_read_for_mistral4_only():
     rope["original_max_position_embeddings"] = 8192
     assert args("mistral4", rope_parameters=rope).llama_4_scaling == (0.1, 8192)
     assert args("deepseek_v3", rope_parameters=rope).llama_4_scaling is None
+
+
+@pytest.mark.parametrize("field", ["num_attention_heads", "q_lora_rank", "n_routed_experts"])
+def test_a_missing_field_that_sets_shapes_is_named_not_defaulted(field):
+    config = {"model_type": "deepseek_v2", **MLA}
+    del config[field]
+    with pytest.raises(ConfigError, match=f"config.json has no field {field}"):
+        ModelArgs.from_dict(config)
+
+
+def test_expert_shapes_are_required_only_with_routed_experts():
+    dense = {k: v for k, v in MLA.items() if k not in ("moe_intermediate_size", "n_shared_experts")}
+    dense["model_type"] = "deepseek_v2"
+    assert not ModelArgs.from_dict({**dense, "n_routed_experts": None}).n_routed_experts
+    with pytest.raises(ConfigError, match="no field moe_intermediate_size"):
+        ModelArgs.from_dict(dense)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(qk_nope_head_dim=0), "qk_nope_head_dim"),
+        (dict(q_lora_rank=0), "q_lora_rank"),
+        (dict(rms_norm_eps=0), "rms_norm_eps"),
+        (dict(num_experts_per_tok=17), "num_experts_per_tok"),
+        (dict(rope_scaling={"type": "yarn", "factor": 0}), "rope_scaling.factor"),
+        (
+            dict(rope_scaling={"type": "yarn", "factor": 2, "beta_fast": 1}),
+            "rope_scaling.beta_fast",
+        ),
+        (dict(quantization={"group_size": 512, "bits": 4}), "quantization"),
+        (dict(quantization={"group_size": 64, "bits": 7}), "quantization"),
+    ],
+)
+def test_a_value_out_of_range_is_refused_naming_the_field(changes, field):
+    with pytest.raises(ConfigError, match=f"field {field}"):
+        args("deepseek_v2", **changes)

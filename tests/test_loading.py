@@ -8,6 +8,7 @@ import pytest
 
 import mlx_mla
 from mlx_mla import CheckpointError, ConfigError, UnsupportedModelError
+from mlx_mla.cli import DEFAULT_MODEL
 
 
 @pytest.fixture
@@ -133,4 +134,20 @@ def test_transposed_kv_b_proj_is_refused_not_silently_reshaped(checkpoint):
     with pytest.raises(
         CheckpointError, match=r"kv_b_proj\.weight has shape \(32, 112\).*\(112, 32\)"
     ):
+        mlx_mla.load_model(checkpoint)
+
+
+def test_quantized_weights_that_do_not_pack_the_config_shapes_are_one_error(tmp_path):
+    """The demo model is 8-bit; twice its heads in config.json used to reach mx.quantize."""
+    folder = shutil.copytree(DEFAULT_MODEL, tmp_path / "demo")
+    edit_config(folder, num_attention_heads=8)
+    with pytest.raises(CheckpointError, match=r"quantized tensor .*q_proj\.weight .*\(512, 256\)"):
+        mlx_mla.load_model(folder)
+
+
+def test_a_tensor_of_integers_where_floats_belong_is_refused(checkpoint):
+    edit_weights(
+        checkpoint, lambda w: w.update({k: w[k].astype(mx.int32) for k in w if "norm" in k})
+    )
+    with pytest.raises(CheckpointError, match="holds mlx.core.int32"):
         mlx_mla.load_model(checkpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 import huggingface_hub
 import mlx.core as mx
 import pytest
-from conftest import BASE, CONFIGS, make_torch_model, write_checkpoint
+from conftest import BASE, CONFIGS, make_torch_model, read_line, time_limit, write_checkpoint
 from fake_hub import FakeHub
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
@@ -82,9 +82,9 @@ def rank_environment() -> dict:
     }
 
 
-def launch(*command, stdin: str = "", timeout=180, ranks=2) -> subprocess.CompletedProcess:
+def launch(*command, stdin: str = "", startups=50, ranks=2) -> subprocess.CompletedProcess:
     """The ranks run to their end. mlx.launch never passes end of input on to the ranks (and
-    spins on it), so their stdin is a pipe held open until they are done. Past `timeout` the
+    spins on it), so their stdin is a pipe held open until they are done. Past `startups` the
     test fails, and the ranks are killed with mlx.launch (their process group)."""
     read, write = os.pipe()
     os.write(write, stdin.encode())
@@ -100,10 +100,10 @@ def launch(*command, stdin: str = "", timeout=180, ranks=2) -> subprocess.Comple
             start_new_session=True,
         ) as process:
             try:
-                stdout, stderr = process.communicate(timeout=timeout)
+                stdout, stderr = process.communicate(timeout=time_limit(startups))
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-                pytest.fail(f"the ranks were still running after {timeout} s")
+                pytest.fail(f"the ranks were still running after {time_limit(startups):.0f} s")
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     finally:
         os.close(read)
@@ -126,13 +126,13 @@ def single_process_tokens(path, attention) -> list[int]:
     ]
 
 
-def launch_ranks(path, attention, out, *timeout_and_fault, hub: tuple = (), timeout=180):
+def launch_ranks(path, attention, out, *timeout_and_fault, hub: tuple = (), startups=50):
     """The rank script on two ranks; with `hub` (REPO, CACHE) `path` is a hub id served from
     REPO."""
     prompt = ",".join(map(str, PROMPT))
     script = HUB_RANK_SCRIPT if hub else RANK_SCRIPT
     args = [*hub, path, attention, out, prompt, MAX_TOKENS, *timeout_and_fault]
-    return launch(str(script), *map(str, args), timeout=timeout)
+    return launch(str(script), *map(str, args), startups=startups)
 
 
 def run_ranks(path, attention, out, hub: tuple = ()) -> list[dict]:
@@ -198,7 +198,10 @@ def test_every_family_layout_and_a_quantized_checkpoint_give_the_single_process_
 def test_generate_cli_over_two_and_three_ranks_prints_the_single_process_text(checkpoint):
     args = ["--model", str(checkpoint), "--prompt", "Hello", "--max-tokens", "10"]
     single = subprocess.run(
-        [sys.executable, "-m", "mlx_mla.generate", *args], capture_output=True, text=True
+        [sys.executable, "-m", "mlx_mla.generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=time_limit(25),
     )
     assert single.returncode == 0, single.stderr
     piped = launch("-m", "mlx_mla.generate", *args, "--pipeline", "--pipeline-stages", "1,3")
@@ -232,7 +235,9 @@ def test_a_rank_that_cannot_load_its_part_ends_every_rank_with_one_line(checkpoi
 def test_chat_over_two_ranks_prints_what_one_process_prints(checkpoint):
     turns = "Hello\n/stats\nthere\n/reset\n/stats\n/exit\n"
     args = ["-m", "mlx_mla.chat", "--model", str(checkpoint), "--max-tokens", "8"]
-    single = subprocess.run([sys.executable, *args], input=turns, capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, *args], input=turns, capture_output=True, text=True, timeout=time_limit(25)
+    )
     assert single.returncode == 0, single.stderr
     piped = launch(*args, "--pipeline", stdin=turns)
     assert "KV cache:" in single.stdout
@@ -341,7 +346,7 @@ def start_server_ranks(checkpoint, attention, log: Path, *flags):
     )
     os.close(read)
     process.stdin_pipe = write
-    line = process.stdout.readline()
+    line = read_line(process, startups=40)
     if "Serving" not in line:
         os.killpg(process.pid, signal.SIGKILL)
         raise AssertionError(f"the pipeline server did not start: {line}{log.read_text()}")
@@ -460,7 +465,7 @@ def errors_and_seconds_after_the_stall(result, out) -> tuple[list[str], float]:
 def test_a_rank_that_hangs_ends_every_rank_with_one_line_once_the_timeout_passes(
     checkpoint, tmp_path
 ):
-    result = launch_ranks(checkpoint, "mla", tmp_path, "3", "stall", timeout=90)
+    result = launch_ranks(checkpoint, "mla", tmp_path, "3", "stall", startups=25)
     errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
     assert errors == [
         "error: rank 0: no progress from the pipeline for 3 s (a rank hangs or the network is "
@@ -471,7 +476,7 @@ def test_a_rank_that_hangs_ends_every_rank_with_one_line_once_the_timeout_passes
 
 
 def test_sigterm_ends_a_rank_blocked_in_a_collective_at_once(checkpoint, tmp_path):
-    result = launch_ranks(checkpoint, "mla", tmp_path, "0", "sigterm", timeout=90)
+    result = launch_ranks(checkpoint, "mla", tmp_path, "0", "sigterm", startups=25)
     errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
     assert errors == [
         "error: rank 0 stopped: another rank ended",

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import read_line
 
 openai = pytest.importorskip("openai")
 
@@ -31,7 +32,7 @@ def start_server(log: Path, *flags):
         text=True,
         env=env,
     )
-    line = process.stdout.readline()
+    line = read_line(process, startups=20)
     if "Serving" not in line:
         process.kill()
         raise RuntimeError(f"server did not start: {line}{log.read_text()}")

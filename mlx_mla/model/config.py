@@ -34,6 +34,29 @@ ROPE_NUMBERS = (
     "partial_rotary_factor",
     "llama_4_scaling_beta",
 )
+# Fields that set the tensors' shapes: the transformers classes' defaults for them differ by family
+# and version (DeepseekV2Config's n_routed_experts is 64 in transformers 5, None in DeepSeek's
+# code), and a default that does not match the weights fails far from its cause: config.json must
+# give them (null where the model has none). With routed experts, their own shapes too (unless the
+# family's defaults in FAMILIES give them).
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "max_position_embeddings",
+    "n_routed_experts",
+)
+REQUIRED_WITH_EXPERTS = ("moe_intermediate_size", "num_experts_per_tok", "n_shared_experts")
+# mlx's affine quantisation (mx.quantize): what a config.json "quantization" may name.
+QUANTIZATION_BITS = (2, 3, 4, 5, 6, 8)
+QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 TYPE_NAMES |= {dict: "an object", list: "a list", type(None): "null"}
 
@@ -100,6 +123,7 @@ class ModelArgs:
         except ValueError as e:
             raise ConfigError(f"{model_type} {e}") from None
         fields = inspect.signature(cls).parameters
+        check_required(config)
         args = cls(**{k: v for k, v in config.items() if k in fields})
         rope = config.get("rope_parameters")
         if rope:
@@ -175,6 +199,52 @@ class ModelArgs:
         """MiniCPM3 divides the final hidden state by hidden_size / dim_model_base."""
         return (self.dim_model_base or self.hidden_size) / self.hidden_size
 
+    def check_ranges(self):
+        """What the shapes and the maths need beyond a positive size, naming the field."""
+
+        def refuse(name, value, need):
+            raise ConfigError(f"config.json field {name} must be {need}, not {value!r}")
+
+        def positive(value) -> bool:
+            return type(value) in (int, float) and 0 < value < math.inf
+
+        if self.qk_rope_head_dim % 2:
+            refuse("qk_rope_head_dim", self.qk_rope_head_dim, "even (RoPE rotates pairs)")
+        for name in ("intermediate_size", "qk_nope_head_dim"):
+            if getattr(self, name) < 1:
+                refuse(name, getattr(self, name), "at least 1")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            refuse("q_lora_rank", self.q_lora_rank, "at least 1, or null")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not positive(getattr(self, name)):
+                refuse(name, getattr(self, name), "a number > 0")
+        if self.n_routed_experts:
+            if self.moe_intermediate_size < 1:
+                refuse("moe_intermediate_size", self.moe_intermediate_size, "at least 1")
+            if not 1 <= (self.num_experts_per_tok or 0) <= self.n_routed_experts:
+                refuse(
+                    "num_experts_per_tok",
+                    self.num_experts_per_tok,
+                    f"from 1 to n_routed_experts ({self.n_routed_experts})",
+                )
+        if self.rope_type == "yarn":
+            scaling = self.rope_scaling
+            if not positive(scaling.get("factor")):
+                refuse("rope_scaling.factor", scaling.get("factor"), "a number > 0 with YaRN")
+            for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
+                if name in scaling and not positive(scaling[name]):
+                    refuse(f"rope_scaling.{name}", scaling[name], "a number > 0")
+            if not scaling.get("beta_fast", 32) > scaling.get("beta_slow", 1):
+                refuse("rope_scaling.beta_fast", scaling.get("beta_fast"), "above beta_slow")
+        if self.llama_4_scaling and not positive(
+            self.rope_scaling.get("original_max_position_embeddings")
+        ):
+            refuse(
+                "rope_scaling.original_max_position_embeddings",
+                self.rope_scaling.get("original_max_position_embeddings"),
+                "at least 1 with llama_4_scaling_beta",
+            )
+
     def validate(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -190,12 +260,22 @@ class ModelArgs:
                 raise ConfigError(
                     f"config.json field {name} must be at least 1, not {getattr(self, name)}"
                 )
+        self.check_ranges()
         if self.quantization is not None:
             for key in ("group_size", "bits"):
                 if type(self.quantization.get(key)) is not int:
                     raise ConfigError(
                         f"config.json field quantization needs an integer {key}, as convert writes"
                     )
+            if self.quantization.get("mode", "affine") == "affine" and (
+                self.quantization["bits"] not in QUANTIZATION_BITS
+                or self.quantization["group_size"] not in QUANTIZATION_GROUP_SIZES
+            ):
+                raise ConfigError(
+                    f"config.json field quantization: bits {self.quantization['bits']} with "
+                    f"group_size {self.quantization['group_size']} is not an mlx quantization "
+                    f"(bits {QUANTIZATION_BITS}, group_size {QUANTIZATION_GROUP_SIZES})"
+                )
         method = (self.quantization_config or {}).get("quant_method")
         if (
             method not in (None, "fp8")
@@ -242,6 +322,18 @@ class ModelArgs:
                     "noaux_tc needs n_group dividing n_routed_experts into groups of at least 2 "
                     "experts, and topk_group between 1 and n_group"
                 )
+
+
+def check_required(config: dict):
+    """Refuse a config.json without a field that sets the shapes of the tensors, naming it."""
+    required = REQUIRED_FIELDS + (REQUIRED_WITH_EXPERTS if config.get("n_routed_experts") else ())
+    missing = [name for name in required if name not in config]
+    if missing:
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"config.json has no field {missing[0]}{more}; it has no default (null where the "
+            "model has none): the transformers defaults differ by family and would not match"
+        )
 
 
 def accepts(annotation, value) -> bool:

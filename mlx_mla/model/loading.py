@@ -14,7 +14,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import infer_quant_config
 
 from ..errors import BadArgumentError, CheckpointError, ConfigError
-from .config import ModelArgs, check_types
+from .config import QUANTIZATION_BITS, QUANTIZATION_GROUP_SIZES, ModelArgs, check_types
 from .decoder import Model, sanitize
 
 # *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
@@ -162,6 +162,38 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]):
                 f"tensor {name} has shape {tuple(weights[name].shape)}, but config.json "
                 f"implies {tuple(param.shape)}"
             )
+        if mx.issubdtype(param.dtype, mx.floating) != mx.issubdtype(
+            weights[name].dtype, mx.floating
+        ):
+            raise CheckpointError(
+                f"tensor {name} holds {weights[name].dtype}, where the model needs {param.dtype}"
+            )
+
+
+def check_quantized_shapes(model: nn.Module, weights: dict[str, mx.array]):
+    """Raise a CheckpointError naming the first quantized tensor (one with `.scales`) that does not
+    pack the shape config.json gives its module with one of mlx's bit widths and group sizes."""
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            continue
+        w, scales = weights.get(f"{path}.weight"), weights[f"{path}.scales"]
+        shape, in_dims = tuple(module.weight.shape), module.weight.shape[-1]
+        packed = w is not None and w.dtype == mx.uint32 and w.ndim == len(shape)
+        if packed and w.shape[:-1] == scales.shape[:-1] == shape[:-1] and scales.shape[-1]:
+            bits, group_size = w.shape[-1] * 32 // in_dims, in_dims // scales.shape[-1]
+            if (
+                w.shape[-1] * 32 == bits * in_dims
+                and group_size * scales.shape[-1] == in_dims
+                and bits in QUANTIZATION_BITS
+                and group_size in (16, *QUANTIZATION_GROUP_SIZES)
+            ):
+                continue
+        found = "missing" if w is None else f"{w.dtype} {tuple(w.shape)}"
+        raise CheckpointError(
+            f"quantized tensor {path}.weight ({found}, scales {tuple(scales.shape)}) does not "
+            f"pack the {shape} config.json implies with mlx's bits {QUANTIZATION_BITS} and "
+            f"group sizes {QUANTIZATION_GROUP_SIZES}"
+        )
 
 
 def quantize_like(model: nn.Module, weights: dict[str, mx.array], quantization: dict):
@@ -172,12 +204,16 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array], quantization: 
             return False
         return infer_quant_config(path, module, weights)
 
-    nn.quantize(
-        model,
-        group_size=quantization["group_size"],
-        bits=quantization["bits"],
-        class_predicate=predicate,
-    )
+    check_quantized_shapes(model, weights)
+    try:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=predicate,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"cannot quantize as the weights are: {e}") from None
 
 
 def upcast_experts_for_cpu(model: nn.Module):
