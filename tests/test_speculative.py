@@ -407,3 +407,41 @@ def test_ngram_drafter_sees_the_prompt_and_reply_once():
     drafter.extend([2, 3, 4, 2, 3])
     assert drafter.tokens == [1, 2, 3, 4, 2, 3]
     assert drafter.draft(3, speculative.Sampling()) == ([4, 2, 3], None)
+
+
+def test_drafting_continues_a_prompt_cache_file_as_plain_decoding_does(folders, tmp_path):
+    (tmp_path / "play.txt").write_text("abcabcabcabc")
+    cache_file = str(tmp_path / "play.safetensors")
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_mla.cache_prompt",
+            "--model",
+            str(folders["v3"]),
+            "--prompt-file",
+            str(tmp_path / "play.txt"),
+            "--prompt-cache-file",
+            cache_file,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert made.returncode == 0, made.stderr
+    common = (
+        "--model",
+        str(folders["v3"]),
+        "--prompt-cache-file",
+        cache_file,
+        "--prompt",
+        "abc",
+        "--max-tokens",
+        "16",
+        "--no-chat-template",
+    )
+    plain, drafted = run(*common), run(*common, "--draft", "ngram")
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    text = plain.stdout.split("\n==========")[0]
+    assert text and drafted.stdout.split("\n==========")[0] == text
+    assert "Speculative:" in drafted.stdout
