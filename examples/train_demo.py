@@ -72,6 +72,9 @@ def setup_arg_parser():
     p.add_argument(
         "--threads", type=int, default=2, help="torch threads; 1 where other work shares the CPU"
     )
+    p.add_argument(
+        "--init-from", type=Path, help="continue training this checkpoint (its MTP layer too)"
+    )
     return p
 
 
@@ -187,6 +190,17 @@ class MTPLayer(torch.nn.Module):
         x = self.layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
         return model.lm_head(self.norm(x))
 
+    def load_checkpoint_tensors(self, tensors: dict):
+        """The inverse of checkpoint_tensors (the embedding and head are the main model's)."""
+        prefix = f"model.layers.{self.layer_idx}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        for name in ("enorm", "hnorm", "eh_proj"):
+            getattr(self, name).weight.data.copy_(own.pop(f"{name}.weight"))
+        self.norm.weight.data.copy_(own.pop("shared_head.norm.weight"))
+        for name in ("shared_head.head.weight", "embed_tokens.weight"):
+            own.pop(name)
+        self.layer.load_state_dict(own)
+
     def checkpoint_tensors(self, model):
         prefix = f"model.layers.{self.layer_idx}."
         out = {prefix + k: v for k, v in self.layer.state_dict().items()}
@@ -293,6 +307,11 @@ def main():
     config = make_config(sp.vocab_size(), args.context)
     model = DeepseekV2ForCausalLM(config).float()
     mtp = MTPLayer(config, config.num_hidden_layers).float()
+    if args.init_from:
+        model = DeepseekV2ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        config = model.config
+        mtp.load_checkpoint_tensors(load_file(args.init_from / "model.safetensors"))
+        first = json.loads((args.init_from / "training.json").read_text())
     n_params = sum(p.numel() for p in model.parameters())
     n_mtp = sum(p.numel() for p in mtp.parameters())
     print(f"parameters: {n_params:,} (+ {n_mtp:,} in the MTP layer)")
@@ -320,6 +339,10 @@ def main():
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "config": config.to_dict(),
     }
+    if args.init_from:  # the stages before this one, oldest first
+        report["earlier_stages"] = first.get("earlier_stages", []) + [
+            {k: first[k] for k in ("args", "steps_done", "wall_minutes", "held_out_perplexity")}
+        ]
 
     def checkpoint(steps_done):
         """Save, so that a run stopped early still leaves a usable checkpoint."""
