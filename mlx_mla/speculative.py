@@ -84,22 +84,28 @@ class SpeculativeStats:
 class DraftLength:
     """Draft length per step, from measured acceptance and step times.
 
-    Acceptance is modelled per drafted token (the chance the next draft is kept, given the ones
-    before it were): k drafts then yield (1 - a^(k+1)) / (1 - a) tokens a step. A step's time is
-    the verify forward of k + 1 tokens plus the drafting of k, both measured (exponential averages
-    per k). k maximises tokens per second between `least` and `most`; with k = 0 chosen, a 1-token
-    draft is tried now and then (ever more rarely while they fail) so that a drafter that starts to
-    pay is noticed. `least` = `most` holds k there (tests and benchmarks).
+    Acceptance is measured per draft position: a_i, the chance the i-th draft is kept given that
+    the ones before it were (a chained draft is usually worse than the first). k drafts then
+    yield 1 + a_1 + a_1 a_2 + ... tokens a step. A step's time is the verify forward of k + 1
+    tokens plus the drafting of k, both measured (exponential averages per k). k maximises tokens
+    per second between `least` and `most`; with k = 0 chosen, a 1-token draft is tried now and
+    then (ever more rarely while drafting does not pay) so that a drafter that starts to pay is
+    noticed.
+    `least` = `most` holds k there (tests and benchmarks).
     """
 
     def __init__(self, most: int, least: int = 0, decay: float = 0.3):
         self.most, self.least, self.decay = most, min(least, most), decay
-        self.kept, self.tried = 1.0, 2.0  # prior: half the drafts kept
+        self.kept, self.tried = [1.0] * most, [2.0] * most  # prior: half the drafts kept
         self.seconds: dict[int, float] = {}  # k -> seconds for a step that drafts k
         self.wait, self.plain_steps = 4, 0
 
-    def acceptance(self) -> float:
-        return min(self.kept / self.tried, 0.999)
+    def expected_tokens(self, k: int) -> float:
+        total = reach = 1.0
+        for kept, tried in zip(self.kept[:k], self.tried[:k], strict=True):
+            reach *= kept / tried
+            total += reach
+        return total
 
     def step_seconds(self, k: int) -> float:
         if k in self.seconds:
@@ -115,28 +121,31 @@ class DraftLength:
         most = min(self.most, room)
         if self.least >= most:
             return max(most, 0)
-        a = self.acceptance()
         best, best_rate = self.least, 0.0
         for k in range(self.least, most + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / self.step_seconds(k)
+            rate = self.expected_tokens(k) / self.step_seconds(k)
             if rate > best_rate:
                 best, best_rate = k, rate
-        if best == 0 and most > 0:
-            self.plain_steps += 1
-            if self.plain_steps >= self.wait:
-                self.plain_steps = 0
-                return 1
+        if best == 0 and most > 0 and self.plain_steps >= self.wait:
+            self.plain_steps = 0
+            return 1
         return best
+
+    def plain_run(self) -> int:
+        """Plain steps to take, k = 0 having been chosen, before a draft is tried again."""
+        steps = max(self.wait - self.plain_steps, 1)
+        self.plain_steps = self.wait
+        return steps
 
     def record(self, k: int, accepted: int, seconds: float):
         old = self.seconds.get(k)
         self.seconds[k] = seconds if old is None else old + self.decay * (seconds - old)
-        if k:
-            # each kept draft, and the first rejected one, is one trial of the per-token chance
-            trials = accepted + (accepted < k)
-            self.kept = (1 - self.decay) * self.kept + accepted
-            self.tried = (1 - self.decay) * self.tried + trials
-            self.wait = 4 if accepted else min(2 * self.wait, 64)
+        for i in range(min(k, accepted + 1)):  # the kept drafts, and the first rejected one
+            self.kept[i] = (1 - self.decay) * self.kept[i] + (i < accepted)
+            self.tried[i] = (1 - self.decay) * self.tried[i] + 1
+        if k and 0 in self.seconds:  # tried again soon only while drafting looks worth it
+            pays = self.expected_tokens(k) / self.seconds[k] >= 1 / self.seconds[0]
+            self.wait = 4 if pays else min(2 * self.wait, 64)
 
 
 class NgramDrafter:
@@ -406,6 +415,30 @@ def speculative_generate_step(
     def quantize():
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
 
+    def plain_step(token: mx.array):
+        h = model.model(token.reshape(1, 1), cache=cache)  # (1, 1, D)
+        quantize()
+        logits = model.logits(h[:, -1])
+        return h, logits, sampling.pick(logits)[0]
+
+    def plain_run(y: int, steps: int):
+        """Plain decoding from y, each step's forward built while the one before runs (as
+        mlx-lm's generate_step does): yields the token, its logits and the hidden state before
+        it, and last the seconds spent here."""
+        seconds, tic = 0.0, time.perf_counter()
+        upcoming = plain_step(mx.array(y))
+        mx.async_eval(upcoming)
+        for i in range(steps):
+            h, logits, token = upcoming
+            if i + 1 < steps:
+                upcoming = plain_step(token)
+                mx.async_eval(upcoming)
+            token = token.item()
+            seconds += time.perf_counter() - tic
+            yield token, logits[0], h
+            tic = time.perf_counter()
+        yield seconds + time.perf_counter() - tic
+
     tokens = prompt.tolist()
     drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
@@ -426,6 +459,23 @@ def speculative_generate_step(
     while max_tokens < 0 or emitted < max_tokens:
         room = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens
         k = length.choose(room)
+        if k == 0:
+            steps = length.plain_run()
+            steps = min(steps, max_tokens - emitted) if max_tokens >= 0 else steps
+            for step in plain_run(y, steps):
+                if isinstance(step, float):
+                    length.record(0, 0, step / steps)
+                    break
+                y, logprobs, h = step
+                drafter.extend([y], h)
+                emitted += 1
+                stats.steps += 1
+                stats.tokens += 1
+                stats.lengths[0] = stats.lengths.get(0, 0) + 1
+                yield y, logprobs - mx.logsumexp(logprobs, keepdims=True), False
+                if emitted == max_tokens:
+                    return
+            continue
         tic = time.perf_counter()
         drafts, draft_probs = drafter.draft(k, sampling) if k else ([], None)
         k = len(drafts)

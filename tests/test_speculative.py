@@ -189,7 +189,7 @@ def test_sampled_tokens_follow_the_main_models_distribution(drafter):
     """Two tokens sampled at temperature 1 after a prompt, 1,500 times: the first from the prefill,
     the second from a verify step with two drafts. Their joint counts must fit p(t1) p(t2 | t1)."""
     model = tiny_model(seed=3)
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    prompt = [2, 0, 2, 1, 2, 2, 2, 3, 2, 4, 2, 5, 2]  # every (2, t) pair: n-gram lookup drafts
     sampling = speculative.Sampling(temp=1.0)
     p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
     p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
@@ -217,7 +217,7 @@ def test_sampled_tokens_follow_the_main_models_distribution(drafter):
 def test_sampling_with_a_wrong_rule_is_caught():
     """The test above can fail: emitting the draft whenever it is proposed skews the counts."""
     model = tiny_model(seed=3)
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    prompt = [2, 0, 2, 1, 2, 2, 2, 3, 2, 4, 2, 5, 2]  # every (2, t) pair: n-gram lookup drafts
     p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
     p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
     joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
