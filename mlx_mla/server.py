@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 
@@ -34,7 +35,7 @@ from mlx_lm import server as mlx_server
 
 from . import cli
 from .cache import prompt_cache as prompt_cache_files
-from .cache.conversations import ConversationCache, DiskCache
+from .cache.conversations import ConversationCache, DiskCache, check_writable
 from .cache.latent import check_kv_quantization, quantized_cache
 from .distributed import pipeline
 from .model.loading import load
@@ -444,8 +445,13 @@ def serve(args: argparse.Namespace):
         )
     if args.pipeline:
         pipeline.watch(group.rank(), args.pipeline_timeout)
-    if args.pipeline and args.prompt_cache_dir:
-        cli.fail("--prompt-cache-dir is not supported with --pipeline")
+    if args.prompt_cache_dir is not None:
+        if args.pipeline:
+            cli.fail("--prompt-cache-dir is not supported with --pipeline")
+        try:
+            check_writable(Path(args.prompt_cache_dir))  # before minutes of loading
+        except prompt_cache_files.PromptCacheError as e:
+            cli.fail(str(e))
     provider = ModelProvider(args)
     prompt_cache = conversations(provider, args)
     if group.rank() != 0:

@@ -36,25 +36,13 @@ class DiskCache:
         self.expected = expected
         self.prefix = expected["model"]
         self.name_pattern = re.compile(rf"\.?{self.prefix}-[0-9a-f]{{16}}(\.\d+\.partial)?")
-        self.check_writable()
+        check_writable(self.folder)
         if max_bytes is None:
             max_bytes = int(shutil.disk_usage(self.folder).free * DEFAULT_DISK_SHARE)
         self.max_bytes = max_bytes
         self.files: OrderedDict[tuple, tuple[Path, int]] = OrderedDict()  # tokens: file, bytes
         self.trie = PromptTrie()
         self.scan()
-
-    def check_writable(self):
-        """Raise PromptCacheError if the folder cannot be made or written."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".probe.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise PromptCacheError(
-                f"cannot write the prompt-cache folder {self.folder}: {e.strerror or e}"
-            ) from None
 
     @property
     def nbytes(self) -> int:
@@ -216,6 +204,19 @@ class ConversationCache(LRUPromptCache):
         for lru in self._lru._lrus.values():
             for model, tokens in lru:
                 self.disk.write(tokens, self._trie.get(model, tokens).prompt_cache)
+
+
+def check_writable(folder: Path):
+    """Raise PromptCacheError if the folder cannot be made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PromptCacheError(
+            f"cannot write the prompt-cache folder {folder}: {e.strerror or e}"
+        ) from None
 
 
 def read_metadata(file: Path) -> dict[str, str]:
