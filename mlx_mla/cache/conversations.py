@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -152,16 +153,16 @@ class DiskCache:
 
 
 class SpillingTrie(PromptTrie):
-    """mlx-lm's prompt trie, calling `spill` with each entry LRUPromptCache evicts (it pops
-    evicted entries, and only those, with `pop`)."""
+    """mlx-lm's prompt trie, keeping each entry LRUPromptCache evicts (it pops evicted entries,
+    and only those, with `pop`) in `evicted`, to be written to disk."""
 
-    def __init__(self, spill: Callable):
+    def __init__(self):
         super().__init__()
-        self.spill = spill
+        self.evicted = []
 
     def pop(self, model, tokens):
         entry = super().pop(model, tokens)
-        self.spill(tokens, entry.prompt_cache)
+        self.evicted.append((tokens, entry.prompt_cache))
         return entry
 
 
@@ -173,14 +174,33 @@ class ConversationCache(LRUPromptCache):
         super().__init__(max_size=max_size, max_bytes=max_bytes)
         self.new_cache = new_cache
         self.disk: DiskCache | None = None
+        self.lock = threading.Lock()  # /health reads the byte count from other threads
 
     def attach(self, disk: DiskCache):
         self.disk = disk
-        self._trie = SpillingTrie(self.spill)
+        self._trie = SpillingTrie()
 
-    def spill(self, tokens: list[int], cache: list):
+    @property
+    def nbytes(self) -> int:
+        with self.lock:
+            return self._n_bytes
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+        with self.lock:
+            super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
+        self.spill()
+
+    def trim_to(self, *, n_sequences=None, n_bytes=None):
+        with self.lock:
+            super().trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
+        self.spill()
+
+    def spill(self):
+        """Write the conversations just evicted from memory (outside the lock: it is slow)."""
         if self.disk is not None:
-            self.disk.write(tokens, cache)
+            evicted, self._trie.evicted = self._trie.evicted, []
+            for tokens, cache in evicted:
+                self.disk.write(tokens, cache)
 
     def fetch_nearest_cache(self, model, tokens: list[int]):
         cache, rest = super().fetch_nearest_cache(model, tokens)
