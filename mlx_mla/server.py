@@ -445,6 +445,11 @@ def serve(args: argparse.Namespace):
         )
     if args.pipeline:
         pipeline.watch(group.rank(), args.pipeline_timeout)
+    if args.kv_bits is not None and args.quantized_kv_start:
+        cli.fail(
+            "--quantized-kv-start: the server quantizes every cache from its first token, so that "
+            "all conversations batch and are stored alike"
+        )
     if args.prompt_cache_dir is not None:
         if args.pipeline:
             cli.fail("--prompt-cache-dir is not supported with --pipeline")
