@@ -358,6 +358,10 @@ class APIHandler(mlx_server.APIHandler):
 
 
 class HTTPServer(ThreadingHTTPServer):
+    # Connections waiting to be accepted: socketserver's 5 reset clients that arrive together
+    # while the generation thread holds the interpreter (16 at once, in benchmarks.serve).
+    request_queue_size = 128
+
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
         if isinstance(error, ConnectionError):
