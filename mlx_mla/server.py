@@ -1,12 +1,14 @@
 """An OpenAI-compatible server whose prompt cache holds many conversations, because it is latent.
 
 python -m mlx_mla.server [--model PATH_OR_HUB_ID] [--port 8080] [--prompt-cache-bytes 1GB]
+       [--kv-bits 4] [--prompt-cache-dir DIR] [--prompt-cache-disk-bytes 20GB]
 mlx.launch --backend ring -n 2 -- python -m mlx_mla.server --pipeline   # the layers over 2 ranks
 
 mlx-lm's server with our loader: its HTTP handler, continuous batching and prefix prompt cache,
-plus what a local endpoint needs: a byte budget on the stored caches, a prompt longer than the
-context refused up front, strict request checks, /v1/models without a Hugging Face cache, a quiet
-Ctrl-C.
+plus what a local endpoint needs: continuous batching with quantised caches (--kv-bits), a byte
+budget on the stored caches, conversations leaving memory kept on disk (--prompt-cache-dir) and
+found again after a restart, a prompt longer than the context refused up front, strict request
+checks, /v1/models without a Hugging Face cache, a quiet Ctrl-C.
 
 With --pipeline every rank runs mlx-lm's generation loop in lockstep (rank 0 shares each request,
 as mlx-lm's distributed server does), holding only its own layers and their caches; rank 0 answers
@@ -24,16 +26,18 @@ import socket
 import sys
 import threading
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 
 import mlx.core as mx
 from mlx_lm import generate as mlx_generate
 from mlx_lm import server as mlx_server
-from mlx_lm.models.cache import LRUPromptCache
 
 from . import cli, speculative
-from .cache.latent import check_kv_quantization
+from .cache import prompt_cache as prompt_cache_files
+from .cache.conversations import ConversationCache, DiskCache, check_writable
+from .cache.latent import check_kv_quantization, quantized_cache
 from .distributed import pipeline
 from .model.loading import load
 
@@ -43,6 +47,7 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_PROMPT_CACHE_BYTES = "1GB"
 DEMO_MODEL_ID = "mlx-mla-demo"
 SHUTDOWN_WAIT_S = 2.0
+FLUSH_WAIT_S = 60.0  # at shutdown, for the conversations in memory to be written to disk
 MAX_REQUEST_BYTES = 16 * 2**20
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
@@ -195,6 +200,15 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             )
         finally:  # mlx-lm leaves the loop at the last token, before the generator ends
             logging.info(stats.line())
+
+    def _generate(self):
+        conversations = self.prompt_cache
+        super()._generate()
+        conversations.flush()  # here: the caches' arrays belong to this thread's stream
+
+    def _is_batchable(self, args):
+        """mlx-lm serves kv bits one request at a time; our quantised caches batch."""
+        return self.model_provider.is_batchable and args.seed is None
 
     def _tokenize(self, tokenizer, request, args):
         with self.tokenizer_lock:
@@ -374,6 +388,12 @@ class APIHandler(mlx_server.APIHandler):
                 "bytes": cache.nbytes,
                 "budget": budget,
             }
+            if cache.disk is not None:
+                body["prompt_cache"]["disk"] = {
+                    "sequences": len(cache.disk),
+                    "bytes": cache.disk.nbytes,
+                    "budget": cache.disk.max_bytes,
+                }
         self._set_completion_headers(200 if cache is not None else 503)
         self.end_headers()
         self.wfile.write(json.dumps(body).encode())
@@ -393,6 +413,10 @@ class APIHandler(mlx_server.APIHandler):
 
 
 class HTTPServer(ThreadingHTTPServer):
+    # Connections waiting to be accepted: socketserver's 5 reset clients that arrive together
+    # while the generation thread holds the interpreter (16 at once, in benchmarks.serve).
+    request_queue_size = 128
+
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
         if isinstance(error, ConnectionError):
@@ -442,6 +466,17 @@ def setup_arg_parser():
         help=f"memory for recent conversations' caches (default {DEFAULT_PROMPT_CACHE_BYTES})",
     )
     parser.add_argument(
+        "--prompt-cache-dir",
+        default=None,
+        help="keep conversations leaving memory in this folder, and find them after a restart",
+    )
+    parser.add_argument(
+        "--prompt-cache-disk-bytes",
+        type=parse_bytes,
+        default=None,
+        help="disk for --prompt-cache-dir (default: a tenth of the free disk)",
+    )
+    parser.add_argument(
         "--prompt-cache-size",
         type=cli.positive_int,
         default=None,
@@ -471,10 +506,20 @@ def serve(args: argparse.Namespace):
     if args.pipeline:
         cli.refuse_draft_with_pipeline(args)
         pipeline.watch(group.rank(), args.pipeline_timeout)
+    if args.kv_bits is not None and args.quantized_kv_start:
+        cli.fail(
+            "--quantized-kv-start: the server quantizes every cache from its first token, so that "
+            "all conversations batch and are stored alike"
+        )
+    if args.prompt_cache_dir is not None:
+        if args.pipeline:
+            cli.fail("--prompt-cache-dir is not supported with --pipeline")
+        try:
+            check_writable(Path(args.prompt_cache_dir))  # before minutes of loading
+        except prompt_cache_files.PromptCacheError as e:
+            cli.fail(str(e))
     provider = ModelProvider(args)
-    prompt_cache = LRUPromptCache(
-        max_size=args.prompt_cache_size or sys.maxsize, max_bytes=args.prompt_cache_bytes
-    )
+    prompt_cache = conversations(provider, args)
     if group.rank() != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.getLogger().setLevel(logging.WARNING)
@@ -493,13 +538,35 @@ def serve(args: argparse.Namespace):
     except KeyboardInterrupt:
         pass
     httpd.server_close()
-    generator.stop(SHUTDOWN_WAIT_S)
+    generator.stop(SHUTDOWN_WAIT_S if prompt_cache.disk is None else FLUSH_WAIT_S)
     print("Stopped.", flush=True)
     sys.stderr.flush()
     # Leave without interpreter teardown: with MLX streams on the generation thread (and it may
     # still be in a prompt), teardown aborts in C++ ("terminate called without an active
-    # exception"). Nothing is lost: the prompt cache lives in memory only.
+    # exception"). The generation thread wrote the conversations to disk as it ended.
     os._exit(0)
+
+
+def conversations(provider: ModelProvider, args: argparse.Namespace) -> ConversationCache:
+    """The prompt cache: in memory within --prompt-cache-bytes, on disk with --prompt-cache-dir."""
+    model = provider.model
+    if args.kv_bits is None:
+        new_cache = model.make_cache
+    else:
+
+        def new_cache():
+            return quantized_cache(model, args.kv_group_size, args.kv_bits)
+
+    cache = ConversationCache(
+        new_cache, args.prompt_cache_bytes, args.prompt_cache_size or sys.maxsize
+    )
+    if args.prompt_cache_dir is not None:
+        expected = prompt_cache_files.describe(model, args.model, args.kv_bits, args.kv_group_size)
+        try:
+            cache.attach(DiskCache(args.prompt_cache_dir, args.prompt_cache_disk_bytes, expected))
+        except prompt_cache_files.PromptCacheError as e:
+            cli.fail(str(e))
+    return cache
 
 
 def follow(generator: ResponseGenerator, rank: int):

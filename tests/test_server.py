@@ -277,3 +277,41 @@ def test_bad_flags_exit_2_with_one_line():
             timeout=60,
         )
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_conversations_on_disk_are_continued_after_a_restart(tmp_path):
+    folder = tmp_path / "conversations"
+    prompt = "ROMEO:\nBut soft, what light through yonder window breaks?\n" * 3
+    process, url = start_server(tmp_path / "first.log", "--prompt-cache-dir", str(folder))
+    try:
+        first = complete(openai.OpenAI(base_url=url, api_key="unused", max_retries=0), prompt)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0 and list(folder.glob("*.safetensors"))
+    process, url = start_server(tmp_path / "second.log", "--prompt-cache-dir", str(folder))
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        r = client.completions.create(
+            model=MODEL, prompt=prompt + first, max_tokens=4, temperature=0
+        )
+        assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 2
+        status, data = raw_request(url, "GET", "/health")
+        assert json.loads(data)["prompt_cache"]["disk"]["sequences"] >= 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+def test_unwritable_prompt_cache_folder_exits_2_with_one_line(tmp_path):
+    (tmp_path / "a file").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_mla.server", "--prompt-cache-dir", str(tmp_path / "a file")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot write" in r.stderr

@@ -90,6 +90,12 @@ class LatentCache(KVCache):
             cache.values = self.values
         return cache
 
+    @classmethod
+    def merge(cls, caches: list) -> "BatchLatentCache":  # noqa: F821
+        from .batch import BatchLatentCache
+
+        return BatchLatentCache.merge(caches)
+
 
 @dataclass
 class QuantizedLatent:
@@ -196,20 +202,45 @@ class QuantizedLatentCache(mlx_lm_cache._BaseCache):
             return 0
         return sum(x.nbytes for x in self.keys) + self.values.nbytes
 
+    @classmethod
+    def merge(cls, caches: list) -> "BatchQuantizedLatentCache":  # noqa: F821
+        from .batch import BatchQuantizedLatentCache
+
+        return BatchQuantizedLatentCache.merge(caches)
+
 
 class ExpandedKVCache(KVCache):
     """mlx-lm's KVCache for the `mha` path; to_quantized gives mlx-lm's QuantizedKVCache after
     checking that the head dims divide by the group size and that mlx-lm sizes the bits right."""
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedKVCache:
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedExpandedKVCache":
         if self.keys is not None:
             dims = {"key head dim": self.keys.shape[-1], "value head dim": self.values.shape[-1]}
             check_quantizable(dims, group_size, bits, MLX_LM_KV_BITS)
-        return super().to_quantized(group_size=group_size, bits=bits)
+        quantized = QuantizedExpandedKVCache(group_size=group_size, bits=bits)
+        quantized.state = super().to_quantized(group_size=group_size, bits=bits).state
+        return quantized
+
+
+class QuantizedExpandedKVCache(QuantizedKVCache):
+    """mlx-lm's QuantizedKVCache for the `mha` path, which can also be batched."""
+
+    @classmethod
+    def merge(cls, caches: list) -> "BatchQuantizedKVCache":  # noqa: F821
+        from .batch import BatchQuantizedKVCache
+
+        return BatchQuantizedKVCache.merge(caches)
+
+
+def quantized_cache(model, group_size: int, bits: int) -> list:
+    """A quantised cache per layer for `model`'s attention path, empty: quantised from the first
+    token, as the server stores every conversation."""
+    check_kv_quantization(model.args, model.attention, group_size, bits)
+    return [c.to_quantized(group_size=group_size, bits=bits) for c in model.make_cache()]
 
 
 QUANTIZED_CACHES = (QuantizedLatentCache, QuantizedKVCache)
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
-for _cls in (LatentCache, QuantizedLatentCache, ExpandedKVCache):
+for _cls in (LatentCache, QuantizedLatentCache, ExpandedKVCache, QuantizedExpandedKVCache):
     setattr(mlx_lm_cache, _cls.__name__, _cls)

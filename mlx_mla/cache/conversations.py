@@ -1,0 +1,251 @@
+"""The server's conversation caches: the recent ones in memory within a byte budget (mlx-lm's
+LRUPromptCache), and, with a folder, the ones that leave memory on disk within another budget, in
+the prompt-cache file format. A request continues from the longest cached prefix of its tokens,
+in memory or on disk; a restarted server finds the files again.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from mlx_lm.models.cache import LRUPromptCache, PromptTrie, trim_prompt_cache
+
+from . import prompt_cache
+from .prompt_cache import SUFFIX, PromptCacheError
+
+TOKENS_KEY = "token_ids"  # metadata: the tokens a file's cache holds, comma-separated
+HEADER_LIMIT = 64 * 2**20  # a safetensors header longer than this is not one of ours
+DEFAULT_DISK_SHARE = 0.1  # of the free disk, when no --prompt-cache-disk-bytes
+
+
+class DiskCache:
+    """Cache files in one folder, `<model fingerprint>-<token hash>.safetensors`, written
+    atomically, removed least recently used when their bytes pass `max_bytes`. Files another
+    model or other settings made are left alone; a file of ours that cannot be read is removed."""
+
+    def __init__(self, folder: str | Path, max_bytes: int | None, expected: dict[str, str]):
+        self.folder = Path(folder)
+        self.expected = expected
+        self.prefix = expected["model"]
+        self.name_pattern = re.compile(rf"\.?{self.prefix}-[0-9a-f]{{16}}(\.\d+\.partial)?")
+        check_writable(self.folder)
+        if max_bytes is None:
+            max_bytes = int(shutil.disk_usage(self.folder).free * DEFAULT_DISK_SHARE)
+        self.max_bytes = max_bytes
+        self.files: OrderedDict[tuple, tuple[Path, int]] = OrderedDict()  # tokens: file, bytes
+        self.trie = PromptTrie()
+        self.scan()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self.files.values())
+
+    def __len__(self):
+        return len(self.files)
+
+    def scan(self):
+        found = []
+        for file in self.folder.glob(f"*{SUFFIX}"):
+            ours = bool(self.name_pattern.fullmatch(file.name.removesuffix(SUFFIX)))
+            if file.name.startswith("."):
+                if ours:  # a write interrupted by a crash
+                    file.unlink(missing_ok=True)
+                continue
+            try:
+                metadata = read_metadata(file)
+                tokens = [int(t) for t in metadata[TOKENS_KEY].split(",")]
+            except (OSError, ValueError, KeyError, UnicodeDecodeError):
+                self.skip(file, "not a readable prompt-cache file", remove=ours)
+                continue
+            mismatch = [k for k in prompt_cache.CHECKED if metadata.get(k) != self.expected[k]]
+            if metadata.get("format") != prompt_cache.FORMAT or mismatch:
+                self.skip(file, f"made with another {', '.join(mismatch) or 'format'}")
+                continue
+            found.append((file.stat().st_mtime, tuple(tokens), file))
+        for _, tokens, file in sorted(found):
+            self.add(tokens, file)
+        if self.files:
+            logging.info(
+                f"prompt cache on disk: {len(self.files)} conversations, "
+                f"{self.nbytes / 1e9:.2f} GB in {self.folder}"
+            )
+        self.evict()
+
+    def skip(self, file: Path, why: str, remove: bool = False):
+        action = "removed" if remove else "skipped"
+        logging.warning(f"prompt cache: {action} {file}: {why}")
+        if remove:
+            file.unlink(missing_ok=True)
+
+    def add(self, tokens: tuple, file: Path):
+        self.files[tokens] = (file, file.stat().st_size)
+        self.files.move_to_end(tokens)
+        self.trie.add(None, list(tokens), tokens)
+        # A cache covers every prefix of its tokens (caches can be trimmed): drop shorter files.
+        for _, shorter in self.trie.pop_prefixes(None, list(tokens)):
+            self.remove(shorter)
+
+    def remove(self, tokens: tuple):
+        file, _ = self.files.pop(tokens)
+        file.unlink(missing_ok=True)
+        try:
+            self.trie.pop(None, list(tokens))
+        except KeyError:
+            pass  # already popped as a prefix of a longer one
+
+    def evict(self):
+        while self.files and self.nbytes > self.max_bytes:
+            self.remove(next(iter(self.files)))
+
+    def write(self, tokens: list[int], cache: list):
+        """Write a conversation leaving memory, unless it alone is over the budget."""
+        if not tokens or sum(c.nbytes for c in cache) > self.max_bytes:
+            return
+        digest = hashlib.sha256(",".join(map(str, tokens)).encode()).hexdigest()[:16]
+        file = self.folder / f"{self.prefix}-{digest}{SUFFIX}"
+        metadata = {**self.expected, TOKENS_KEY: ",".join(map(str, tokens))}
+        try:
+            prompt_cache.save(file, cache, metadata, overwrite=True)
+        except PromptCacheError as e:
+            logging.warning(f"prompt cache: {e}")
+            return
+        key = tuple(tokens)
+        if key in self.files:
+            self.files.pop(key)
+        self.add(key, file)
+        self.evict()
+
+    def nearest(self, tokens: list[int]) -> tuple[tuple | None, int]:
+        """The file whose cache continues `tokens` furthest, and how many of them it covers."""
+        found = self.trie.search(None, tokens)
+        if found.exact is not None:
+            return tuple(found.exact), len(tokens)
+        shorter = len(found.shorter) if found.shorter else 0
+        if found.longer is not None and found.common_prefix > shorter:
+            return tuple(found.longer), min(len(tokens) - 1, found.common_prefix)
+        if shorter:
+            return tuple(found.shorter), shorter
+        return None, 0
+
+    def load(self, tokens: tuple, n: int) -> list | None:
+        """The cache of file `tokens` trimmed to its first n tokens (None if it cannot be read,
+        in which case it is removed)."""
+        file, _ = self.files[tokens]
+        try:
+            cache, _ = prompt_cache.load(file, self.expected)
+        except PromptCacheError as e:
+            self.skip(file, str(e), remove=True)
+            self.remove(tokens)
+            return None
+        trim_prompt_cache(cache, len(tokens) - n)
+        self.files.move_to_end(tokens)
+        os.utime(file)
+        return cache
+
+
+class SpillingTrie(PromptTrie):
+    """mlx-lm's prompt trie, keeping each entry LRUPromptCache evicts (it pops evicted entries,
+    and only those, with `pop`) in `evicted`, to be written to disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.evicted = []
+
+    def pop(self, model, tokens):
+        entry = super().pop(model, tokens)
+        self.evicted.append((tokens, entry.prompt_cache))
+        return entry
+
+
+class ConversationCache(LRUPromptCache):
+    """mlx-lm's LRU prompt cache by bytes, with a disk tier and a new cache for a request that
+    matches nothing (quantised from the first token with kv bits)."""
+
+    def __init__(self, new_cache: Callable[[], list], max_bytes: int, max_size=sys.maxsize):
+        super().__init__(max_size=max_size, max_bytes=max_bytes)
+        self.new_cache = new_cache
+        self.disk: DiskCache | None = None
+        self.lock = threading.Lock()  # /health reads the byte count from other threads
+
+    def attach(self, disk: DiskCache):
+        self.disk = disk
+        self._trie = SpillingTrie()
+
+    @property
+    def nbytes(self) -> int:
+        with self.lock:
+            return self._n_bytes
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+        with self.lock:
+            super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
+        self.spill()
+
+    def trim_to(self, *, n_sequences=None, n_bytes=None):
+        with self.lock:
+            super().trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
+        self.spill()
+
+    def spill(self):
+        """Write the conversations just evicted from memory (outside the lock: it is slow)."""
+        if self.disk is not None:
+            evicted, self._trie.evicted = self._trie.evicted, []
+            for tokens, cache in evicted:
+                self.disk.write(tokens, cache)
+
+    def fetch_nearest_cache(self, model, tokens: list[int]):
+        cache, rest = super().fetch_nearest_cache(model, tokens)
+        if self.disk is not None:
+            file, n = self.disk.nearest(tokens)
+            if n > len(tokens) - len(rest):
+                from_disk = self.disk.load(file, n)
+                if from_disk is not None:
+                    cache, rest = from_disk, tokens[n:]
+        if cache is None:
+            return self.new_cache(), tokens
+        if not rest:  # the whole prompt is cached: prefill its last token again for the logits
+            trim_prompt_cache(cache, 1)
+            rest = tokens[-1:]
+        return cache, rest
+
+    def flush(self):
+        """Write every conversation held in memory to disk (at shutdown)."""
+        if self.disk is None:
+            return
+        for lru in self._lru._lrus.values():
+            for model, tokens in lru:
+                self.disk.write(tokens, self._trie.get(model, tokens).prompt_cache)
+
+
+def check_writable(folder: Path):
+    """Raise PromptCacheError if the folder cannot be made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PromptCacheError(
+            f"cannot write the prompt-cache folder {folder}: {e.strerror or e}"
+        ) from None
+
+
+def read_metadata(file: Path) -> dict[str, str]:
+    """The metadata of a prompt-cache file, read from its safetensors header alone.
+    mlx-lm stores it flattened under "0.<key>"."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > HEADER_LIMIT:
+            raise ValueError("header too long")
+        header = json.loads(f.read(length))
+    flat = header["__metadata__"]
+    return {k.removeprefix("0."): v for k, v in flat.items() if k.startswith("0.")}

@@ -1,0 +1,123 @@
+"""The server's conversation caches on disk (--prompt-cache-dir): written as they leave memory,
+found again by a restarted server, kept within their byte budget, and junk or foreign files in
+the folder skipped."""
+
+import logging
+
+import mlx.core as mx
+import pytest
+
+from mlx_mla import load
+from mlx_mla.cache import prompt_cache
+from mlx_mla.cache.conversations import ConversationCache, DiskCache, read_metadata
+from mlx_mla.cli import DEFAULT_MODEL
+
+KEY = ("model", None, None)  # the server's model key
+LENGTH = 40  # tokens per conversation
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(DEFAULT_MODEL)[0]
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    return prompt_cache.describe(model, DEFAULT_MODEL)
+
+
+def conversation(model, first: int) -> tuple[list[int], list]:
+    tokens = list(range(first, first + LENGTH))
+    cache = model.make_cache()
+    mx.eval(model(mx.array([tokens]), cache=cache))
+    return tokens, cache
+
+
+def one_size(model) -> int:
+    return sum(c.nbytes for c in conversation(model, 3)[1])
+
+
+def store(folder, expected, memory_bytes, disk_bytes, model) -> ConversationCache:
+    cache = ConversationCache(model.make_cache, memory_bytes)
+    cache.attach(DiskCache(folder, disk_bytes, expected))
+    return cache
+
+
+def test_conversations_leaving_memory_are_found_after_a_restart(model, expected, tmp_path):
+    size = one_size(model)
+    first = store(tmp_path, expected, int(1.5 * size), 10 * size, model)
+    kept = {}
+    for start in (3, 100, 200):
+        tokens, cache = conversation(model, start)
+        kept[start] = (tokens, [c.latent for c in cache])
+        first.insert_cache(KEY, tokens, cache)
+    assert len(first) == 1 and len(first.disk) == 2  # the two oldest left memory for disk
+    first.flush()  # as the server does when it stops
+    assert len(first.disk) == 3
+
+    restarted = store(tmp_path, expected, int(1.5 * size), 10 * size, model)
+    for tokens, latents in kept.values():
+        cache, rest = restarted.fetch_nearest_cache(KEY, tokens + [7, 8])
+        assert rest == [7, 8] and cache[0].offset == LENGTH
+        for c, latent in zip(cache, latents, strict=True):
+            assert mx.array_equal(c.latent, latent)
+    cache, rest = restarted.fetch_nearest_cache(KEY, kept[3][0][:25] + [9])
+    assert rest == [9] and cache[0].offset == 25  # a shared prefix of a longer file
+    cache, rest = restarted.fetch_nearest_cache(KEY, [500, 501])
+    assert rest == [500, 501] and cache[0].offset == 0
+
+
+def test_disk_keeps_within_its_byte_budget_dropping_the_least_recently_used(
+    model, expected, tmp_path
+):
+    file_size = one_size(model) + 64 * 1024  # the file: the cache and its header
+    disk_bytes = int(2.5 * file_size)
+    cache = store(tmp_path, expected, 1, disk_bytes, model)  # nothing stays in memory
+    for start in range(3, 600, 100):
+        cache.insert_cache(KEY, *conversation(model, start))
+    files = list(tmp_path.glob("*.safetensors"))
+    assert 0 < len(files) == len(cache.disk) <= 2
+    assert sum(f.stat().st_size for f in files) == cache.disk.nbytes <= disk_bytes
+    newest = conversation(model, 503)[0]
+    assert [read_metadata(f)["token_ids"] for f in files].count(",".join(map(str, newest))) == 1
+
+
+def test_junk_and_foreign_files_are_skipped_and_only_broken_ones_of_ours_removed(
+    model, expected, tmp_path, caplog
+):
+    good = store(tmp_path, expected, 1, 10**9, model)
+    good.insert_cache(KEY, *conversation(model, 3))
+    (ours,) = tmp_path.glob("*.safetensors")
+    broken = tmp_path / f"{expected['model']}-{'0' * 16}.safetensors"
+    broken.write_bytes(ours.read_bytes()[:100])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    foreign = tmp_path / "other-model.safetensors"
+    other = {**expected, "model": "0123456789abcdef", "token_ids": "5,6,7"}
+    prompt_cache.save(foreign, conversation(model, 5)[1], other)
+    with caplog.at_level(logging.WARNING):
+        restarted = store(tmp_path, expected, 1, 10**9, model)
+    assert len(restarted.disk) == 1
+    assert junk.exists() and foreign.exists() and not broken.exists()
+    for file in (junk, foreign, broken):
+        assert sum(file.name in r.message for r in caplog.records) == 1
+    cache, rest = restarted.fetch_nearest_cache(KEY, list(range(3, 3 + LENGTH)) + [1])
+    assert rest == [1]
+
+
+def test_a_file_of_ours_damaged_after_the_start_is_removed_when_read(model, expected, tmp_path):
+    cache = store(tmp_path, expected, 1, 10**9, model)
+    tokens, prefilled = conversation(model, 3)
+    cache.insert_cache(KEY, tokens, prefilled)
+    (file,) = tmp_path.glob("*.safetensors")
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    fresh, rest = cache.fetch_nearest_cache(KEY, tokens + [1])
+    assert rest == tokens + [1] and fresh[0].offset == 0 and not file.exists()
+
+
+def test_an_unwritable_folder_is_refused(model, expected, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(prompt_cache.PromptCacheError, match="cannot write"):
+        DiskCache(blocker / "cache", None, expected)

@@ -1,0 +1,116 @@
+"""The mlx-lm members the server and the batch caches override or rely on, pinned: a new mlx-lm
+whose signature or use of one of them changed fails here, naming it (pyproject pins the range
+these were read from)."""
+
+import importlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+
+TESTED = "0.32.2"
+SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations left out
+    "server.ModelProvider.__init__": "(self, cli_args)",
+    "server.ModelProvider._load": "(self, model_path, adapter_path=None, draft_model_path=None)",
+    "server.ModelProvider.load": "(self, model_path, adapter_path=None, draft_model_path=None)",
+    "server.ResponseGenerator.__init__": "(self, model_provider, prompt_cache)",
+    "server.ResponseGenerator._next_request": "(self, timeout=None)",
+    "server.ResponseGenerator._serve_single": "(self, request, stream)",
+    "server.ResponseGenerator._tokenize": "(self, tokenizer, request, args)",
+    "server.ResponseGenerator._generate": "(self)",
+    "server.ResponseGenerator._is_batchable": "(self, args)",
+    "server.ResponseGenerator._share_object": "(self, obj)",
+    "server.APIHandler.__init__": (
+        "(self, response_generator, *args, system_fingerprint=None, **kwargs)"
+    ),
+    "server.APIHandler.setup": "(self)",
+    "server.APIHandler.send_response": "(self, code, message=None)",
+    "server.APIHandler.do_POST": "(self)",
+    "server.APIHandler.validate_model_parameters": "(self)",
+    "server.APIHandler.handle_completion": "(self, request, stop_words)",
+    "server.APIHandler.handle_chat_completions": "(self)",
+    "server.APIHandler.handle_health_check": "(self)",
+    "server.APIHandler.handle_models_request": "(self)",
+    "server.APIHandler._set_completion_headers": "(self, status_code=200)",
+    "cache.LRUPromptCache.__init__": "(self, max_size=10, max_bytes=9223372036854775808)",
+    "cache.LRUPromptCache.fetch_nearest_cache": "(self, model, tokens)",
+    "cache.LRUPromptCache.insert_cache": (
+        "(self, model, tokens, prompt_cache, *, cache_type='assistant')"
+    ),
+    "cache.PromptTrie.add": "(self, model, tokens, value)",
+    "cache.PromptTrie.get": "(self, model, tokens)",
+    "cache.PromptTrie.pop": "(self, model, tokens)",
+    "cache.PromptTrie.pop_prefixes": "(self, model, tokens)",
+    "cache.PromptTrie.search": "(self, model, tokens)",
+    "cache.BatchKVCache.merge": "(cls, caches)",
+    "cache.BatchKVCache.extract": "(self, idx)",
+    "cache.BatchKVCache.filter": "(self, batch_indices)",
+    "cache.BatchKVCache.extend": "(self, other)",
+    "cache.BatchKVCache.prepare": "(self, *, left_padding=None, lengths=None, right_padding=None)",
+    "cache.BatchKVCache.finalize": "(self)",
+    "cache.BatchKVCache.make_mask": "(self, N, return_array=False, **kwargs)",
+    "cache.dynamic_roll": "(x, shifts, axis)",
+    "server._make_logits_processors": "(args)",
+    "generate.maybe_quantize_kv_cache": (
+        "(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)"
+    ),
+}
+USES = {  # member: source text showing it is used the way we rely on
+    "server.ResponseGenerator.__init__": ["self._stop = ", "self._generation_thread = "],
+    "server.ResponseGenerator._generate": [
+        "while not self._stop",
+        "self._is_batchable(args)",
+        "self.prompt_cache.fetch_nearest_cache(",
+        "del self.prompt_cache",
+    ],
+    "server.ResponseGenerator._is_batchable": ["kv_bits is None"],
+    "cache.LRUPromptCache.__init__": ["self._trie = PromptTrie()", "self._lru = "],
+    "cache.LRUPromptCache.insert_cache": ["self._trie.pop(model, tokens)"],
+    "cache.LRUPromptCache.trim_to": ["self._trie.pop(model, tokens)"],
+    "cache.LRUPromptCache.CacheOrder.__init__": ["self._lrus = "],
+    "generate.PromptProcessingBatch.prompt": [
+        "c.prepare(lengths=lengths, right_padding=padding)",
+        "c.finalize()",
+    ],
+    "generate._merge_caches": [".merge("],
+    # speculative decoding replaces the stream_generate that _serve_single calls by name
+    "server.ResponseGenerator._serve_single": ["for gen in stream_generate(", "sampler=sampler,"],
+}
+MODULES = {m: importlib.import_module(f"mlx_lm.{m}") for m in ("server", "generate")}
+MODULES["cache"] = importlib.import_module("mlx_lm.models.cache")
+
+
+def member(name: str):
+    module, *path = name.split(".")
+    found = MODULES[module]
+    for part in path:
+        found = inspect.getattr_static(found, part)
+    return found.__func__ if isinstance(found, classmethod | staticmethod) else found
+
+
+def parameters(function) -> str:
+    signature = inspect.signature(function)
+    plain = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=plain, return_annotation=inspect.Signature.empty))
+
+
+def test_mlx_lm_is_the_version_pinned():
+    assert version("mlx-lm").startswith(TESTED.rsplit(".", 1)[0] + ".")
+
+
+@pytest.mark.parametrize("name", SIGNATURES)
+def test_overridden_member_keeps_its_signature(name):
+    try:
+        found = member(name)
+    except AttributeError:
+        pytest.fail(f"mlx-lm {version('mlx-lm')} has no {name} (tested with {TESTED})")
+    assert parameters(found) == SIGNATURES[name], (
+        f"mlx-lm {version('mlx-lm')} changed the signature of {name} (tested with {TESTED})"
+    )
+
+
+@pytest.mark.parametrize("name", USES)
+def test_member_is_used_as_we_rely_on(name):
+    source = inspect.getsource(member(name))
+    for text in USES[name]:
+        assert text in source, f"mlx-lm {version('mlx-lm')}: {name} no longer has {text!r}"
