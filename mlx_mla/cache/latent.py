@@ -211,5 +211,6 @@ class ExpandedKVCache(KVCache):
 QUANTIZED_CACHES = (QuantizedLatentCache, QuantizedKVCache)
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
-for _cls in (LatentCache, QuantizedLatentCache, ExpandedKVCache):
-    setattr(mlx_lm_cache, _cls.__name__, _cls)
+vars(mlx_lm_cache).update(
+    {c.__name__: c for c in (LatentCache, QuantizedLatentCache, ExpandedKVCache)}
+)
