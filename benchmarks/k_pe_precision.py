@@ -5,8 +5,8 @@ LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
 
 The demo model reads held-out text through its cache in chunks of 64 tokens, the cache rounding
 what it stores as a quantized cache would: c_kv with mx.quantize (group 32 or 64), and k_pe either
-kept in float or rounded the same affine way in groups of its full row (16 dims in the demo model,
-a size mx.quantize does not take, so that rounding is computed here by the same formula).
+kept in float or rounded the same affine way in one group per row (qk_rope_head_dim wide: the
+script prints it; computed here by mx.quantize's formula, so that any width works).
 """
 
 import math
@@ -94,7 +94,8 @@ def main(argv=None):
     reference = measure(model, windows, LatentCache)
     print(
         f"{args.windows} held-out windows of {args.window} tokens, chunks of {CHUNK}, "
-        f"c_kv group size {args.kv_group_size}"
+        f"c_kv group size {args.kv_group_size}, k_pe rows of {model.args.qk_rope_head_dim} "
+        f"(one group), kv_lora_rank {model.args.kv_lora_rank}"
     )
     print(f"float cache: perplexity {reference['perplexity']:.3f}")
     for bits in (8, 4):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 
+from .blas import slow_blas_note
 from .cache.latent import GROUP_SIZES, KV_BITS, check_kv_quantization
 from .errors import BadArgumentError, MLAError
 from .model.attention import ATTENTION_MODES
@@ -257,6 +258,8 @@ def run(main, argv=None):
     Ctrl-C exits quietly with 130, and a reader closing the pipe (`| head`) quietly with 141."""
     if signal.getsignal(signal.SIGINT) is exit_interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if note := slow_blas_note():
+        print(note, file=sys.stderr)
     try:
         result = main(argv)
         sys.stdout.flush()

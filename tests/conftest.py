@@ -19,6 +19,11 @@ def reference():
     return pytest.importorskip("torch"), pytest.importorskip("transformers")
 
 
+# The tools' slow-BLAS note would be a second line on every tool's stderr where OpenBLAS is not
+# preloaded; test_blas.py runs the tools with and without it.
+os.environ.setdefault("MLX_MLA_NO_BLAS_NOTE", "1")
+
+
 @functools.cache
 def startup_seconds() -> float:
     """How long a tool takes to start on this machine now (`generate --help`: Python, mlx,

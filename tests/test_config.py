@@ -127,8 +127,19 @@ def test_expert_shapes_are_required_only_with_routed_experts():
         ),
         (dict(quantization={"group_size": 512, "bits": 4}), "quantization"),
         (dict(quantization={"group_size": 64, "bits": 7}), "quantization"),
+        # found by tests/test_fuzz.py: each ended in a traceback from mlx or mlx-lm
+        (dict(moe_intermediate_size=2**31), "moe_intermediate_size"),
+        (dict(rope_theta=1), "rope_theta"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2, "mscale_all_dim": -1}), "rope_scaling"),
     ],
 )
 def test_a_value_out_of_range_is_refused_naming_the_field(changes, field):
     with pytest.raises(ConfigError, match=f"field {field}"):
         args("deepseek_v2", **changes)
+
+
+def test_null_rope_numbers_mean_the_defaults():
+    rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": None}
+    assert args("glm4_moe_lite", rope_parameters=rope).rope_scaling is None
+    yarn = {"type": "yarn", "factor": 2.0, "mscale": None}
+    assert args("deepseek_v2", rope_scaling=yarn).rope_scaling == {"type": "yarn", "factor": 2.0}

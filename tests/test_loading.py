@@ -1,10 +1,15 @@
 """Bad checkpoints get an error of our own whose message says what is wrong."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
+from conftest import time_limit
 
 import mlx_mla
 from mlx_mla import CheckpointError, ConfigError, UnsupportedModelError
@@ -104,10 +109,23 @@ def test_missing_folder_is_refused(tmp_path):
         mlx_mla.load_model(tmp_path / "nowhere")
 
 
-def test_hub_id_offline_says_to_pass_a_local_folder(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="could not fetch .*local folder"):
-        mlx_mla.load("deepseek-ai/DeepSeek-V2-Lite-Chat")
+def test_hub_id_offline_says_to_pass_a_local_folder(tmp_path):
+    """huggingface_hub reads HF_HUB_OFFLINE when imported: set it before, in a process of its own
+    (with an empty hub cache), so that no download can start."""
+    probe = (
+        "import mlx_mla\n"
+        "try:\n    mlx_mla.load('deepseek-ai/DeepSeek-V2-Lite-Chat')\n"
+        "except mlx_mla.CheckpointError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=time_limit(10),
+    )
+    assert re.search("could not fetch .*local folder", result.stdout), result.stdout + result.stderr
 
 
 def test_unknown_attention_mode_is_refused(checkpoint):

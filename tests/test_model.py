@@ -110,7 +110,7 @@ def test_cache_nbytes_is_exact(checkpoints, name, mode, n_tokens):
     assert all(c.offset == n_tokens for c in cache)
 
 
-def test_latent_cache_grows_in_steps_without_copying_each_token(checkpoints):
+def test_latent_cache_keeps_its_buffer_when_a_token_is_added(checkpoints):
     path, _ = checkpoints["yarn_no_q_lora", "original"]
     model = mlx_mla.load_model(path)
     cache = model.make_cache()

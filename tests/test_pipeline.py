@@ -143,7 +143,7 @@ def run_ranks(path, attention, out, hub: tuple = ()) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("attention", ["mla", pytest.param("mha", marks=pytest.mark.slow)])
 def test_two_ranks_give_the_single_process_tokens_each_holding_only_its_layers(
     checkpoint, attention, tmp_path
 ):
@@ -176,6 +176,7 @@ def test_two_ranks_give_the_single_process_tokens_each_holding_only_its_layers(
     assert ranks[1]["bytes_sent"] == ranks[1]["tokens_seen"] * whole.args.hidden_size * 4
 
 
+@pytest.mark.slow  # 15 checkpoints over two ranks; test_model covers every family in one process
 @pytest.mark.parametrize("attention", ["mla", "mha"])
 def test_every_family_layout_and_a_quantized_checkpoint_give_the_single_process_tokens(
     checkpoints, attention, tmp_path
@@ -214,6 +215,7 @@ def test_generate_cli_over_two_and_three_ranks_prints_the_single_process_text(ch
     assert [f"rank {r}: layers" in three.stdout for r in range(3)] == [True] * 3
 
 
+@pytest.mark.slow  # a rank's failure: the hang test below covers the kind
 def test_a_rank_that_cannot_load_its_part_ends_every_rank_with_one_line(checkpoint, tmp_path):
     broken = shutil.copytree(checkpoint, tmp_path / "model")
     weight_map = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
@@ -232,6 +234,7 @@ def test_a_rank_that_cannot_load_its_part_ends_every_rank_with_one_line(checkpoi
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the CLI over ranks: the generate test covers the kind
 def test_chat_over_two_ranks_prints_what_one_process_prints(checkpoint):
     turns = "Hello\n/stats\nthere\n/reset\n/stats\n/exit\n"
     args = ["-m", "mlx_mla.chat", "--model", str(checkpoint), "--max-tokens", "8"]
@@ -312,6 +315,7 @@ def test_a_rank_whose_shards_cannot_be_downloaded_stops_with_the_hub_error(
     assert hub.weights_fetched() == set()
 
 
+@pytest.mark.slow  # the hub: the in-process stage tests cover the kind
 def test_two_ranks_on_a_hub_id_plan_from_the_small_files_and_download_only_their_shards(
     checkpoint, tmp_path
 ):
@@ -388,7 +392,7 @@ def greedy_text(path, attention, prompt: str, max_tokens: int) -> str:
     return "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("attention", ["mla", pytest.param("mha", marks=pytest.mark.slow)])
 def test_server_over_two_ranks_answers_like_one_process_and_ctrl_c_ends_every_rank(
     checkpoint, attention, tmp_path
 ):
@@ -438,6 +442,7 @@ def test_server_over_two_ranks_answers_like_one_process_and_ctrl_c_ends_every_ra
     assert all("bin/mlx.launch" in t.splitlines()[1] for t in tracebacks[1:]), tracebacks
 
 
+@pytest.mark.slow  # the watchdog: the hang test covers the kind
 def test_idle_server_outlives_its_timeout_and_a_rank_that_dies_ends_the_other_with_one_line(
     checkpoint, tmp_path
 ):
@@ -475,6 +480,7 @@ def test_a_rank_that_hangs_ends_every_rank_with_one_line_once_the_timeout_passes
     assert 3 <= seconds < 3 + 5
 
 
+@pytest.mark.slow  # the watchdog: the hang test covers the kind
 def test_sigterm_ends_a_rank_blocked_in_a_collective_at_once(checkpoint, tmp_path):
     result = launch_ranks(checkpoint, "mla", tmp_path, "0", "sigterm", startups=25)
     errors, seconds = errors_and_seconds_after_the_stall(result, tmp_path)
@@ -485,6 +491,7 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective_at_once(checkpoint, tmp_pat
     assert seconds < 2 + 3  # rank 1 sends the SIGTERM 2 s after it stalls
 
 
+@pytest.mark.slow  # the watchdog: the hang test covers the kind
 def test_ranks_end_when_mlx_launch_is_killed(checkpoint, tmp_path):
     process, url = start_server_ranks(checkpoint, "mla", tmp_path / "stderr.log")
     try:

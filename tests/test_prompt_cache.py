@@ -202,6 +202,8 @@ def test_chat_file_errors_are_one_line_and_the_chat_goes_on(model_dir, other_mod
     assert "[error: no such prompt-cache file" in out.stdout
     assert "[error: " in out.stdout and "was made with model" in out.stdout
     assert "[/save needs a file name" in out.stdout
+    errors = [line for line in out.stdout.splitlines() if "[error: " in line]
+    assert len(errors) == 2 and all(line.endswith("]") for line in errors), out.stdout
     assert "KV cache:" in out.stdout
 
 

@@ -18,7 +18,7 @@ from mlx_mla.cache.latent import (
 from mlx_mla.cli import DEFAULT_MODEL as DEMO_MODEL
 
 # Head dims that group sizes 32 and 64 divide (kv_lora 64, nope + rope 32, v 32); rope 8 cannot
-# be quantised at all, as in the demo model (16), which the float k_pe allows.
+# be quantised at all, which the float k_pe allows.
 TINY = {
     "model_type": "deepseek_v2",
     "vocab_size": 80,

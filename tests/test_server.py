@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import read_line
+from conftest import read_line, time_limit
 
 openai = pytest.importorskip("openai")
 
@@ -239,10 +239,12 @@ def test_mha_server_answers_like_mla_and_keeps_its_caches_within_the_byte_budget
         assert 0 < cache["bytes"] <= budget and 0 < cache["sequences"] < len(PROMPTS)
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        process.wait(timeout=time_limit(5))
 
 
-def test_quantized_latent_cache_server_reuses_conversations_and_queues_requests(client, tmp_path):
+def test_quantized_latent_cache_server_reuses_conversations_and_answers_concurrent_requests(
+    client, tmp_path
+):
     process, url = start_server(tmp_path / "kv4.log", "--kv-bits", "4")
     try:
         kv4 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
@@ -254,14 +256,14 @@ def test_quantized_latent_cache_server_reuses_conversations_and_queues_requests(
         assert concurrent == [complete(kv4, p, 10) for p in prompts]
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        process.wait(timeout=time_limit(5))
 
 
 def test_ctrl_c_while_busy_stops_the_server_quietly(server, client):
     process, url, log = server
     with start_stream(url, 900):  # generating now
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        process.wait(timeout=time_limit(5))
     assert process.returncode == 0
     assert "Traceback" not in log.read_text()
 

@@ -242,5 +242,9 @@ def quantized_cache(model, group_size: int, bits: int) -> list:
 QUANTIZED_CACHES = (QuantizedLatentCache, QuantizedKVCache)
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
-for _cls in (LatentCache, QuantizedLatentCache, ExpandedKVCache, QuantizedExpandedKVCache):
-    setattr(mlx_lm_cache, _cls.__name__, _cls)
+vars(mlx_lm_cache).update(
+    {
+        c.__name__: c
+        for c in (LatentCache, QuantizedLatentCache, ExpandedKVCache, QuantizedExpandedKVCache)
+    }
+)

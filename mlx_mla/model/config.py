@@ -57,6 +57,7 @@ REQUIRED_WITH_EXPERTS = ("moe_intermediate_size", "num_experts_per_tok", "n_shar
 # mlx's affine quantisation (mx.quantize): what a config.json "quantization" may name.
 QUANTIZATION_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZATION_GROUP_SIZES = (32, 64, 128)
+MAX_INT = 2**31 - 1  # mlx sizes and indices are 32-bit
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 TYPE_NAMES |= {dict: "an object", list: "a list", type(None): "null"}
 
@@ -132,6 +133,8 @@ class ModelArgs:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type != "default" or "llama_4_scaling_beta" in scaling:
                 args.rope_scaling = scaling
+        if args.rope_scaling:  # null means the default, as transformers reads it
+            args.rope_scaling = {k: v for k, v in args.rope_scaling.items() if v is not None}
         args.validate()
         args.check_rotary_dims(rope or args.rope_scaling or {})
         return args
@@ -140,7 +143,8 @@ class ModelArgs:
         """transformers rotates int(head_dim * partial_rotary_factor) dims, where head_dim is
         Mistral 4's qk_head_dim and the others' qk_rope_head_dim: it must be all of q_pe/k_pe."""
         head_dim = getattr(self, FAMILIES[self.model_type].rotary_dim_of)
-        factor = rope.get("partial_rotary_factor", self.qk_rope_head_dim / head_dim)
+        factor = rope.get("partial_rotary_factor")
+        factor = self.qk_rope_head_dim / head_dim if factor is None else factor
         if int(head_dim * factor) != self.qk_rope_head_dim:
             raise ConfigError(
                 f"partial_rotary_factor {factor} rotates {int(head_dim * factor)} dims, not the "
@@ -215,9 +219,10 @@ class ModelArgs:
                 refuse(name, getattr(self, name), "at least 1")
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
             refuse("q_lora_rank", self.q_lora_rank, "at least 1, or null")
-        for name in ("rms_norm_eps", "rope_theta"):
-            if not positive(getattr(self, name)):
-                refuse(name, getattr(self, name), "a number > 0")
+        if not positive(self.rms_norm_eps):
+            refuse("rms_norm_eps", self.rms_norm_eps, "a number > 0")
+        if not positive(self.rope_theta) or self.rope_theta <= 1:
+            refuse("rope_theta", self.rope_theta, "a number > 1")
         if self.n_routed_experts:
             if self.moe_intermediate_size < 1:
                 refuse("moe_intermediate_size", self.moe_intermediate_size, "at least 1")
@@ -234,6 +239,9 @@ class ModelArgs:
             for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
                 if name in scaling and not positive(scaling[name]):
                     refuse(f"rope_scaling.{name}", scaling[name], "a number > 0")
+            for name in ("mscale", "mscale_all_dim"):
+                if not 0 <= (scaling.get(name) or 0) < math.inf:
+                    refuse(f"rope_scaling.{name}", scaling[name], "a number >= 0")
             if not scaling.get("beta_fast", 32) > scaling.get("beta_slow", 1):
                 refuse("rope_scaling.beta_fast", scaling.get("beta_fast"), "above beta_slow")
         if self.llama_4_scaling and not positive(
@@ -252,7 +260,7 @@ class ModelArgs:
                 type(value) is float
                 and not math.isfinite(value)
                 or type(value) is int
-                and value < 0
+                and not 0 <= value <= MAX_INT
             ):
                 raise ConfigError(f"config.json field {field.name} cannot be {value}")
         for name in POSITIVE_FIELDS:
