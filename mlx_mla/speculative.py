@@ -172,8 +172,8 @@ class NgramDrafter:
         for n in NGRAM_SIZES:
             start = self.index[n].get(tuple(self.tokens[-n:]))
             if start is not None:
-                return self.tokens[start : start + k], None
-        return [], None
+                return mx.array(self.tokens[start : start + k], dtype=mx.int32), None
+        return mx.array([], dtype=mx.int32), None
 
     def rollback(self):
         pass
@@ -207,13 +207,13 @@ class CachedDrafter:
         tokens, probs = [], []
         for i in range(k):
             token, p = sampling.pick(logits[:, -1])
+            mx.async_eval(token)  # the next draft's forward is built while this one runs
             tokens.append(token)
             probs.append(p)
             if i + 1 < k:
                 logits = self.feed_draft(token)
                 self.chained += 1
-        mx.eval(tokens, [p for p in probs if p is not None])
-        return [t.item() for t in tokens], probs if sampling.temp else None
+        return mx.concatenate(tokens).astype(mx.int32), probs if sampling.temp else None
 
 
 class ModelDrafter(CachedDrafter):
@@ -313,23 +313,26 @@ def check_draft_tokenizer(tokenizer, draft_tokenizer):
         )
 
 
-def verify(logits: mx.array, drafts: list[int], draft_probs, sampling: Sampling):
-    """Accepted drafts (count) and the main model's own next token, from its logits (k+1, vocab)
-    at the positions before each draft and after the last.
+def verify(logits: mx.array, drafts: mx.array, draft_probs, sampling: Sampling):
+    """Accepted drafts (count), the main model's own next token, and the drafts as a list, from
+    its logits (k+1, vocab) at the positions before each draft (k,) and after the last. Drafts
+    and verdict are evaluated together, in one synchronisation.
 
     Greedy: drafts equal to the argmax are kept. Sampling: draft d with draft distribution q (a
     point mass when the drafter gives none) is kept with chance min(1, p(d) / q(d)); the first
     rejected one is replaced by a sample of max(p - q, 0), normalised (Leviathan et al.).
     """
-    k = len(drafts)
+    k = drafts.size
     if sampling.temp == 0:
-        target = logits.argmax(-1).tolist()
+        target = logits.argmax(-1)
+        mx.eval(target, drafts)
+        target, drafts = target.tolist(), drafts.tolist()
         n = 0
         while n < k and target[n] == drafts[n]:
             n += 1
-        return n, target[n]
+        return n, target[n], drafts
     p = sampling.probs(logits)  # (k+1, vocab)
-    d = mx.array(drafts, dtype=mx.int32)
+    d = drafts
     if draft_probs is None:
         q = mx.zeros_like(p[:k])
         q = mx.put_along_axis(q, d[:, None], mx.ones((k, 1), q.dtype), axis=-1)
@@ -338,18 +341,18 @@ def verify(logits: mx.array, drafts: list[int], draft_probs, sampling: Sampling)
     rows = mx.arange(k)
     keep = mx.random.uniform(shape=(k,)) * q[rows, d] <= p[rows, d]
     residual = mx.maximum(p[:k] - q, 0)
-    mx.eval(keep, p, residual)
-    keep = keep.tolist()
+    mx.eval(keep, p, residual, d)
+    keep, drafts = keep.tolist(), d.tolist()
     n = 0
     while n < k and keep[n]:
         n += 1
     if n == k:
-        return n, mx.random.categorical(mx.log(p[k])).item()
+        return n, mx.random.categorical(mx.log(p[k])).item(), drafts
     rest = residual[n]
     total = rest.sum()
     if total.item() <= 0:  # p equals q here: any sample of p is right
         rest = p[n]
-    return n, mx.random.categorical(mx.log(rest)).item()
+    return n, mx.random.categorical(mx.log(rest)).item(), drafts
 
 
 def cache_slots(cache) -> int:
@@ -477,12 +480,13 @@ def speculative_generate_step(
                     return
             continue
         tic = time.perf_counter()
-        drafts, draft_probs = drafter.draft(k, sampling) if k else ([], None)
-        k = len(drafts)
+        drafts, draft_probs = drafter.draft(k, sampling)
+        k = drafts.size
         slots = [cache_slots(c) for c in cache]
-        h = model.model(mx.array([y, *drafts])[None], cache=cache)  # (1, k+1, D)
+        inputs = mx.concatenate([mx.array([y], dtype=mx.int32), drafts])
+        h = model.model(inputs[None], cache=cache)  # (1, k+1, D)
         logits = model.logits(h)[0]
-        accepted, y = verify(logits, drafts, draft_probs, sampling)
+        accepted, y, drafts = verify(logits, drafts, draft_probs, sampling)
         roll_back(cache, k - accepted, slots)
         quantize()
         drafter.rollback()
