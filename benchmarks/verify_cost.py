@@ -318,6 +318,8 @@ def run_geometry(geometry: str, args, contexts: list[int]) -> dict:
     build_seconds = time.perf_counter() - tic
     small_layers = dense + moe_layers
     held = held_bytes(model)
+    cheaper = model.layers[0].self_attn.expanding_is_cheaper
+    expanded = [(n, c) for n in lengths for c in contexts if cheaper(n, c + n)]
     parts, mtp, distinct = measure(model, cfg, contexts, lengths, args.rounds)
     del model
     mx.clear_cache()
@@ -357,6 +359,7 @@ def run_geometry(geometry: str, args, contexts: list[int]) -> dict:
         },
         "expert_slots": min(cfg["n_routed_experts"], max(lengths) * cfg["num_experts_per_tok"]),
         "held_weight_bytes": held,
+        "expanded_at": expanded,  # (tokens, context) where attention expands the latent
         "build_seconds": build_seconds,
         "distinct_experts": {
             n: {"pairs": n * cfg["num_experts_per_tok"], "mean": statistics.mean(d)}
@@ -455,6 +458,8 @@ def format_geometry(g: dict) -> str:
             ]
         )
     lines.append(common.table(rows))
+    expanded = ", ".join(f"{n} tokens at {c}" for n, c in g["expanded_at"]) or "never"
+    lines.append(f"attention expands the cached latent to per-head K/V: {expanded}")
     last = max(g["contexts"])
     row = g["contexts"][last]
     n_max = lengths[-1]
@@ -516,8 +521,9 @@ def plot(result: dict, path) -> None:
         bottom.legend()
     m = result["machine"]
     fig.suptitle(
-        f"Verifying k+1 tokens, float32, {m['default_device']}, {m['cpu']} ({m['cores']} cores), "
-        f"{m['blas']}, load average {m['load_average_at_start'][0]:.1f}"
+        f"Verifying k+1 tokens through the latent cache, float32, MLX {m['default_device']}\n"
+        f"{m['cpu']} ({m['cores']} cores), {m['blas']}, load average "
+        f"{loads(m['load_average_at_start'][:1])}"
     )
     common.save_figure(fig, path)
 
