@@ -161,11 +161,13 @@ def build(cfg: dict, dense: int, moe_layers: int, most_tokens: int, seed: int = 
 
 
 def repeat_rows(w: mx.array, block: int) -> mx.array:
-    """An array of w's shape that repeats w's first `block` entries along axis 0: random values for
-    the cost of a copy (drawing gigabytes of random numbers takes minutes on a busy machine, and
-    the values do not change what a matmul reads). Experts get one block each: every slot is a
-    copy of the same expert, at its own address."""
-    return mx.take(w[:block], mx.arange(w.shape[0]) % block, axis=0)
+    """An array of w's shape that repeats `block` random entries along axis 0, drawn as
+    nn.Linear draws its weights: random values for the cost of a copy (drawing gigabytes of random
+    numbers takes minutes on a busy machine, and the values do not change what a matmul reads).
+    Experts get one block each: every slot is a copy of the same expert, at its own address."""
+    scale = w.shape[-1] ** -0.5
+    rows = mx.random.uniform(-scale, scale, (block, *w.shape[1:]))
+    return mx.take(rows, mx.arange(w.shape[0]) % block, axis=0)
 
 
 def held_bytes(model: nn.Module) -> int:
