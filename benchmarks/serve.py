@@ -189,12 +189,21 @@ def prompts(texts: Texts, clients: int, kind: str, tokens: int, shared: int) -> 
 
 def round_of(server: Server, batch: list[str], max_tokens: int) -> dict:
     """All prompts at once: aggregate tokens/s and the time to first token of each."""
+
+    def client(prompt):
+        try:
+            return server.complete(prompt, max_tokens)
+        except (OSError, RuntimeError) as e:  # a reset connection is a result too
+            return {"error": f"{type(e).__name__}: {e}"}
+
     tic = time.perf_counter()
     with ThreadPoolExecutor(len(batch)) as pool:
-        replies = list(pool.map(lambda p: server.complete(p, max_tokens), batch))
+        answered = list(pool.map(client, batch))
     wall = time.perf_counter() - tic
+    replies = [r for r in answered if "error" not in r] or [{"ttft": wall, "tokens": 0, "text": ""}]
     ttfts = sorted(r["ttft"] for r in replies)
     return {
+        "failed": [r["error"] for r in answered if "error" in r],
         "wall_s": wall,
         "tokens": sum(r["tokens"] for r in replies),
         "tokens_per_s": sum(r["tokens"] for r in replies) / wall,
@@ -287,7 +296,8 @@ def run(args) -> dict:
                         rows.append({"server": name, "clients": n, "prompts": kind, **r})
                         print(
                             f"{name:22s} {n:2d} {kind:8s} {r['tokens_per_s']:7.1f} tok/s  "
-                            f"TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s",
+                            f"TTFT p50 {r['ttft_p50_s']:.2f} s p95 {r['ttft_p95_s']:.2f} s"
+                            f"  failed {len(r['failed'])}",
                             flush=True,
                         )
             peaks = {name: s.peak_rss() for name, s in servers.items()}
@@ -356,7 +366,8 @@ def report(result: dict) -> str:
         f"weights, dense MLPs; prompts of {result['prompt_tokens']} tokens (shared: "
         f"{result['shared_tokens']} common), {result['max_tokens']} tokens each"
     )
-    rows = [["server", "clients", "prompts", "tok/s", "TTFT p50 s", "TTFT p95 s", "peak RSS GB"]]
+    rows = [["server", "clients", "prompts", "tok/s", "TTFT p50 s", "TTFT p95 s", "failed"]]
+    rows[0].append("peak RSS GB")
     for r in result["rows"]:
         rows.append(
             [
@@ -366,6 +377,7 @@ def report(result: dict) -> str:
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['ttft_p50_s']:.2f}",
                 f"{r['ttft_p95_s']:.2f}",
+                str(len(r["failed"])),
                 common.gb(result["peak_rss"][r["server"]]),
             ]
         )

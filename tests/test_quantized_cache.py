@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from mlx_mla import Model, ModelArgs, memory
 from mlx_mla.cache.latent import (
     LatentCache,
     QuantizationError,
+    QuantizedExpandedKVCache,
     QuantizedLatent,
     QuantizedLatentCache,
 )
@@ -180,7 +181,7 @@ def test_mlx_lm_generate_step_with_kv_bits_runs_on_both_paths(attention, quantiz
         out = list(steps)
         assert len(out) == 8
         first[kv_bits] = np.array(out[0][1])
-    quantized_class = QuantizedLatentCache if attention == "mla" else QuantizedKVCache
+    quantized_class = QuantizedLatentCache if attention == "mla" else QuantizedExpandedKVCache
     assert all(type(c) is quantized_class and c.bits == 8 for c in cache)
     assert cache[0].offset == 13 + 8  # generate_step computes one token ahead
     assert 0 < np.abs(first[8] - first[None]).max() <= CLOSE[8]
