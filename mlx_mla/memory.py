@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cli
+from .model.config import indexer_types
 
 DEFAULT_CONFIG = "deepseek-v2-lite"
 DEFAULT_CONTEXT = "4096,32768,131072"
@@ -279,7 +280,22 @@ def bytes_per_token(
         heads * _row_bytes(dim, dtype, kv_bits if q else None, kv_group_size)
         for (heads, dim), q in zip(rows, quantized, strict=True)
     )
-    return per_layer * _field(config, "num_hidden_layers")
+    index_keys = index_layers(config) * _row_bytes(
+        config.get("index_head_dim", 128), dtype, kv_bits, kv_group_size
+    )
+    return per_layer * _field(config, "num_hidden_layers") + index_keys
+
+
+def index_layers(config: dict) -> int:
+    """DSA (DeepSeek-V3.2, GLM-5): the layers whose indexer caches its keys, index_head_dim per
+    token beside the latent, quantised with it (GLM-5's "shared" layers have none)."""
+    if not config.get("index_topk"):
+        return 0
+    layers = _field(config, "num_hidden_layers")
+    types = config.get("indexer_types")
+    if types is None and config.get("model_type") == "glm_moe_dsa":
+        types = indexer_types(config, layers)
+    return layers if types is None else types.count("full")
 
 
 def allocated_tokens(tokens: int, step: int = DEFAULT_STEP) -> int:

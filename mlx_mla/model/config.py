@@ -91,6 +91,40 @@ FAMILIES = {
         **_NOAUX,
     ),
 }
+# DeepSeek Sparse Attention (model/indexer.py): index_* defaults, whether the indexer's RoPE rotates
+# interleaved pairs, and whether config.json's indexer_types (GLM-5's "full"/"shared") are read.
+FAMILIES["deepseek_v32"] = dict(
+    family="deepseek_v32",
+    defaults=dict(
+        n_group=8,
+        topk_group=4,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=3,
+        n_shared_experts=1,
+        index_topk=2048,
+        index_head_dim=128,
+        index_n_heads=64,
+    ),
+    fixed=dict(
+        topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, rope_interleave=True
+    ),
+    topk_methods=("noaux_tc",),
+    mlp_layer_types=True,
+    indexer=dict(rope_interleave=False, layer_types=False),
+)
+FAMILIES["glm_moe_dsa"] = dict(
+    FAMILIES["deepseek_v32"],
+    family="glm_moe_dsa",
+    defaults=dict(
+        FAMILIES["deepseek_v32"]["defaults"],
+        n_group=1,
+        topk_group=1,
+        index_n_heads=32,
+        rms_norm_eps=1e-5,
+    ),
+    indexer=dict(rope_interleave=True, layer_types=True),
+)
 FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -129,6 +163,10 @@ class ModelArgs:
     rope_interleave: bool = True
     mlp_layer_types: list[str] | None = None
     num_nextn_predict_layers: int = 0
+    index_topk: int | None = None
+    index_head_dim: int = 128
+    index_n_heads: int = 64
+    indexer_types: list[str] | None = None
     quantization: dict | None = None
     quantization_config: dict | None = None
 
@@ -157,7 +195,15 @@ class ModelArgs:
         config = {**family["defaults"], **config, **family["fixed"]}
         if not family["mlp_layer_types"]:
             config.pop("mlp_layer_types", None)
+        indexer = family.get("indexer")
+        if indexer is None:
+            for key in ("index_topk", "index_head_dim", "index_n_heads", "indexer_types"):
+                config.pop(key, None)
+        elif not indexer["layer_types"]:
+            config.pop("indexer_types", None)
         args = cls(**{k: v for k, v in config.items() if k in fields})
+        if indexer and indexer["layer_types"] and args.indexer_types is None:
+            args.indexer_types = indexer_types(config, args.num_hidden_layers)
         rope = config.get("rope_parameters")
         if rope:
             args.rope_theta = rope.get("rope_theta", args.rope_theta)
@@ -219,6 +265,17 @@ class ModelArgs:
             return None
         return beta, self.rope_scaling["original_max_position_embeddings"]
 
+    @property
+    def indexer_rope_interleave(self) -> bool:
+        return FAMILIES[self.model_type]["indexer"]["rope_interleave"]
+
+    def has_indexer(self, layer_idx: int) -> bool:
+        """DSA: whether the layer runs its own indexer (GLM-5's "shared" layers reuse the top-k
+        of the last layer that did)."""
+        if self.index_topk is None:
+            return False
+        return self.indexer_types is None or self.indexer_types[layer_idx] == "full"
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """GLM's mlp_layer_types when given, else first_k_dense_replace and moe_layer_freq."""
         if not self.n_routed_experts:
@@ -269,6 +326,8 @@ class ModelArgs:
                 f"mlp_layer_types must name 'dense' or 'sparse' for each of the "
                 f"{self.num_hidden_layers} layers"
             )
+        if self.index_topk is not None:
+            self.validate_indexer()
         if self.n_routed_experts:
             topk_methods = FAMILIES[self.model_type]["topk_methods"]
             if self.topk_method not in topk_methods:
@@ -294,6 +353,42 @@ class ModelArgs:
                     "noaux_tc needs n_group dividing n_routed_experts into groups of at least 2 "
                     "experts, and topk_group between 1 and n_group"
                 )
+
+    def validate_indexer(self):
+        if self.q_lora_rank is None:
+            raise ConfigError(
+                f"{self.model_type} needs q_lora_rank: its indexer reads the query latent"
+            )
+        for name in ("index_topk", "index_n_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config.json field {name} must be at least 1")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ConfigError(
+                f"index_head_dim {self.index_head_dim} is smaller than the qk_rope_head_dim "
+                f"({self.qk_rope_head_dim}) its RoPE rotates"
+            )
+        types = self.indexer_types
+        if types is not None and (
+            len(types) != self.num_hidden_layers
+            or set(types) - {"full", "shared"}
+            or types[0] != "full"
+        ):
+            raise ConfigError(
+                "indexer_types must name 'full' or 'shared' for each of the "
+                f"{self.num_hidden_layers} layers, the first 'full' (a shared layer reuses the "
+                "top-k of the last full one)"
+            )
+
+
+def indexer_types(config: dict, layers: int) -> list[str]:
+    """GLM-5's per-layer indexer modes where config.json gives a pattern ("FSS...") or a
+    frequency and offset instead of the list, as transformers derives them."""
+    pattern = config.get("index_topk_pattern")
+    if pattern is not None:
+        return [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
+    freq = max(config.get("index_topk_freq", 1), 1)
+    offset = config.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
 
 
 def accepts(annotation, value) -> bool:

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
-from ..cache.latent import ExpandedKVCache, LatentCache
+from ..cache.latent import ExpandedKVCache, IndexedKVCache, IndexedLatentCache, LatentCache
 from ..errors import ConfigError
 from .attention import ATTENTION_MODES, Attention
 from .config import ModelArgs
@@ -16,7 +16,7 @@ from .moe import MLP, MoE
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int, attention: str):
         super().__init__()
-        self.self_attn = Attention(args, attention)
+        self.self_attn = Attention(args, attention, indexer=args.has_indexer(layer_idx))
         if args.is_moe_layer(layer_idx):
             self.mlp = MoE(args)
         else:
@@ -24,8 +24,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask=None, cache=None, shared=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, shared)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -40,8 +40,9 @@ class DecoderModel(nn.Module):
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
+        shared = {}  # DSA: the last indexer's top-k, for GLM-5's layers that share it
         for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c)
+            h = layer(h, mask, c, shared)
         return self.norm(h)
 
 
@@ -70,13 +71,19 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list:
-        cache_class = LatentCache if self.attention == "mla" else ExpandedKVCache
-        return [cache_class() for _ in self.layers]
+        """One cache per layer; a layer with a DSA indexer caches its keys too."""
+        return [CACHES[self.attention, "indexer" in layer.self_attn]() for layer in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
         return sanitize(weights, self.args)
 
 
+CACHES = {  # (attention, indexer): cache class
+    ("mla", False): LatentCache,
+    ("mla", True): IndexedLatentCache,
+    ("mha", False): ExpandedKVCache,
+    ("mha", True): IndexedKVCache,
+}
 FP8_SCALE = ".weight_scale_inv"
 EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
