@@ -40,9 +40,15 @@ def tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, 80, size=(1, n))
 
 
+REFERENCES = {}  # (id of the torch model, tokens): logits, shared by the tests of one checkpoint
+
+
 def reference_logits(torch_model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return torch_model(torch.tensor(ids)).logits.numpy()
+    key = (id(torch_model), ids.tobytes())
+    if key not in REFERENCES:
+        with torch.no_grad():
+            REFERENCES[key] = torch_model(torch.tensor(ids)).logits.numpy()
+    return REFERENCES[key]
 
 
 def mlx_logits(model, ids: np.ndarray, cache=None) -> np.ndarray:

@@ -100,8 +100,9 @@ class Stage(nn.Module):
             shape = (B, L, self.args.hidden_size)
             h = mx.distributed.recv(shape, self.hidden_dtype, self.rank + 1, group=self.group)
         mask = create_attention_mask(h, cache[0])
+        shared = {}  # DSA's top-k, as in DecoderModel
         for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c)
+            h = layer(h, mask, c, shared)
         if not self.last:
             h = mx.distributed.send(h, self.rank - 1, group=self.group)
             self.bytes_sent += h.nbytes
