@@ -2,6 +2,7 @@
 top-k is unambiguous, the indexed caches (bytes, quantisation, trim, prompt-cache files)."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -39,9 +40,15 @@ def tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, 80, size=(1, n))
 
 
+REFERENCES = {}  # (id of the torch model, tokens): logits, shared by the tests of one checkpoint
+
+
 def reference_logits(torch_model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return torch_model(torch.tensor(ids)).logits.numpy()
+    key = (id(torch_model), ids.tobytes())
+    if key not in REFERENCES:
+        with torch.no_grad():
+            REFERENCES[key] = torch_model(torch.tensor(ids)).logits.numpy()
+    return REFERENCES[key]
 
 
 def mlx_logits(model, ids: np.ndarray, cache=None) -> np.ndarray:
@@ -228,7 +235,7 @@ def test_dsa_quantized_cache_decodes_as_float_on_its_dequantized_values(
     dsa_checkpoints, name, kv_bits
 ):
     """A decode step past index_topk on the quantised cache (index keys scored through
-    mx.quantized_matmul, packed latent rows gathered then dequantised) gives the logits of a float
+    dequantised, packed latent rows gathered then dequantised) gives the logits of a float
     cache holding the same values."""
     path, _ = dsa_checkpoints[name, "original"]
     model = mlx_mla.load_model(path)
@@ -332,3 +339,34 @@ def test_dsa_generate_step_quantizes_latent_and_index_keys(dsa_checkpoints):
     assert len(list(steps)) == 8
     assert all(type(c) is QuantizedIndexedLatentCache for c in cache)
     assert all(isinstance(c.index_keys, tuple) and c.offset == 38 for c in cache)  # one ahead
+
+
+def test_dsa_fp8_checkpoint_converts_its_indexer_as_v3_weights(dsa_checkpoints, tmp_path):
+    """DeepSeek-V3.2's release keeps the indexer's wq_b and wk in FP8 blocks, as V3's projections:
+    convert dequantises them to what the torch reference computes."""
+    from safetensors.torch import load_file, save_file
+    from test_convert import fp8_reference, to_fp8_blocks
+
+    from mlx_mla.convert import convert
+
+    src, _ = dsa_checkpoints["v32_yarn", "original"]
+    path = shutil.copytree(src, tmp_path / "fp8")
+    index_file = path / "model.safetensors.index.json"
+    index, reference = json.loads(index_file.read_text()), {}
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in [n for n in tensors if n.endswith(("wq_b.weight", "wk.weight"))]:
+            tensors[name], tensors[name + "_scale_inv"] = to_fp8_blocks(tensors[name])
+            reference[name] = fp8_reference(tensors[name], tensors[name + "_scale_inv"])
+            index["weight_map"][name + "_scale_inv"] = shard.name
+        save_file(tensors, shard)
+    index_file.write_text(json.dumps(index))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3"}
+    config["quantization_config"]["weight_block_size"] = [16, 16]
+    (path / "config.json").write_text(json.dumps(config))
+    assert len(reference) == 2 * config["num_hidden_layers"]
+    got = mx.load(str(convert(path, tmp_path / "out") / "model.safetensors"))
+    for name, w in reference.items():
+        expected = mx.array(w.to(torch.float32).numpy()).astype(mx.bfloat16)
+        assert mx.array_equal(got[name], expected), name
