@@ -2,13 +2,14 @@
 top-k is unambiguous, the indexed caches (bytes, quantisation, trim, prompt-cache files)."""
 
 import json
+import os
 import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import DSA_CONFIGS
+from conftest import DSA, DSA_CONFIGS
 from mlx_lm.generate import generate_step
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
@@ -370,3 +371,24 @@ def test_dsa_fp8_checkpoint_converts_its_indexer_as_v3_weights(dsa_checkpoints, 
     for name, w in reference.items():
         expected = mx.array(w.to(torch.float32).numpy()).astype(mx.bfloat16)
         assert mx.array_equal(got[name], expected), name
+
+
+def test_dsa_pipeline_over_two_ranks_gives_the_single_process_tokens(dsa_checkpoints, tmp_path):
+    """--pipeline: each rank caches its layers' latent and index keys, and the greedy tokens past
+    index_topk equal one process's (GLM-5's shared layers take the top-k of a full layer on the
+    same rank)."""
+    from test_pipeline import MAX_TOKENS, PROMPT, RANK_SCRIPT, launch, single_process_tokens
+
+    assert len(PROMPT) + MAX_TOKENS > DSA["index_topk"]
+    folders = [dsa_checkpoints[name, "original"][0] for name in DSA_CONFIGS]
+    out = tmp_path / "out"
+    out.mkdir()
+    prompt = ",".join(map(str, PROMPT))
+    models = os.pathsep.join(map(str, folders))
+    result = launch(str(RANK_SCRIPT), models, "mla", str(out), prompt, str(MAX_TOKENS))
+    for i, folder in enumerate(folders):
+        files = [out / str(i) / f"rank{r}.json" for r in range(2)]
+        assert all(f.is_file() for f in files), f"{folder}: {result.stdout}{result.stderr}"
+        expected = single_process_tokens(folder, "mla")
+        for f in files:
+            assert json.loads(f.read_text())["tokens"] == expected, folder
