@@ -332,6 +332,7 @@ def _row_bytes(dim: int, dtype: str, kv_bits: int | None, kv_group_size: int) ->
 def index_layers(config: dict) -> int:
     """Layers whose DSA indexer caches its keys: every layer, or those GLM-5's indexer_types name
     "full" ("shared" ones reuse the previous full layer's selection); 0 without DSA."""
+    config = families.resolve(config)  # GLM-5's indexer_types, also from index_topk_pattern
     if not config.get("index_topk"):
         return 0
     types = config.get("indexer_types")
@@ -359,8 +360,8 @@ def bytes_per_token(
     )
     total = per_layer * _field(config, "num_hidden_layers")
     if index_layers(config):
-        index_row = _row_bytes(_field(config, "index_head_dim"), dtype, kv_bits, kv_group_size)
-        total += index_row * index_layers(config)
+        index_dim = _field(families.resolve(config), "index_head_dim")
+        total += _row_bytes(index_dim, dtype, kv_bits, kv_group_size) * index_layers(config)
     return total
 
 
@@ -369,6 +370,7 @@ def decode_read_bytes(config: dict, tokens: int, index_row: int | None = None, *
     attention reads every latent row; DSA reads index_topk of them and the indexer keys of all
     `tokens` (each `index_row` bytes, by default as bytes_per_token lays them out), once the
     context outgrows index_topk; until then it is dense attention."""
+    config = families.resolve(config)
     per_token = bytes_per_token(config, "mla", **quant)
     if not index_layers(config):
         return per_token * tokens, per_token * tokens
@@ -384,7 +386,7 @@ def decode_read_bytes(config: dict, tokens: int, index_row: int | None = None, *
 def fp8_index_row(config: dict) -> int:
     """An indexer key as DeepSeek's inference code caches it: e4m3 bytes plus a float32 scale per
     block of 128."""
-    dim = _field(config, "index_head_dim")
+    dim = _field(families.resolve(config), "index_head_dim")
     return dim + 4 * math.ceil(dim / 128)
 
 
@@ -521,6 +523,7 @@ def report(name: str, config: dict, contexts: list[int], **quant) -> str:
 
 def dsa_line(config: dict, tokens: int, **quant) -> str:
     """What one DSA decode step reads from the cache at `tokens`, against dense attention."""
+    config = families.resolve(config)
     dense, sparse = decode_read_bytes(config, tokens, **quant)
     _, fp8 = decode_read_bytes(config, tokens, fp8_index_row(config), **quant)
     return (

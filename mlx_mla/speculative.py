@@ -370,8 +370,8 @@ def set_slots(cache, slots: int):
             return x[:, :, :slots]
         return mx.concatenate([x, mx.zeros((*x.shape[:2], slots - have, *x.shape[3:]), x.dtype)], 2)
 
-    for name in ("keys", "values"):
-        value = getattr(cache, name)
+    for name in ("keys", "values", "index_keys"):  # index_keys: a DSA cache's (cache/latent.py)
+        value = getattr(cache, name, None)
         if isinstance(value, (list, tuple)):
             setattr(cache, name, type(value)(fit(x) for x in value))
         elif value is not None:

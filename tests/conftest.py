@@ -111,6 +111,8 @@ TORCH_CLASSES = {
     "mistral4": ("Mistral4Config", "Mistral4ForCausalLM"),
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM"),
     "youtu": ("YoutuConfig", "YoutuForCausalLM"),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM"),
 }
 
 # Configurations that between them exercise every option of each family.
@@ -216,6 +218,36 @@ CONFIGS |= {
     ),
 }
 
+# DeepSeek Sparse Attention: a tiny index_topk, so that prompts of a few dozen tokens go sparse.
+# Kept out of CONFIGS: their parity holds only where the indexer's top-k is unambiguous
+# (tests/test_dsa.py).
+DSA = dict(q_lora_rank=24, index_topk=12, index_head_dim=32, index_n_heads=8)
+DSA_CONFIGS = {
+    "v32_yarn": dict(
+        model_type="deepseek_v32",
+        **DSA,
+        qk_nope_head_dim=24,  # head dims of 32: both paths' caches can be quantised
+        v_head_dim=32,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        rope_parameters={"rope_theta": 10000.0, **YARN},
+    ),
+    "glm5_shared": dict(
+        model_type="glm_moe_dsa",
+        **DSA,
+        num_hidden_layers=4,
+        n_group=1,
+        topk_group=1,
+        qk_nope_head_dim=12,
+        v_head_dim=16,
+        rms_norm_eps=1e-5,
+        indexer_types=["full", "shared", "full", "shared"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+}
+
 CHARS = string.ascii_letters + string.digits + " .,;:!?'\n-"
 
 
@@ -245,8 +277,11 @@ def to_original_config(path, model):
     rope_type = rope.pop("rope_type")
     config["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
     config["architectures"] = [type(model).__name__]
-    if config["model_type"] == "deepseek_v3":
+    if config["model_type"] in ("deepseek_v3", "deepseek_v32"):
         config |= {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
+    if config.get("indexer_types"):  # as a pattern, which transformers also reads
+        types = config.pop("indexer_types")
+        config["index_topk_pattern"] = "".join("F" if t == "full" else "S" for t in types)
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -314,13 +349,23 @@ def write_checkpoint(model, path, layout: str):
     return path
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    """{(config name, layout): (folder, torch model)}, built once per test session."""
+def build_checkpoints(configs: dict, tmp_path_factory) -> dict:
     built = {}
-    for name, overrides in CONFIGS.items():
+    for name, overrides in configs.items():
         model = make_torch_model(overrides)
         for layout in ("original", "transformers5"):
             path = tmp_path_factory.mktemp(f"{name}-{layout}")
             built[name, layout] = (write_checkpoint(model, path, layout), model)
     return built
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """{(config name, layout): (folder, torch model)}, built once per test session."""
+    return build_checkpoints(CONFIGS, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def dsa_checkpoints(tmp_path_factory):
+    """As `checkpoints`, for DSA_CONFIGS."""
+    return build_checkpoints(DSA_CONFIGS, tmp_path_factory)

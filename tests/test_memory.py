@@ -359,8 +359,14 @@ def test_dsa_caches_one_index_key_per_token_and_indexer_layer_quantised_like_the
         bytes_per_token(v32, "mla", **four_bit) - bytes_per_token(v3, "mla", **four_bit)
         == index_row * 61
     )
-    shared = {**v32, "indexer_types": ["full", "shared"] * 30 + ["full"]}
-    assert bytes_per_token(shared, "mla") - bytes_per_token(v3, "mla") == 128 * 2 * 31
+    assert bytes_per_token({**v32, "indexer_types": ["full", "shared"] * 30 + ["full"]}, "mla") == (
+        bytes_per_token(v32, "mla")
+    )  # DeepSeek-V3.2 has no shared layers: it ignores indexer_types, as transformers does
+    glm5 = PRESETS["glm-5"]
+    every_other = {**glm5, "indexer_types": ["full", "shared"] * 39}
+    assert bytes_per_token(glm5, "mla") - bytes_per_token(every_other, "mla") == 128 * 2 * 39
+    pattern = {**glm5, "index_topk_pattern": "FS" * 39}  # transformers' other spelling
+    assert bytes_per_token(pattern, "mla") == bytes_per_token(every_other, "mla")
 
 
 def test_dsa_decode_reads_topk_latent_rows_and_every_index_key_once_past_topk():

@@ -21,6 +21,7 @@ MODES = ("mla", "mha")
 FAMILY_CONFIGS = [
     next(n for n, c in CONFIGS.items() if c.get("model_type", "deepseek_v2") == t)
     for t in TORCH_CLASSES
+    if any(c.get("model_type", "deepseek_v2") == t for c in CONFIGS.values())
 ]
 
 

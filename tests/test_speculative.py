@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import CONFIGS, make_torch_model, save_tokenizer, write_checkpoint
+from conftest import CONFIGS, DSA_CONFIGS, make_torch_model, save_tokenizer, write_checkpoint
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
 
 from mlx_mla import speculative
@@ -135,6 +135,26 @@ def test_rolled_back_caches_have_plain_decodings_offset_and_nbytes(models, atten
     assert [type(c) for c in cache] == [type(c) for c in expected]
     assert [c.offset for c in cache] == [c.offset for c in expected] == [len(PROMPT) + n - 1] * 3
     assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_dsa_drafting_gives_plain_tokens_and_rolls_index_keys_back(tmp_path, kv_bits):
+    """DeepSeek-V3.2 (its indexer in the MTP layer too), past index_topk: MTP and n-gram drafts
+    give plain decoding's greedy tokens, and the rolled-back caches, index keys included, hold
+    plain decoding's offset and bytes."""
+    config = {**DSA_CONFIGS["v32_yarn"], "num_nextn_predict_layers": 1}
+    path = write_checkpoint(make_torch_model(config, seed=1), tmp_path, "original")
+    model = load_model(path, "mla", mtp=True)
+    assert len(PROMPT) > model.args.index_topk and "indexer" in model.mtp[0].self_attn
+    n = 240  # past a 256-token step of storage
+    plain = plain_tokens(model, n, kv_bits)
+    for name in ("mtp", "ngram"):
+        cache = model.make_cache()
+        drafter = speculative.make_drafter(model, name)
+        assert speculative_tokens(model, drafter, n, kv_bits=kv_bits, cache=cache) == plain
+        expected = reference_cache(model, plain, kv_bits)
+        assert [c.offset for c in cache] == [c.offset for c in expected]
+        assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
 
 
 def tiny_model(seed):

@@ -239,12 +239,101 @@ def quantized_cache(model, group_size: int, bits: int) -> list:
     return [c.to_quantized(group_size=group_size, bits=bits) for c in model.make_cache()]
 
 
+class IndexKeys:
+    """DSA (model/indexer.py): the indexer's keys, (B, 1, S, index_head_dim), cached beside the
+    attention cache and grown in the same steps; in float, or group-quantised with the cache's
+    own group size and bits in its quantised form. Its state is the cache's plus these keys, and
+    trimming the cache's offset trims them too."""
+
+    index_keys = None  # an array, or mx.quantize's (packed, scales, biases)
+    quantized_index = False
+
+    def update_index(self, keys: mx.array):
+        """Store the keys of the tokens update_and_fetch just added; return all of them, as an
+        array or a QuantizedLatent."""
+        prev, stop = self.offset - keys.shape[-2], self.offset
+        if self.quantized_index:
+            check_quantizable({"index_head_dim": keys.shape[-1]}, self.group_size, self.bits)
+            rows = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
+        else:
+            rows = (keys,)
+        stored = self.index_rows()
+        if stored is None or stop > stored[0].shape[-2]:
+            slots = (self.step + keys.shape[-2] - 1) // self.step * self.step
+            new = [mx.zeros((*r.shape[:-2], slots, r.shape[-1]), r.dtype) for r in rows]
+            if stored is not None:
+                new = [
+                    mx.concatenate([s[..., :prev, :], n], axis=-2)
+                    for s, n in zip(stored, new, strict=True)
+                ]
+            stored = tuple(new)
+        for s, r in zip(stored, rows, strict=True):
+            s[..., prev:stop, :] = r
+        self.index_keys = stored if self.quantized_index else stored[0]
+        held = (s[..., :stop, :] for s in stored)
+        if self.quantized_index:
+            return QuantizedLatent(*held, self.group_size, self.bits)
+        return next(held)
+
+    def index_rows(self) -> tuple | None:
+        if self.index_keys is None or isinstance(self.index_keys, tuple):
+            return self.index_keys
+        return (self.index_keys,)
+
+    def quantize_index(self, cache):
+        """`cache` (the quantised form of this one's attention cache) with these keys quantised."""
+        cache.offset = self.offset
+        if self.index_keys is not None:
+            dims = {"index_head_dim": self.index_keys.shape[-1]}
+            check_quantizable(dims, cache.group_size, cache.bits)
+            rows = mx.quantize(self.index_keys, group_size=cache.group_size, bits=cache.bits)
+            cache.index_keys = tuple(rows)
+        return cache
+
+    @property
+    def state(self):
+        return (*super().state, self.index_keys)
+
+    @state.setter
+    def state(self, v):
+        *attention, index_keys = v
+        super(IndexKeys, type(self)).state.fset(self, tuple(attention))
+        quantized = isinstance(index_keys, (list, tuple))
+        self.index_keys = tuple(index_keys) if quantized else index_keys
+
+    @property
+    def nbytes(self):
+        return super().nbytes + sum(r.nbytes for r in self.index_rows() or ())
+
+
+class QuantizedIndexedLatentCache(IndexKeys, QuantizedLatentCache):
+    quantized_index = True
+
+
+class IndexedLatentCache(IndexKeys, LatentCache):
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedIndexedLatentCache:
+        base = super().to_quantized(group_size=group_size, bits=bits)
+        cache = QuantizedIndexedLatentCache(group_size=group_size, bits=bits)
+        cache.keys, cache.values = base.keys, base.values
+        return self.quantize_index(cache)
+
+
+class QuantizedIndexedKVCache(IndexKeys, QuantizedKVCache):
+    quantized_index = True
+
+
+class IndexedKVCache(IndexKeys, ExpandedKVCache):
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedIndexedKVCache:
+        base = super().to_quantized(group_size=group_size, bits=bits)
+        cache = QuantizedIndexedKVCache(group_size=group_size, bits=bits)
+        cache.keys, cache.values = base.keys, base.values
+        return self.quantize_index(cache)
+
+
 QUANTIZED_CACHES = (QuantizedLatentCache, QuantizedKVCache)
+INDEXED_CACHES = (IndexedLatentCache, QuantizedIndexedLatentCache)
+INDEXED_CACHES += (IndexedKVCache, QuantizedIndexedKVCache)
 
 # mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
-vars(mlx_lm_cache).update(
-    {
-        c.__name__: c
-        for c in (LatentCache, QuantizedLatentCache, ExpandedKVCache, QuantizedExpandedKVCache)
-    }
-)
+CACHES = (LatentCache, QuantizedLatentCache, ExpandedKVCache, QuantizedExpandedKVCache)
+vars(mlx_lm_cache).update({c.__name__: c for c in (*CACHES, *INDEXED_CACHES)})

@@ -30,7 +30,7 @@ from mlx_lm.models.base import create_attention_mask
 from .. import memory
 from ..errors import CheckpointError, MLAError
 from ..model.config import ModelArgs
-from ..model.decoder import DecoderLayer, Model
+from ..model.decoder import DecoderLayer, Model, scaled
 from ..model.loading import (
     SMALL_FILES,
     fill,
@@ -95,13 +95,14 @@ class Stage(nn.Module):
         self.tokens_seen += B * L
         progress()  # the step before this one is done (on every path: generate, chat, server)
         if self.first:
-            h = self.model.embed_tokens(inputs)
+            h = scaled(self.model.embed_tokens(inputs), self.args.scale_emb)  # MiniCPM3's
         else:
             shape = (B, L, self.args.hidden_size)
             h = mx.distributed.recv(shape, self.hidden_dtype, self.rank + 1, group=self.group)
         mask = create_attention_mask(h, cache[0])
+        shared = {}  # DSA: the last indexer's top-k, for GLM-5's layers that share it
         for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c)
+            h = layer(h, mask, c, shared)
         if not self.last:
             h = mx.distributed.send(h, self.rank - 1, group=self.group)
             self.bytes_sent += h.nbytes
@@ -118,6 +119,7 @@ class Stage(nn.Module):
         return mx.distributed.all_sum(logits.astype(self.hidden_dtype), group=self.group)
 
     def head(self, h: mx.array) -> mx.array:
+        h = scaled(h, self.args.logits_scale)  # MiniCPM3's
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -21,6 +21,7 @@ from mlx_lm.models.rope_utils import SuScaledRoPE, initialize_rope
 
 from ..cache.latent import QuantizedLatent, check_quantizable, quantized_dims
 from .config import ModelArgs
+from .indexer import Indexer, gather_rows, shared_topk, sparse_mask
 
 ATTENTION_MODES = ("mla", "mha")
 LOG2_E = math.log2(math.e)
@@ -31,9 +32,10 @@ DECODE_BLOCK = 2048
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, attention: str = "mla"):
+    def __init__(self, args: ModelArgs, attention: str = "mla", indexer: bool = False):
         super().__init__()
         self.attention = attention
+        self.index_topk = args.index_topk  # DSA (model/indexer.py); None: dense attention
         self.decode_block = DECODE_BLOCK  # tokens per block of a quantised latent
         self.num_heads = args.num_attention_heads
         self.q_lora_rank = args.q_lora_rank
@@ -68,13 +70,17 @@ class Attention(nn.Module):
                 scaling_config=args.rope_scaling,
                 max_position_embeddings=args.max_position_embeddings,
             )
+        if indexer:
+            self.indexer = Indexer(args)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, cache=None, shared=None) -> mx.array:
+        """`shared`: a dict one forward pass hands from layer to layer (DSA's top-k)."""
         B, L, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
         q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, qk)
         q_nope, q_pe = mx.split(q, [self.qk_nope_head_dim], axis=-1)
 
@@ -94,6 +100,9 @@ class Attention(nn.Module):
                 check_quantizable(quantized_dims(self, "mha"), cache.group_size, cache.bits)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
+            if self.index_topk is not None:
+                topk = self.select_tokens(x, q_latent, cache, offset, offset + L, shared)
+                mask = mask if topk is None else sparse_mask(topk, mask, offset + L)
             queries = mx.concatenate([q_nope, q_pe], axis=-1)
             out = scaled_dot_product_attention(
                 queries, keys, values, cache=cache, scale=self.scale, mask=mask
@@ -101,6 +110,12 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)
+            if self.index_topk is not None:
+                topk = self.select_tokens(x, q_latent, cache, offset, offset + L, shared)
+                if topk is not None and L == 1:  # decode reads the selected rows alone
+                    c_kv, k_pe = gather_rows(c_kv, topk), gather_rows(k_pe, topk)
+                elif topk is not None:
+                    mask = sparse_mask(topk, mask, k_pe.shape[2])
             if self.expanding_is_cheaper(L, k_pe.shape[2]):
                 if isinstance(c_kv, QuantizedLatent):
                     c_kv = c_kv.dequantize()
@@ -114,6 +129,21 @@ class Attention(nn.Module):
 
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H * v)
         return self.o_proj(out)
+
+    def select_tokens(self, x, q_latent, cache, offset: int, S: int, shared):
+        """DSA: the index_topk tokens each query reads, (B, L, k), or None while all S fit. A
+        layer with an indexer caches its keys and hands its choice on in `shared`."""
+        if "indexer" not in self:
+            return shared_topk(shared)
+        keys = self.indexer.keys(x, offset)
+        if cache is not None:
+            keys = cache.update_index(keys)
+        topk = None
+        if S > self.index_topk:
+            topk = self.indexer.select(x, q_latent, keys, offset, self.index_topk)
+        if shared is not None:
+            shared["topk"] = topk
+        return topk
 
     def scale_queries(self, q_nope, q_pe, offset: int) -> tuple[mx.array, mx.array]:
         """Mistral 4: queries scaled by 1 + beta * log(1 + floor(position / original_max))."""

@@ -101,6 +101,10 @@ class ModelArgs:
     scale_emb: float = 1.0
     scale_depth: float | None = None
     dim_model_base: int | None = None
+    index_topk: int | None = None
+    index_head_dim: int = 128
+    index_n_heads: int = 64
+    indexer_types: list[str] | None = None
     quantization: dict | None = None
     quantization_config: dict | None = None
 
@@ -189,6 +193,18 @@ class ModelArgs:
         if not FAMILIES[self.model_type].llama_4_scaling or beta is None:
             return None
         return beta, self.rope_scaling["original_max_position_embeddings"]
+
+    @property
+    def indexer_rope_interleave(self) -> bool:
+        return FAMILIES[self.model_type].indexer.rope_interleave
+
+    def has_indexer(self, layer_idx: int) -> bool:
+        """DSA: whether the layer runs its own indexer (GLM-5's "shared" layers reuse the top-k
+        of the last layer that did; an MTP layer past them runs its own)."""
+        if self.index_topk is None:
+            return False
+        types = self.indexer_types
+        return types is None or layer_idx >= len(types) or types[layer_idx] == "full"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """GLM's mlp_layer_types when given, else first_k_dense_replace and moe_layer_freq."""
@@ -305,6 +321,8 @@ class ModelArgs:
                 f"mlp_layer_types must name 'dense' or 'sparse' for each of the "
                 f"{self.num_hidden_layers} layers"
             )
+        if self.index_topk is not None:
+            self.validate_indexer()
         if self.n_routed_experts:
             topk_methods = FAMILIES[self.model_type].topk_methods
             if self.topk_method not in topk_methods:
@@ -330,6 +348,31 @@ class ModelArgs:
                     "noaux_tc needs n_group dividing n_routed_experts into groups of at least 2 "
                     "experts, and topk_group between 1 and n_group"
                 )
+
+    def validate_indexer(self):
+        if self.q_lora_rank is None:
+            raise ConfigError(
+                f"{self.model_type} needs q_lora_rank: its indexer reads the query latent"
+            )
+        for name in ("index_topk", "index_n_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config.json field {name} must be at least 1")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ConfigError(
+                f"index_head_dim {self.index_head_dim} is smaller than the qk_rope_head_dim "
+                f"({self.qk_rope_head_dim}) its RoPE rotates"
+            )
+        types = self.indexer_types
+        if types is not None and (
+            len(types) != self.num_hidden_layers
+            or set(types) - {"full", "shared"}
+            or types[0] != "full"
+        ):
+            raise ConfigError(
+                "indexer_types must name 'full' or 'shared' for each of the "
+                f"{self.num_hidden_layers} layers, the first 'full' (a shared layer reuses the "
+                "top-k of the last full one)"
+            )
 
 
 def check_required(config: dict):

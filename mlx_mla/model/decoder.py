@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
-from ..cache.latent import ExpandedKVCache, LatentCache
+from ..cache.latent import ExpandedKVCache, IndexedKVCache, IndexedLatentCache, LatentCache
 from ..errors import ConfigError
 from .attention import ATTENTION_MODES, Attention
 from .config import ModelArgs
@@ -23,7 +23,7 @@ def scaled(x: mx.array, scale: float) -> mx.array:
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int, attention: str):
         super().__init__()
-        self.self_attn = Attention(args, attention)
+        self.self_attn = Attention(args, attention, indexer=args.has_indexer(layer_idx))
         if args.is_moe_layer(layer_idx):
             self.mlp = MoE(args)
         else:
@@ -32,8 +32,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.residual_scale = args.residual_scale
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + scaled(self.self_attn(self.input_layernorm(x), mask, cache), self.residual_scale)
+    def __call__(self, x: mx.array, mask=None, cache=None, shared=None) -> mx.array:
+        """`shared`: what one forward pass hands from layer to layer (DSA's top-k)."""
+        h = self.self_attn(self.input_layernorm(x), mask, cache, shared)
+        h = x + scaled(h, self.residual_scale)
         return h + scaled(self.mlp(self.post_attention_layernorm(h)), self.residual_scale)
 
 
@@ -83,8 +85,9 @@ class DecoderModel(nn.Module):
         h = input_embeddings
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
+        shared = {}  # DSA: the last indexer's top-k, for GLM-5's layers that share it
         for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c)
+            h = layer(h, mask, c, shared)
         return self.norm(h)
 
 
@@ -123,14 +126,21 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self, layers=None) -> list:
-        """One cache per layer of `layers` (default: the decoder's; `model.mtp` for the MTP's)."""
-        cache_class = LatentCache if self.attention == "mla" else ExpandedKVCache
-        return [cache_class() for _ in (self.layers if layers is None else layers)]
+        """One cache per layer of `layers` (default: the decoder's; `model.mtp` for the MTP's); a
+        layer with a DSA indexer caches its keys too."""
+        layers = self.layers if layers is None else layers
+        return [CACHES[self.attention, "indexer" in layer.self_attn]() for layer in layers]
 
     def sanitize(self, weights: dict) -> dict:
         return sanitize(weights, self.args, mtp=bool(self.mtp))
 
 
+CACHES = {  # (attention, indexer): cache class
+    ("mla", False): LatentCache,
+    ("mla", True): IndexedLatentCache,
+    ("mha", False): ExpandedKVCache,
+    ("mha", True): IndexedKVCache,
+}
 FP8_SCALE = ".weight_scale_inv"
 EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 

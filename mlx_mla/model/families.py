@@ -12,7 +12,19 @@ from dataclasses import dataclass, field
 # A decoder layer's tensors, in checkpoints and in this package alike.
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 # Fields only some families read; a family not reading one drops it, as its transformers model does.
-FAMILY_FIELDS = ("mlp_layer_types", "scale_emb", "scale_depth", "dim_model_base")
+# DSA (model/indexer.py): index_topk None is dense attention; indexer_types is GLM-5's per layer.
+INDEX_FIELDS = ("index_topk", "index_head_dim", "index_n_heads")
+FAMILY_FIELDS = ("mlp_layer_types", "scale_emb", "scale_depth", "dim_model_base", *INDEX_FIELDS)
+FAMILY_FIELDS += ("indexer_types",)
+
+
+@dataclass(frozen=True)
+class Indexer:
+    """DeepSeek Sparse Attention's lightning indexer (model/indexer.py). rope_interleave: whether
+    its RoPE rotates interleaved pairs (GLM-5) or halves (DeepSeek-V3.2), whatever the attention's
+    own RoPE does."""
+
+    rope_interleave: bool
 
 
 @dataclass(frozen=True)
@@ -23,7 +35,8 @@ class Family:
     config.json saying otherwise is refused). topk_methods: the routings accepted. reads: which of
     FAMILY_FIELDS it reads. rotary_dim_of: the head dim partial_rotary_factor applies to.
     llama_4_scaling: Mistral 4's position-dependent query scale. dense: every layer has the dense
-    MLP (router fields are ignored, as transformers does). mlx_lm: mlx-lm's module for it."""
+    MLP (router fields are ignored, as transformers does). indexer: DSA's, or None for dense
+    attention. mlx_lm: mlx-lm's module for it."""
 
     name: str
     defaults: dict = field(default_factory=dict)
@@ -34,6 +47,7 @@ class Family:
     rotary_dim_of: str = "qk_rope_head_dim"
     llama_4_scaling: bool = False
     dense: bool = False
+    indexer: Indexer | None = None
     mlx_lm: str | None = None
 
     def resolve(self, config: dict) -> dict:
@@ -53,6 +67,32 @@ class Family:
 
 _V3_ROUTER = dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1)
 _SCALING = ("scale_emb", "scale_depth", "dim_model_base")
+_V3_DEFAULTS = dict(
+    n_group=8,
+    topk_group=4,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=3,
+    n_shared_experts=1,
+)
+_DSA_DEFAULTS = dict(_V3_DEFAULTS, index_topk=2048, index_head_dim=128, index_n_heads=64)
+
+
+def indexer_types(config: dict) -> list[str] | None:
+    """GLM-5's per-layer indexer modes where config.json gives a pattern ("FSS...") or a
+    frequency and offset instead of the list, as transformers derives them: "full" layers run
+    their indexer, "shared" ones reuse the top-k of the last full one."""
+    pattern = config.get("index_topk_pattern")
+    if pattern is not None:
+        return [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int):
+        return None  # ModelArgs refuses the config, naming num_hidden_layers
+    freq = max(config.get("index_topk_freq", 1), 1)
+    offset = config.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
+
+
 FAMILIES = {
     "deepseek_v2": Family(
         "deepseek_v2",
@@ -62,16 +102,28 @@ FAMILIES = {
     ),
     "deepseek_v3": Family(
         "deepseek_v3",
-        defaults=dict(
-            n_group=8,
-            topk_group=4,
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            first_k_dense_replace=3,
-            n_shared_experts=1,
-        ),
+        defaults=_V3_DEFAULTS,
         fixed=_V3_ROUTER,
         mlx_lm="deepseek_v3",
+    ),
+    # DeepSeek Sparse Attention: DeepSeek-V3 with an indexer whose RoPE rotates halves.
+    "deepseek_v32": Family(
+        "deepseek_v32",
+        defaults=_DSA_DEFAULTS,
+        fixed=dict(_V3_ROUTER, rope_interleave=True),
+        reads=("mlp_layer_types", *INDEX_FIELDS),
+        indexer=Indexer(rope_interleave=False),
+        mlx_lm="deepseek_v32",
+    ),
+    # GLM-5: its indexer rotates pairs, and its "shared" layers (indexer_types) reuse a top-k.
+    "glm_moe_dsa": Family(
+        "glm_moe_dsa",
+        defaults=dict(_DSA_DEFAULTS, n_group=1, topk_group=1, index_n_heads=32, rms_norm_eps=1e-5),
+        fixed=dict(_V3_ROUTER, rope_interleave=True),
+        derived=dict(indexer_types=indexer_types),
+        reads=("mlp_layer_types", *INDEX_FIELDS, "indexer_types"),
+        indexer=Indexer(rope_interleave=True),
+        mlx_lm="glm_moe_dsa",
     ),
     "glm4_moe_lite": Family(
         "glm4_moe_lite",
