@@ -92,3 +92,23 @@ def test_llama_4_query_scaling_is_read_for_mistral4_only():
     rope["original_max_position_embeddings"] = 8192
     assert args("mistral4", rope_parameters=rope).llama_4_scaling == (0.1, 8192)
     assert args("deepseek_v3", rope_parameters=rope).llama_4_scaling is None
+
+
+def test_minicpm3_takes_its_scales_and_derives_v_head_dim_where_config_json_is_silent():
+    mla = {k: v for k, v in MLA.items() if k != "v_head_dim"}
+    minicpm3 = ModelArgs.from_dict({"model_type": "minicpm3", **mla})
+    assert (minicpm3.scale_emb, minicpm3.scale_depth, minicpm3.dim_model_base) == (12, 1.4, 256)
+    assert minicpm3.v_head_dim == 32 // 2 and minicpm3.tie_word_embeddings
+    assert not minicpm3.rope_interleave and minicpm3.n_routed_experts is None
+    assert minicpm3.residual_scale == 1.4 / 2 and minicpm3.logits_scale == 256 / 32
+    with pytest.raises(ConfigError, match="minicpm3 supports rope_interleave"):
+        args("minicpm3", rope_interleave=True)
+
+
+def test_only_minicpm3_reads_its_scales_and_youtu_llm_is_youtu():
+    v3 = args("deepseek_v3", scale_emb=12, scale_depth=1.4, dim_model_base=8)
+    assert (v3.scale_emb, v3.residual_scale, v3.logits_scale) == (1.0, 1.0, 1.0)
+    youtu, youtu_llm = args("youtu"), args("youtu_llm")
+    assert youtu.family == youtu_llm.family == "youtu"
+    assert youtu.n_routed_experts is None and youtu.tie_word_embeddings and youtu.rope_interleave
+    assert [type(layer.mlp).__name__ for layer in Model(youtu).layers] == ["MLP"] * 4

@@ -30,7 +30,7 @@ from mlx_lm.models.base import create_attention_mask
 from .. import memory
 from ..errors import CheckpointError, MLAError
 from ..model.config import ModelArgs
-from ..model.decoder import DecoderLayer, Model
+from ..model.decoder import DecoderLayer, Model, scaled
 from ..model.loading import (
     SMALL_FILES,
     fill,
@@ -95,7 +95,7 @@ class Stage(nn.Module):
         self.tokens_seen += B * L
         progress()  # the step before this one is done (on every path: generate, chat, server)
         if self.first:
-            h = self.model.embed_tokens(inputs)
+            h = scaled(self.model.embed_tokens(inputs), self.args.scale_emb)
         else:
             shape = (B, L, self.args.hidden_size)
             h = mx.distributed.recv(shape, self.hidden_dtype, self.rank + 1, group=self.group)
@@ -111,7 +111,7 @@ class Stage(nn.Module):
                 return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
             logits = mx.depends(mx.zeros((B, L, self.args.vocab_size), self.hidden_dtype), h)
         else:
-            logits = self.head(self.model.norm(h))
+            logits = self.head(scaled(self.model.norm(h), self.args.logits_scale))
         if not self.logits_on_every_rank:
             return logits
         # rank 0's logits to every rank (the others add zeros); only evaluated where they are read
