@@ -112,3 +112,9 @@ def test_only_minicpm3_reads_its_scales_and_youtu_llm_is_youtu():
     assert youtu.family == youtu_llm.family == "youtu"
     assert youtu.n_routed_experts is None and youtu.tie_word_embeddings and youtu.rope_interleave
     assert [type(layer.mlp).__name__ for layer in Model(youtu).layers] == ["MLP"] * 4
+
+
+def test_longrope_without_a_factor_per_rotary_pair_is_refused():
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 3}
+    with pytest.raises(ConfigError, match="longrope needs long_factor"):
+        args("minicpm3", rope_parameters={"rope_theta": 1e4, **rope})

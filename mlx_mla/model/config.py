@@ -209,6 +209,14 @@ class ModelArgs:
             raise ConfigError(
                 f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
             )
+        if self.rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                factors = self.rope_scaling.get(key)
+                if not isinstance(factors, list) or len(factors) != self.qk_rope_head_dim // 2:
+                    raise ConfigError(
+                        f"longrope needs {key}: a list of qk_rope_head_dim / 2 = "
+                        f"{self.qk_rope_head_dim // 2} numbers, not {factors!r}"
+                    )
         if self.mlp_layer_types is not None and (
             len(self.mlp_layer_types) != self.num_hidden_layers
             or set(self.mlp_layer_types) - {"dense", "sparse"}
