@@ -88,7 +88,8 @@ class ModelArgs:
         `rope_parameters` (which holds the theta and the scaling in one dict). The family's
         defaults fill what config.json leaves out (see FAMILIES).
         """
-        check_types(config)
+        family = FAMILIES.get(config.get("model_type")) if isinstance(config, dict) else None
+        check_types(config, nullable=tuple(family.derived) if family else ())
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -261,12 +262,14 @@ def accepts(annotation, value) -> bool:
     return False
 
 
-def check_types(config):
+def check_types(config, nullable: tuple = ()):
     """Refuse a config.json that is not an object or whose ModelArgs fields (and rope numbers)
-    have the wrong JSON type, naming the field."""
+    have the wrong JSON type, naming the field. `nullable`: fields the family derives when null."""
     if not isinstance(config, dict):
         raise ConfigError(f"config.json must hold a JSON object, not {json_type(config)}")
     for field in dataclasses.fields(ModelArgs):
+        if field.name in nullable and config.get(field.name, 0) is None:
+            continue
         if field.name in config and not accepts(field.type, config[field.name]):
             expected = (
                 " or ".join(
