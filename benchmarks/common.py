@@ -216,7 +216,7 @@ def bench_config(layers: int = DEFAULT_LAYERS, geometry: str = DEFAULT_GEOMETRY)
 
 def geometry_title(cfg: dict) -> str:
     """The released model whose attention geometry `cfg` has."""
-    shape = ("hidden_size", "num_attention_heads", "qk_nope_head_dim", "v_head_dim")
+    shape = ("hidden_size", "num_attention_heads", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")
     for title, geometry, *_ in GEOMETRIES.values():
         if all(cfg[k] == geometry[k] for k in shape):
             return title

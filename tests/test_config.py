@@ -143,3 +143,29 @@ def test_null_rope_numbers_mean_the_defaults():
     assert args("glm4_moe_lite", rope_parameters=rope).rope_scaling is None
     yarn = {"type": "yarn", "factor": 2.0, "mscale": None}
     assert args("deepseek_v2", rope_scaling=yarn).rope_scaling == {"type": "yarn", "factor": 2.0}
+
+
+def test_minicpm3_takes_its_scales_and_derives_v_head_dim_where_config_json_is_silent():
+    mla = {k: v for k, v in MLA.items() if k != "v_head_dim"}
+    minicpm3 = ModelArgs.from_dict({"model_type": "minicpm3", **mla})
+    assert (minicpm3.scale_emb, minicpm3.scale_depth, minicpm3.dim_model_base) == (12, 1.4, 256)
+    assert minicpm3.v_head_dim == 32 // 2 and minicpm3.tie_word_embeddings
+    assert not minicpm3.rope_interleave and minicpm3.n_routed_experts is None
+    assert minicpm3.residual_scale == 1.4 / 2 and minicpm3.logits_scale == 256 / 32
+    with pytest.raises(ConfigError, match="minicpm3 supports rope_interleave"):
+        args("minicpm3", rope_interleave=True)
+
+
+def test_only_minicpm3_reads_its_scales_and_youtu_llm_is_youtu():
+    v3 = args("deepseek_v3", scale_emb=12, scale_depth=1.4, dim_model_base=8)
+    assert (v3.scale_emb, v3.residual_scale, v3.logits_scale) == (1.0, 1.0, 1.0)
+    youtu, youtu_llm = args("youtu"), args("youtu_llm")
+    assert youtu.family == youtu_llm.family == "youtu"
+    assert youtu.n_routed_experts is None and youtu.tie_word_embeddings and youtu.rope_interleave
+    assert [type(layer.mlp).__name__ for layer in Model(youtu).layers] == ["MLP"] * 4
+
+
+def test_longrope_without_a_factor_per_rotary_pair_is_refused():
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 3}
+    with pytest.raises(ConfigError, match="longrope needs long_factor"):
+        args("minicpm3", rope_parameters={"rope_theta": 1e4, **rope})

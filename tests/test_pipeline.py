@@ -187,7 +187,10 @@ def test_every_family_layout_and_a_quantized_checkpoint_give_the_single_process_
     out.mkdir()
     models = os.pathsep.join(map(str, folders))
     prompt = ",".join(map(str, PROMPT))
-    result = launch(str(RANK_SCRIPT), models, attention, str(out), prompt, str(MAX_TOKENS))
+    # every checkpoint in turn (19), each loaded and run by both ranks: more than one launch's time
+    result = launch(
+        str(RANK_SCRIPT), models, attention, str(out), prompt, str(MAX_TOKENS), timeout=360
+    )
     for i, folder in enumerate(folders):
         files = [out / str(i) / f"rank{r}.json" for r in range(2)]
         assert all(f.is_file() for f in files), f"{folder}: {result.stdout}{result.stderr}"

@@ -112,7 +112,7 @@ class Stage(nn.Module):
                 return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
             logits = mx.depends(mx.zeros((B, L, self.args.vocab_size), self.hidden_dtype), h)
         else:
-            logits = self.head(self.model.norm(h))
+            logits = self.head(scaled(self.model.norm(h), self.args.logits_scale))
         if not self.logits_on_every_rank:
             return logits
         # rank 0's logits to every rank (the others add zeros); only evaluated where they are read

@@ -116,7 +116,8 @@ class ModelArgs:
         `rope_parameters` (which holds the theta and the scaling in one dict). The family's
         defaults fill what config.json leaves out (see FAMILIES).
         """
-        check_types(config)
+        family = FAMILIES.get(config.get("model_type")) if isinstance(config, dict) else None
+        check_types(config, nullable=tuple(family.derived) if family else ())
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -313,6 +314,14 @@ class ModelArgs:
             raise ConfigError(
                 f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
             )
+        if self.rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                factors = self.rope_scaling.get(key)
+                if not isinstance(factors, list) or len(factors) != self.qk_rope_head_dim // 2:
+                    raise ConfigError(
+                        f"longrope needs {key}: a list of qk_rope_head_dim / 2 = "
+                        f"{self.qk_rope_head_dim // 2} numbers, not {factors!r}"
+                    )
         if self.mlp_layer_types is not None and (
             len(self.mlp_layer_types) != self.num_hidden_layers
             or set(self.mlp_layer_types) - {"dense", "sparse"}
@@ -396,12 +405,14 @@ def accepts(annotation, value) -> bool:
     return False
 
 
-def check_types(config):
+def check_types(config, nullable: tuple = ()):
     """Refuse a config.json that is not an object or whose ModelArgs fields (and rope numbers)
-    have the wrong JSON type, naming the field."""
+    have the wrong JSON type, naming the field. `nullable`: fields the family derives when null."""
     if not isinstance(config, dict):
         raise ConfigError(f"config.json must hold a JSON object, not {json_type(config)}")
     for field in dataclasses.fields(ModelArgs):
+        if field.name in nullable and config.get(field.name, 0) is None:
+            continue
         if field.name in config and not accepts(field.type, config[field.name]):
             expected = (
                 " or ".join(

@@ -61,7 +61,10 @@ class Family:
             config["n_routed_experts"] = None
         for key, compute in self.derived.items():
             if config.get(key) is None:
-                config[key] = compute(config)
+                try:
+                    config[key] = compute(config)
+                except (KeyError, TypeError):  # left null, for the type checks to name
+                    config[key] = None
         return {k: v for k, v in config.items() if k not in FAMILY_FIELDS or k in self.reads}
 
 
