@@ -126,6 +126,6 @@ def check_tool_fit(args, tokens: int):
     tokens = min(tokens, model_args.max_position_embeddings)
     try:
         weight_bytes(path, config)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return  # an unreadable header: loading names the file
+    except Exception:  # any damaged header: loading names the file and what is wrong with it
+        return
     check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size)

@@ -253,7 +253,7 @@ CASES = {
         ),
         "config_nan": (
             GEN,
-            write("config.json", '{"model_type": "deepseek_v2", "rope_theta": NaN}'),
+            edit_config(rope_theta=float("nan")),
             "field rope_theta cannot be nan",
         ),
         "config_rope_factor_text": (
