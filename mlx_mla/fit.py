@@ -51,7 +51,7 @@ def weight_bytes(path: Path, config: dict) -> int:
 
 def cache_dtype(config: dict) -> str:
     dtype = config.get("torch_dtype") or config.get("dtype")
-    return dtype if dtype in memory.DTYPE_BYTES else "bfloat16"
+    return dtype if isinstance(dtype, str) and dtype in memory.DTYPE_BYTES else "bfloat16"
 
 
 def cache_bytes(config, attention, tokens, kv_bits=None, kv_group_size=64) -> int | None:
