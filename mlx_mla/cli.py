@@ -35,6 +35,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse reads `--flag=--` as an empty list and never calls the flag's type= check.
+        for arg in sys.argv[1:] if args is None else args:
+            if isinstance(arg, str) and arg.startswith("--") and arg.endswith("=--"):
+                self.error(f"argument {arg[:-3]}: expected one value, not '--'")
+        return super().parse_known_args(args, namespace)
+
 
 def checked(convert, accept, expected: str):
     """An argparse `type=` that converts the text and refuses a value outside `expected`."""

@@ -51,7 +51,7 @@ def weight_bytes(path: Path, config: dict) -> int:
 
 def cache_dtype(config: dict) -> str:
     dtype = config.get("torch_dtype") or config.get("dtype")
-    return dtype if dtype in memory.DTYPE_BYTES else "bfloat16"
+    return dtype if isinstance(dtype, str) and dtype in memory.DTYPE_BYTES else "bfloat16"
 
 
 def cache_bytes(config, attention, tokens, kv_bits=None, kv_group_size=64) -> int | None:
@@ -126,6 +126,6 @@ def check_tool_fit(args, tokens: int):
     tokens = min(tokens, model_args.max_position_embeddings)
     try:
         weight_bytes(path, config)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return  # an unreadable header: loading names the file
+    except Exception:  # any damaged header: loading names the file and what is wrong with it
+        return
     check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size)

@@ -198,6 +198,7 @@ CASES = {
         "seed_beyond_64_bits": ((*GEN, "--seed", str(2**64)), None, "--seed: must be an int"),
         "empty_prompt": ((*GEN[:-1], "", "--no-chat-template"), None, "the prompt is empty"),
         "max_tokens_0": ((*GEN, "--max-tokens", "0"), None, "--max-tokens: must be an integer"),
+        "max_tokens_dashdash": ((*GEN, "--max-tokens=--"), None, "--max-tokens: expected one"),
         "chat_max_tokens_0": ((*CHAT, "--max-tokens", "0"), None, "--max-tokens: must be an"),
         "chat_max_tokens_-1": ((*CHAT, "--max-tokens", "-1"), None, "--max-tokens: must be an"),
         "context_0": ((*PPL, "--context", "0"), None, "--context: must be an integer >= 1"),
@@ -253,7 +254,7 @@ CASES = {
         ),
         "config_nan": (
             GEN,
-            write("config.json", '{"model_type": "deepseek_v2", "rope_theta": NaN}'),
+            edit_config(rope_theta=float("nan")),
             "field rope_theta cannot be nan",
         ),
         "config_rope_factor_text": (

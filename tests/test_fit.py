@@ -63,3 +63,9 @@ def test_available_memory_is_memavailable_on_linux(monkeypatch):
     monkeypatch.delenv(fit.AVAILABLE_MEMORY_ENV, raising=False)
     available, source = fit.available_memory()
     assert source == "MemAvailable in /proc/meminfo" and available > 0
+
+
+def test_a_dtype_that_is_not_a_name_sums_the_cache_in_bfloat16():
+    """Found by tests/test_fuzz.py: a list as config.json's dtype was a TypeError."""
+    assert fit.cache_dtype({"dtype": ["float32"]}) == "bfloat16"
+    assert fit.cache_dtype({"torch_dtype": "float32"}) == "float32"
