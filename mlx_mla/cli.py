@@ -265,7 +265,8 @@ def run(main, argv=None):
     Ctrl-C exits quietly with 130, and a reader closing the pipe (`| head`) quietly with 141."""
     if signal.getsignal(signal.SIGINT) is exit_interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if note := slow_blas_note():
+    # Said to a person at a terminal; a script reading stderr keeps its one-line errors.
+    if sys.stderr.isatty() and (note := slow_blas_note()):
         print(note, file=sys.stderr)
     try:
         result = main(argv)
