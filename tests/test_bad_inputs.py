@@ -385,6 +385,8 @@ def test_chat_skips_a_line_that_is_not_utf8_with_one_line_and_goes_on(model):
 
 
 def start(*args, **kwargs) -> subprocess.Popen:
+    """The tool as a terminal starts it: with Ctrl-C's default action even when these tests run
+    in a background job (whose children inherit an ignored SIGINT)."""
     return subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
@@ -392,12 +394,14 @@ def start(*args, **kwargs) -> subprocess.Popen:
         stdin=subprocess.DEVNULL,
         env=ENV,
         cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
     )
 
 
 STARTING = {
-    "generate": ("-m", "mlx_mla.generate", "--prompt", "Hi"),
+    # long enough (1,000 tokens) that the signal cannot come after the tool is done
+    "generate": ("-m", "mlx_mla.generate", "--prompt", "Hi", "--max-tokens", "1000"),
     "chat": ("-m", "mlx_mla.chat"),
     "perplexity": ("-m", "mlx_mla.perplexity"),
     "memory": ("-m", "mlx_mla.memory"),
