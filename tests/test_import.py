@@ -32,7 +32,16 @@ def test_importing_every_module_installs_no_handler_and_patches_only_the_cache_n
     assert changed == "[]"
     assert added == str(
         {
-            "mlx_lm.models.cache": ["ExpandedKVCache", "LatentCache", "QuantizedLatentCache"],
+            "mlx_lm.models.cache": [
+                "ExpandedKVCache",
+                "IndexedKVCache",
+                "IndexedLatentCache",
+                "LatentCache",
+                "QuantizedExpandedKVCache",
+                "QuantizedIndexedKVCache",
+                "QuantizedIndexedLatentCache",
+                "QuantizedLatentCache",
+            ],
             "mlx_lm.generate": [],
             "mlx_lm.server": [],
         }
