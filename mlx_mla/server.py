@@ -529,8 +529,8 @@ def serve(args: argparse.Namespace):
     except OSError as e:
         cli.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     generator = httpd.response_generator = ResponseGenerator(provider, prompt_cache)
-    # mlx-lm's _serve_single calls its module's stream_generate: ours drafts where asked.
-    mlx_server.stream_generate = generator.stream_generate
+    if provider.drafter is not None:  # mlx-lm's _serve_single calls its module's stream_generate
+        mlx_server.stream_generate = generator.stream_generate
     host, port = httpd.server_address[:2]
     print(f"Serving {provider.model_id} ({args.attention}) on http://{host}:{port}/v1", flush=True)
     try:
