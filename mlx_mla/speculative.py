@@ -8,7 +8,8 @@ tokens follow the main model's distribution (under the same temperature, top-p, 
 
 Drafters, one protocol: `begin(first)` with the text's first token; `extend(tokens, hidden)` with
 the tokens that became final and the main model's hidden states at the positions before each;
-`draft(k, sampling)`; `rollback()` after each verify step.
+`catch_up()` after the prompt, so a drafter with a cache reads it during the prefill; `draft(k,
+sampling)`; `rollback()` after each verify step.
 - `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
 - `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
 - `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
@@ -178,6 +179,9 @@ class NgramDrafter:
     def rollback(self):
         pass
 
+    def catch_up(self):
+        pass
+
 
 class CachedDrafter:
     """A drafter with a cache of its own that holds a prefix of the true text; the entries it does
@@ -194,7 +198,12 @@ class CachedDrafter:
     def extend(self, tokens: list[int], hidden=None):
         self.add(tokens, hidden)
         if self.waiting() > self.step:
-            self.feed(self.waiting() - 1)  # one stays: the next draft starts from its logits
+            self.catch_up()
+
+    def catch_up(self):
+        """Feed what waits but the newest entry (the next draft starts from its logits)."""
+        if self.waiting() > 1:
+            self.feed(self.waiting() - 1)
             mx.eval([c.state for c in self.cache])
 
     def rollback(self):
@@ -456,6 +465,7 @@ def speculative_generate_step(
     y, _ = sampling.pick(logits)
     y = y.item()
     drafter.extend([y], h[:, -1:])
+    drafter.catch_up()  # the drafter reads the prompt now, as part of its prefill
     emitted = 1
     yield y, (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0], False
 
