@@ -24,7 +24,7 @@ def needed(tokens: int, kv_bits=None) -> int:
 
 
 def test_weights_are_the_bytes_the_safetensors_headers_give_less_the_mtp_layer():
-    """The MTP layer (`mtp.*`, loaded only by --draft mtp) is not counted: what a plain run loads."""
+    """The MTP layer (`mtp.*`, read by --draft mtp alone) is left out, as a plain run leaves it."""
     import mlx.core as mx
 
     tensors = mx.load(str(DEMO / "model.safetensors"))
