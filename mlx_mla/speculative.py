@@ -341,7 +341,7 @@ def verify(logits: mx.array, drafts: mx.array, draft_probs, sampling: Sampling):
             n += 1
         return n, target[n], drafts
     p = sampling.probs(logits)  # (k+1, vocab)
-    d = drafts
+    d = drafts  # (k,) token ids
     if draft_probs is None:
         q = mx.zeros_like(p[:k])
         q = mx.put_along_axis(q, d[:, None], mx.ones((k, 1), q.dtype), axis=-1)
@@ -501,8 +501,7 @@ def speculative_generate_step(
         quantize()
         drafter.rollback()
         new = drafts[:accepted] + [y]
-        drafter.extend(new, h[:, : accepted + 1])
-        mx.eval(h)
+        drafter.extend(new, h[:, : accepted + 1])  # h was evaluated with the verdict
         length.record(k, accepted, time.perf_counter() - tic)
         stats.steps += 1
         stats.drafted += k
