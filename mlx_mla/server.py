@@ -34,7 +34,7 @@ import mlx.core as mx
 from mlx_lm import generate as mlx_generate
 from mlx_lm import server as mlx_server
 
-from . import cli, speculative
+from . import cli, speculative, web
 from .cache import prompt_cache as prompt_cache_files
 from .cache.conversations import ConversationCache, DiskCache, check_writable
 from .cache.latent import check_kv_quantization, quantized_cache
@@ -152,15 +152,16 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         rqueue, request, args = request
         if self._is_distributed:
             rqueue = RunsToTheEnd(rqueue)
-        self.speculation = self.drafting(args)
+        self.speculation = self.drafting(args, request.draft_stats)
         try:
             super()._serve_single((rqueue, request, args), stream)
         finally:
             self.speculation = None
 
-    def drafting(self, args) -> dict | None:
-        """speculative.stream_generate's options for a request, or None where it cannot draft:
-        no drafter, or logits processors and XTC, which the verify step does not model."""
+    def drafting(self, args, stats: speculative.SpeculativeStats) -> dict | None:
+        """speculative.stream_generate's options for a request, counting its drafts in `stats`,
+        or None where it cannot draft: no drafter, or logits processors and XTC, which the verify
+        step does not model."""
         drafter = self.model_provider.drafter
         if drafter is None:
             return None
@@ -175,6 +176,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             ),
             num_draft_tokens=args.num_draft_tokens,
             draft_min=min(self.cli_args.draft_min, args.num_draft_tokens),
+            stats=stats,
         )
 
     def stream_generate(self, model, tokenizer, prompt, **kwargs):
@@ -193,10 +195,10 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             "prompt_progress_callback",
         ):
             kwargs.pop(name, None)
-        stats = speculative.SpeculativeStats()
+        stats = self.speculation["stats"]
         try:
             yield from speculative.stream_generate(
-                model, tokenizer, prompt, stats=stats, **self.speculation, **kwargs
+                model, tokenizer, prompt, **self.speculation, **kwargs
             )
         finally:  # mlx-lm leaves the loop at the last token, before the generator ends
             logging.info(stats.line())
@@ -288,9 +290,20 @@ class APIHandler(mlx_server.APIHandler):
         self.status = code
         super().send_response(code, message)
 
+    def do_GET(self):
+        """The chat page and its JSON (mlx_mla.web), then mlx-lm's endpoints."""
+        if self.path == web.INFO_PATH:
+            return web.send_info(self, self.server.info, self.response_generator.prompt_cache)
+        if not web.send_file(self, self.path):
+            super().do_GET()
+
     def do_POST(self):
         """Refuse what mlx-lm's do_POST would fail on without an answer (a body that is not UTF-8,
-        a negative Content-Length) or take too long to read, then hand over to it."""
+        a negative Content-Length) or take too long to read, and browser requests from other
+        sites, then hand over to it."""
+        origin = web.foreign_origin(self)
+        if origin is not None:
+            return self.send_error_json(403, f"requests from {origin} are not allowed here")
         length = self.headers.get("Content-Length")
         if length is not None:
             if not length.strip().isdigit():
@@ -303,7 +316,20 @@ class APIHandler(mlx_server.APIHandler):
             except UnicodeDecodeError:
                 return self.send_error_json(400, "the request body is not UTF-8")
             self.rfile = io.BytesIO(body)
+        if self.path == web.CACHED_PATH:
+            return self.handle_cached(self.rfile.read() if length is not None else b"")
         super().do_POST()
+
+    def handle_cached(self, body: bytes):
+        try:
+            body = json.loads(body)
+            check_messages(body.get("messages") if isinstance(body, dict) else None)
+        except ValueError as e:  # json.JSONDecodeError is one
+            return self.send_error_json(400, str(e))
+        try:
+            web.send_cached(self, self.response_generator, body["messages"])
+        except Exception as e:
+            return self.send_error_json(400, f"cannot build the prompt: {e}")
 
     def validate_model_parameters(self):
         for name, default in self.defaults_for_null().items():
@@ -362,7 +388,25 @@ class APIHandler(mlx_server.APIHandler):
                 400, f"the prompt has {n} tokens and the model's context is {provider.context}"
             )
         self.max_tokens = min(self.max_tokens, provider.context - n)
+        request.draft_stats = self.draft_stats = speculative.SpeculativeStats()
         super().handle_completion(request, stop_words)
+
+    def completion_usage_response(self, *counts):
+        """mlx-lm's usage (streamed and not), with the drafts a drafting reply kept and rejected,
+        in OpenAI's names for predicted outputs."""
+        return self.with_drafts(super().completion_usage_response(*counts))
+
+    def generate_response(self, *args, **kwargs):
+        return self.with_drafts(super().generate_response(*args, **kwargs))
+
+    def with_drafts(self, response: dict) -> dict:
+        if "usage" in response and self.draft_stats.drafted:
+            accepted = self.draft_stats.accepted
+            response["usage"]["completion_tokens_details"] = {
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": self.draft_stats.drafted - accepted,
+            }
+        return response
 
     def handle_chat_completions(self):
         request = super().handle_chat_completions()
@@ -520,6 +564,7 @@ def serve(args: argparse.Namespace):
             cli.fail(str(e))
     provider = ModelProvider(args)
     prompt_cache = conversations(provider, args)
+    info = web.model_info(provider, args, prompt_cache.new_cache)  # a forward: on every rank
     if group.rank() != 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.getLogger().setLevel(logging.WARNING)
@@ -528,10 +573,13 @@ def serve(args: argparse.Namespace):
         httpd = bind(args.host, args.port)
     except OSError as e:
         cli.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    httpd.info = info
     generator = httpd.response_generator = ResponseGenerator(provider, prompt_cache)
     if provider.drafter is not None:  # mlx-lm's _serve_single calls its module's stream_generate
         mlx_server.stream_generate = generator.stream_generate
     host, port = httpd.server_address[:2]
+    if (warning := web.exposure_warning(host, port)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(f"Serving {provider.model_id} ({args.attention}) on http://{host}:{port}/v1", flush=True)
     try:
         httpd.serve_forever()

@@ -43,11 +43,13 @@ class DiskCache:
         self.max_bytes = max_bytes
         self.files: OrderedDict[tuple, tuple[Path, int]] = OrderedDict()  # tokens: file, bytes
         self.trie = PromptTrie()
+        self.lock = threading.RLock()  # the chat page looks up conversations from other threads
         self.scan()
 
     @property
     def nbytes(self) -> int:
-        return sum(size for _, size in self.files.values())
+        with self.lock:
+            return sum(size for _, size in self.files.values())
 
     def __len__(self):
         return len(self.files)
@@ -87,20 +89,22 @@ class DiskCache:
             file.unlink(missing_ok=True)
 
     def add(self, tokens: tuple, file: Path):
-        self.files[tokens] = (file, file.stat().st_size)
-        self.files.move_to_end(tokens)
-        self.trie.add(None, list(tokens), tokens)
-        # A cache covers every prefix of its tokens (caches can be trimmed): drop shorter files.
-        for _, shorter in self.trie.pop_prefixes(None, list(tokens)):
-            self.remove(shorter)
+        with self.lock:
+            self.files[tokens] = (file, file.stat().st_size)
+            self.files.move_to_end(tokens)
+            self.trie.add(None, list(tokens), tokens)
+            # A cache covers every prefix of its tokens (caches can be trimmed): drop shorter files.
+            for _, shorter in self.trie.pop_prefixes(None, list(tokens)):
+                self.remove(shorter)
 
     def remove(self, tokens: tuple):
-        file, _ = self.files.pop(tokens)
-        file.unlink(missing_ok=True)
-        try:
-            self.trie.pop(None, list(tokens))
-        except KeyError:
-            pass  # already popped as a prefix of a longer one
+        with self.lock:
+            file, _ = self.files.pop(tokens)
+            file.unlink(missing_ok=True)
+            try:
+                self.trie.pop(None, list(tokens))
+            except KeyError:
+                pass  # already popped as a prefix of a longer one
 
     def evict(self):
         while self.files and self.nbytes > self.max_bytes:
@@ -119,22 +123,15 @@ class DiskCache:
             logging.warning(f"prompt cache: {e}")
             return
         key = tuple(tokens)
-        if key in self.files:
-            self.files.pop(key)
-        self.add(key, file)
+        with self.lock:
+            self.files.pop(key, None)
+            self.add(key, file)
         self.evict()
 
     def nearest(self, tokens: list[int]) -> tuple[tuple | None, int]:
         """The file whose cache continues `tokens` furthest, and how many of them it covers."""
-        found = self.trie.search(None, tokens)
-        if found.exact is not None:
-            return tuple(found.exact), len(tokens)
-        shorter = len(found.shorter) if found.shorter else 0
-        if found.longer is not None and found.common_prefix > shorter:
-            return tuple(found.longer), min(len(tokens) - 1, found.common_prefix)
-        if shorter:
-            return tuple(found.shorter), shorter
-        return None, 0
+        with self.lock:
+            return nearest(self.trie, None, tokens)
 
     def load(self, tokens: tuple, n: int) -> list | None:
         """The cache of file `tokens` trimmed to its first n tokens (None if it cannot be read,
@@ -147,7 +144,8 @@ class DiskCache:
             self.remove(tokens)
             return None
         trim_prompt_cache(cache, len(tokens) - n)
-        self.files.move_to_end(tokens)
+        with self.lock:
+            self.files.move_to_end(tokens)
         os.utime(file)
         return cache
 
@@ -202,6 +200,15 @@ class ConversationCache(LRUPromptCache):
             for tokens, cache in evicted:
                 self.disk.write(tokens, cache)
 
+    def cached_tokens(self, model, tokens: list[int]) -> int:
+        """How many of `tokens` a request would continue from, in memory or on disk, as
+        fetch_nearest_cache finds them (without copying or loading a cache)."""
+        with self.lock:
+            _, n = nearest(self._trie, model, tokens)
+        if self.disk is not None:
+            n = max(n, self.disk.nearest(tokens)[1])
+        return min(n, max(len(tokens) - 1, 0))  # the last token is computed again, for its logits
+
     def fetch_nearest_cache(self, model, tokens: list[int]):
         cache, rest = super().fetch_nearest_cache(model, tokens)
         if self.disk is not None:
@@ -224,6 +231,20 @@ class ConversationCache(LRUPromptCache):
         for lru in self._lru._lrus.values():
             for model, tokens in lru:
                 self.disk.write(tokens, self._trie.get(model, tokens).prompt_cache)
+
+
+def nearest(trie: PromptTrie, model, tokens: list[int]) -> tuple[tuple | None, int]:
+    """The trie's entry that continues `tokens` furthest and how many of them it covers, as
+    LRUPromptCache.fetch_nearest_cache picks it (a longer entry is trimmed to leave one token)."""
+    found = trie.search(model, tokens)
+    if found.exact is not None:
+        return tuple(found.exact), len(tokens)
+    shorter = len(found.shorter) if found.shorter else 0
+    if found.longer is not None and found.common_prefix > shorter:
+        return tuple(found.longer), min(len(tokens) - 1, found.common_prefix)
+    if shorter:
+        return tuple(found.shorter), shorter
+    return None, 0
 
 
 def check_writable(folder: Path):
