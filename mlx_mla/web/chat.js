@@ -374,9 +374,9 @@ async function send(text) {
   setBusy(true);
   const base = c.messages.length > 2 ? lastTotal(c) : 0;
   let chunks = 0, first = null, lastAt = null, usage = null, stopped = false;
-  let drawn = false;
+  let frame = null;
   const draw = () => {
-    drawn = false;
+    frame = null;
     bodyNode.replaceChildren();
     renderMarkdown(reply.content, bodyNode);
     state.live = { id: c.id, tokens: base + chunks };
@@ -418,7 +418,7 @@ async function send(text) {
             lastAt = now;
             chunks += 1;
             reply.content += delta.content;
-            if (!drawn) { drawn = true; requestAnimationFrame(draw); }
+            if (frame === null) frame = requestAnimationFrame(draw);
           }
         }
       }
@@ -427,6 +427,7 @@ async function send(text) {
     if (e.name === "AbortError") stopped = true;
     else reply.error = String(e.message || e);
   } finally {
+    if (frame !== null) cancelAnimationFrame(frame);
     state.controller = null;
     state.live = null;
     setBusy(false);
