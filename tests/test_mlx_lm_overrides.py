@@ -32,6 +32,19 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "server.APIHandler.handle_health_check": "(self)",
     "server.APIHandler.handle_models_request": "(self)",
     "server.APIHandler._set_completion_headers": "(self, status_code=200)",
+    # the chat page: mlx_mla.web
+    "server.APIHandler.do_GET": "(self)",
+    "server.APIHandler.completion_usage_response": (
+        "(self, prompt_token_count=None, completion_token_count=None, prompt_cache_count=None)"
+    ),
+    "server.APIHandler.generate_response": (
+        "(self, text, finish_reason, prompt_token_count=None, completion_token_count=None, "
+        "prompt_cache_count=None, token_logprobs=None, top_tokens=None, tokens=None, "
+        "tool_calls=None, reasoning_text=None)"
+    ),
+    "server.CompletionRequest.__init__": (
+        "(self, request_type, prompt, messages, tools, role_mapping)"
+    ),
     "cache.LRUPromptCache.__init__": "(self, max_size=10, max_bytes=9223372036854775808)",
     "cache.LRUPromptCache.fetch_nearest_cache": "(self, model, tokens)",
     "cache.LRUPromptCache.insert_cache": (
@@ -73,6 +86,11 @@ USES = {  # member: source text showing it is used the way we rely on
         "c.finalize()",
     ],
     "generate._merge_caches": [".merge("],
+    # the drafts in the usage: every usage mlx-lm sends is built by these two
+    "server.APIHandler.handle_completion": [
+        "self.completion_usage_response(",
+        "self.generate_response(",
+    ],
     # speculative decoding replaces the stream_generate that _serve_single calls by name
     "server.ResponseGenerator._serve_single": ["for gen in stream_generate(", "sampler=sampler,"],
 }
