@@ -3,6 +3,7 @@ through Playwright's Python package) against the server on the demo model."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,13 +49,13 @@ class Server:
     """The server on the demo model with a conversation folder, restartable on the same port (the
     page's saved conversations belong to its origin)."""
 
-    def __init__(self, folder: Path, log: Path):
-        self.folder, self.log, self.port, self.process = folder, log, 0, None
+    def __init__(self, folder: Path, log: Path, *flags: str):
+        self.folder, self.log, self.flags, self.port = folder, log, flags, 0
         self.start()
 
     def start(self):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        flags = ["--port", str(self.port), "--prompt-cache-dir", str(self.folder)]
+        flags = ["--port", str(self.port), "--prompt-cache-dir", str(self.folder), *self.flags]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlx_mla.server", *flags],
             stdout=subprocess.PIPE,
@@ -174,6 +175,29 @@ def page(browser, server):
     page.close()
 
 
+def test_drafts_accepted_are_shown_as_the_server_counted_them(browser, tmp_path):
+    server = Server(tmp_path / "conversations", tmp_path / "stderr.log", "--draft", "ngram")
+    try:
+        page = Page(browser, server)
+        page.settings(**{"max-tokens": 80, "draft-tokens": 3})
+        assert page.page.locator("#draft-tokens").is_visible()
+        page.send("ROMEO:")
+        assert page.posted[-1]["num_draft_tokens"] == 3
+        stats = page.saved()[0]["messages"][-1]["stats"]
+        logged = re.findall(r"Speculative: (\d+) drafted, (\d+) accepted", server.log.read_text())
+        drafted, accepted = map(int, logged[-1])
+        assert drafted > 0 and (stats["accepted"], stats["rejected"]) == (
+            accepted,
+            drafted - accepted,
+        )
+        line = page.page.locator(".message.assistant .stats").inner_text()
+        assert f"drafts {accepted} accepted of {drafted}" in line
+        page.close()
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
 def test_enter_sends_shift_enter_is_a_new_line_and_the_reply_streams_with_its_figures(page):
     # Count the reply's text lengths as the page draws them: a streamed reply is drawn in parts.
     page.page.evaluate(
@@ -260,6 +284,7 @@ def test_stop_ends_the_reply_and_the_server_answers_the_next(page, how):
 
 def test_settings_are_sent_and_max_tokens_is_honoured(page):
     page.settings(temperature=0.7, **{"top-p": 0.9, "max-tokens": 5, "system": "Speak as ROMEO."})
+    assert not page.page.locator("#draft-tokens").is_visible()  # this server does not draft
     page.send("JULIET:")
     body = page.posted[-1]
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["max_tokens"] == 5
@@ -363,6 +388,35 @@ def test_every_request_the_page_makes_is_same_origin_and_others_are_refused(page
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=time_limit(2))
     assert refused.value.code == 403
+
+
+def test_every_control_is_labelled_and_both_colour_schemes_are_followed(browser, server):
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(color_scheme=scheme)
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model-name:text('mlx-mla-demo')")
+        unlabelled = page.evaluate(
+            """() => [...document.querySelectorAll('button, input, textarea')].filter(c =>
+                !(c.labels && c.labels.length) && !c.getAttribute('aria-label')
+                && !c.textContent.trim()).map(c => c.outerHTML)"""
+        )
+        assert unlabelled == []
+        backgrounds[scheme] = page.evaluate("() => getComputedStyle(document.body).background")
+        page.locator("#prompt").focus()
+        page.keyboard.press("Tab")  # the keyboard reaches the send button next
+        assert page.evaluate("() => document.activeElement.id") == "send"
+        context.close()
+    assert backgrounds["light"] != backgrounds["dark"]
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"messages": []}', b'{"messages": [{"role": 1}]}'])
+def test_cached_lookup_refuses_a_body_without_messages(server, body):
+    request = urllib.request.Request(server.url + web.CACHED_PATH, data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=time_limit(2))
+    assert refused.value.code == 400 and "message" in json.loads(refused.value.read())["error"]
 
 
 def test_a_server_bound_beyond_localhost_says_so_and_a_local_one_does_not(server):
