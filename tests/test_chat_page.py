@@ -42,9 +42,6 @@ def missing_browser() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser()))
-
-
 class Server:
     """The server on the demo model with a conversation folder, restartable on the same port (the
     page's saved conversations belong to its origin)."""
@@ -93,6 +90,8 @@ def server(tmp_path_factory):
 def browser(server):
     """Chromium, started without LD_PRELOAD: OpenBLAS preloaded crashes node (Playwright's
     driver) and Chromium. The server, started before, keeps it."""
+    if (missing := missing_browser()) is not None:
+        pytest.skip(missing)
     from playwright.sync_api import sync_playwright
 
     preload = os.environ.pop("LD_PRELOAD", None)
@@ -417,6 +416,17 @@ def test_cached_lookup_refuses_a_body_without_messages(server, body):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=time_limit(2))
     assert refused.value.code == 400 and "message" in json.loads(refused.value.read())["error"]
+
+
+def test_the_commands_in_the_chat_docs_parse():
+    from mlx_mla import server
+
+    lines = (ROOT / "docs" / "chat.md").read_text().splitlines()
+    commands = [line.split("#")[0].split() for line in lines if line.startswith("python -m")]
+    assert commands
+    for command in commands:
+        assert command[:3] == ["python", "-m", "mlx_mla.server"]
+        server.setup_arg_parser().parse_args(command[3:])
 
 
 def test_a_server_bound_beyond_localhost_says_so_and_a_local_one_does_not(server):
