@@ -87,9 +87,9 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser():
     """Chromium, started without LD_PRELOAD: OpenBLAS preloaded crashes node (Playwright's
-    driver) and Chromium. The server, started before, keeps it."""
+    driver) and Chromium. It is put back for the servers the tests start."""
     if (missing := missing_browser()) is not None:
         pytest.skip(missing)
     from playwright.sync_api import sync_playwright
