@@ -236,6 +236,17 @@ def test_enter_sends_shift_enter_is_a_new_line_and_the_reply_streams_with_its_fi
         in page.page.locator(".message.assistant .stats").last.inner_text()
     )
     info = page.server.get(web.INFO_PATH)
+    config = json.loads((ROOT / "mlx_mla" / "demo_model" / "config.json").read_text())
+    layers, heads, float32 = config["num_hidden_layers"], config["num_attention_heads"], 4
+    latent = config["kv_lora_rank"] + config["qk_rope_head_dim"]  # c_kv and k_pe
+    keys_values = config["qk_nope_head_dim"] + config["qk_rope_head_dim"] + config["v_head_dim"]
+    assert info["cache"] == {
+        "bytes_per_token": layers * latent * float32,
+        "dtype": "float32",
+        "kv_bits": None,
+        "kv_group_size": None,
+    }
+    assert info["mha"]["bytes_per_token"] == layers * heads * keys_values * float32
     caption = page.page.locator("#chart-caption").inner_text()
     assert f"{second['total_tokens']} tokens" in caption
     labels = page.page.locator("#cache-chart text").all_text_contents()
