@@ -319,7 +319,8 @@ function readSettings() {
     top_p: number("top-p"),
     max_tokens: number("max-tokens") != null ? Math.round(number("max-tokens")) : undefined,
     system: $("system").value,
-    num_draft_tokens: number("draft-tokens") != null ? Math.round(number("draft-tokens")) : undefined,
+    num_draft_tokens: number("draft-tokens") != null
+      ? Math.max(1, Math.round(number("draft-tokens"))) : undefined,
   };
   save();
 }
