@@ -365,3 +365,14 @@ def test_the_readme_map_names_every_module_and_only_what_exists():
         if p.name != "__init__.py"
     }
     assert sorted(modules - set(paths)) == []
+
+
+def test_the_readme_opens_with_the_two_commands_and_stays_short():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert first_block.splitlines() == [
+        'pip install . && python -m mlx_mla.generate --prompt "ROMEO:" --max-tokens 40',
+        'pip install -e ".[dev]" && python -m pytest -q',
+    ]
+    assert first_block.splitlines()[1] in (ROOT / ".ci/run").read_text()  # CI runs what it says
+    assert len(readme.splitlines()) <= 300
