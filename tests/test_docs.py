@@ -374,5 +374,6 @@ def test_the_readme_opens_with_the_two_commands_and_stays_short():
         'pip install . && python -m mlx_mla.generate --prompt "ROMEO:" --max-tokens 40',
         'pip install -e ".[dev]" && python -m pytest -q',
     ]
-    assert first_block.splitlines()[1] in (ROOT / ".ci/run").read_text()  # CI runs what it says
+    ci = (ROOT / ".ci/run").read_text().replace("pip install -q ", "pip install ")  # quieter
+    assert first_block.splitlines()[1] in ci  # CI runs the test command the README gives
     assert len(readme.splitlines()) <= 300
