@@ -39,13 +39,17 @@ def measure(attention: str, tokens: int, kv_bits, group_size: int, chunk: int) -
     return nbytes
 
 
-def main(argv=None):
+def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--kv-bits", default="8,4", help="Comma-separated bit widths")
     parser.add_argument("--kv-group-size", type=int, default=DEFAULT_KV_GROUP_SIZE)
     parser.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
     layers = CONFIG["num_hidden_layers"]
     bits = [None, *(int(b) for b in args.kv_bits.split(","))]
     print(f"DeepSeek-V2-Lite attention, {layers} layers, {DTYPE}, group size {args.kv_group_size}")

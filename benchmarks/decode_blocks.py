@@ -50,14 +50,18 @@ def step(attn, queries, latent, block_size) -> tuple[float, int]:
     return time.perf_counter() - tic, mx.get_peak_memory() - before
 
 
-def main(argv=None):
+def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="4096,32768")
     parser.add_argument("--blocks", default=DEFAULT_BLOCKS)
     parser.add_argument("--kv-bits", default="none,8,4", help="none: float32 latent")
     parser.add_argument("--kv-group-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
     print(common.format_machine(common.machine_info()))
     model = Model(ModelArgs.from_dict(common.bench_config(1)))
     mx.eval(model.parameters())

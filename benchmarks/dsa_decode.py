@@ -133,14 +133,18 @@ def time_scan(indexer, cfg: dict, context: int, how: str, repeats: int = 3) -> f
     return statistics.median(times[1:])
 
 
-def main(argv=None):
+def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default=DEFAULT_CONTEXTS)
     parser.add_argument("--steps", type=int, default=4, help="decode tokens timed per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--weight-bits", type=int, default=None, help="default: float32 weights")
     parser.add_argument("--out", default=common.DEFAULT_OUT)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
 
     machine = common.machine_info()
     print(common.format_machine(machine))

@@ -109,13 +109,17 @@ def parse(stdout: str) -> dict:
     return result
 
 
-def main():
+def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="results")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         total = build(model, args.layers)

@@ -57,7 +57,8 @@ MLX_LM_CANNOT = [  # rows mlx-lm's server cannot give, and why (read from mlx-lm
     (
         "mlx-lm --kv-bits 4",
         "not batched: its ResponseGenerator._is_batchable requires kv_bits None, so requests "
-        "are served one at a time; its deepseek_v3 fails at the first decode step (README)",
+        "are served one at a time; its deepseek_v3 fails at the first decode step "
+        "(docs/quantised-caches.md)",
     ),
     (
         "mlx-lm after a restart",

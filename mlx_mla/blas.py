@@ -8,7 +8,7 @@ from pathlib import Path
 FAST = ("openblas", "mkl", "blis", "flexiblas")
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 QUIET_ENV = "MLX_MLA_NO_BLAS_NOTE"
-# README, "Slow BLAS on Linux": a 1024x1024 float32 matmul, measured beside OpenBLAS.
+# docs/usage.md, "Slow BLAS on Linux": a 1024x1024 float32 matmul, measured beside OpenBLAS.
 NOTE = (
     "note: MLX is running on the reference BLAS that mlx[cpu] ships, about 20x slower at "
     "matrix products than OpenBLAS; for the fast path: apt install libopenblas0-pthread, then "

@@ -4,7 +4,6 @@ python -m mlx_mla.cache_prompt --prompt-file play.txt --prompt-cache-file play.s
 python -m mlx_mla.generate --prompt-cache-file play.safetensors --prompt "ROMEO:"
 """
 
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +18,9 @@ from .model.loading import load
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.cache_prompt", description=__doc__.splitlines()[0])
     cli.add_model_arguments(parser)
-    parser.add_argument("--prompt-file", required=True, help="the text to prefill, or - for stdin")
+    parser.add_argument(
+        "-f", "--prompt-file", required=True, help="the text to prefill, or - for stdin"
+    )
     parser.add_argument("--prompt-cache-file", required=True, help="where to save (.safetensors)")
     cli.add_cache_arguments(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing cache file")
@@ -31,7 +32,7 @@ def _main(argv=None):
     target = Path(args.prompt_cache_file)
     if target.exists() and not args.force:
         cli.fail(f"{target} already exists; pass --force to replace it")
-    text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+    text = cli.read_prompt_file(args.prompt_file)
     model, tokenizer = load(
         args.model, attention=args.attention, trust_remote_code=args.trust_remote_code
     )

@@ -95,6 +95,26 @@ def read_text_file(path: str, flag: str) -> str:
         raise MLAError(f"{flag} {path} is not UTF-8 text (byte {e.start})") from None
 
 
+def add_prompt_arguments(parser: argparse.ArgumentParser, required: bool = True):
+    """--prompt TEXT, or --prompt-file / -f FILE (llama.cpp's -f); '-' reads either from stdin."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--prompt", type=utf8_text, help="the prompt, or - to read it from stdin")
+    group.add_argument(
+        "-f", "--prompt-file", type=utf8_text, help="read the prompt from this file, or - for stdin"
+    )
+
+
+def read_prompt_file(path: str) -> str:
+    return read_stdin() if path == "-" else read_text_file(path, "--prompt-file")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The text the add_prompt_arguments flags name."""
+    if args.prompt is None:
+        return read_prompt_file(args.prompt_file)
+    return read_stdin() if args.prompt == "-" else args.prompt
+
+
 def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")

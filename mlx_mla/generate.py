@@ -171,9 +171,7 @@ def generate(
 
 def setup_arg_parser():
     parser = cli.ArgumentParser(prog="mlx_mla.generate", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--prompt", type=cli.utf8_text, required=True, help="the prompt, or - to read it from stdin"
-    )
+    cli.add_prompt_arguments(parser)
     cli.add_model_arguments(parser)
     cli.add_generation_arguments(parser, DEFAULT_MAX_TOKENS)
     cli.add_cache_arguments(parser)
@@ -208,7 +206,7 @@ def pipeline_main(args):
     )
     tokens = None
     if group.rank() == 0:
-        prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
+        prompt = cli.read_prompt(args)
         tokens = build_prompt(tokenizer, prompt, args.system, args.chat_template)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -242,7 +240,7 @@ def _main(argv=None):
     if args.pipeline:
         cli.refuse_draft_with_pipeline(args)
         return pipeline_main(args)
-    prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
+    prompt = cli.read_prompt(args)
     fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
     model, tokenizer = load(
         args.model,

@@ -78,9 +78,34 @@ def test_prompt_from_stdin_equals_prompt_flag(model_dir):
     assert generated_text(succeeded(piped)) == generated_text(succeeded(flagged))
 
 
+def test_prompt_file_equals_prompt_flag(model_dir, tmp_path):
+    """--prompt-file (and llama.cpp's -f) reads the prompt from a file, '-' from stdin."""
+    args = ("--model", model_dir, "--max-tokens", "8", "--no-chat-template")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Hello there\n", encoding="utf-8")
+    flagged = generated_text(succeeded(run("generate", *args, "--prompt", "Hello there\n")))
+    assert flagged.strip()
+    for flag in ("--prompt-file", "-f"):
+        assert generated_text(succeeded(run("generate", *args, flag, str(prompt)))) == flagged
+    piped = run("generate", *args, "-f", "-", stdin="Hello there\n")
+    assert generated_text(succeeded(piped)) == flagged
+
+
+def test_cache_prompt_reads_its_file_as_generate_does(tmp_path):
+    """cache_prompt's -f goes through the same checks: a binary file is one line, exit 2."""
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe not text")
+    out = run("cache_prompt", "-f", str(binary), "--prompt-cache-file", str(tmp_path / "c"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: --prompt-file {binary} is not UTF-8 text (byte 0)"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--prompt", "x", "--prompt-file", "p.txt"], "not allowed with argument"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
+        (["--max-tokens", "4"], "one of the arguments --prompt -f/--prompt-file is required"),
         (["--model", "/nonexistent/model", "--prompt", "x"], "no such folder"),
         (["--prompt", "x", "--attention", "gqa"], "invalid choice"),
         (["--prompt", "x", "--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1"),

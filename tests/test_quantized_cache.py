@@ -53,7 +53,7 @@ V2_LITE_ATTENTION = {
 EXACT = 1e-5  # float32 rounding: same quantised values, different order of summation
 # Quantised against float cache, logits of the tiny random model (std 0.57) over 20 decode steps:
 # measured max |diff| 0.026 (8-bit) and 0.50 (4-bit) on both paths; bounds with headroom. Quality
-# on a trained model is the perplexity table in the README.
+# on a trained model is the perplexity table in docs/quantised-caches.md.
 CLOSE = {8: 0.06, 4: 1.0}
 
 

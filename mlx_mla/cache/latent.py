@@ -2,7 +2,7 @@
 
 `LatentCache` holds both in float; `QuantizedLatentCache` holds c_kv group-quantised with
 mx.quantize and k_pe in float (k_pe carries the position, and quantising it moved the logits
-several times more than quantising c_kv did; see README "Quantised caches"). `ExpandedKVCache` is
+several times more than quantising c_kv did; see docs/quantised-caches.md). `ExpandedKVCache` is
 mlx-lm's KVCache for the expanded `mha` path, with the same clear error on an unquantisable head.
 """
 

@@ -26,7 +26,7 @@ from .indexer import Indexer, gather_rows, shared_topk, sparse_mask
 ATTENTION_MODES = ("mla", "mha")
 LOG2_E = math.log2(math.e)
 # Tokens per block when absorbed attention reads a quantised latent: the fastest measured on MLX's
-# CPU backend at 32K (README, "Quantised caches"). A float latent is read in one pass: blocks
+# CPU backend at 32K (docs/quantised-caches.md). A float latent is read in one pass: blocks
 # measured no faster there.
 DECODE_BLOCK = 2048
 

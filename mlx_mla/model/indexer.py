@@ -78,8 +78,8 @@ class Indexer(nn.Module):
         B, n, H, D = q.shape
         q = q.reshape(B, 1, n * H, D)  # every head of every query as one row against the keys
         if isinstance(keys, QuantizedLatent):
-            # Dequantised, then one float matmul: on MLX's CPU backend 3x the float scan, where
-            # mx.quantized_matmul took 30x (README, "DeepSeek Sparse Attention").
+            # Dequantised, then one float matmul: on MLX's CPU backend 2.3x the float scan at 32K,
+            # where mx.quantized_matmul took 9.7x (docs/sparse-attention.md).
             keys = keys.dequantize()
         dots = q @ keys.swapaxes(-1, -2)  # (B, 1, n * H, S)
         dots = mx.maximum(dots.astype(mx.float32) * D**-0.5, 0).reshape(B, n, H, -1)
