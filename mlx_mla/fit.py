@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from . import memory
+from .defaults import DEFAULT_KV_GROUP_SIZE
 from .distributed import stages
 from .errors import MLAError
 
@@ -49,17 +50,14 @@ def weight_bytes(path: Path, config: dict) -> int:
     return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
 
 
-def cache_dtype(config: dict) -> str:
-    dtype = config.get("torch_dtype") or config.get("dtype")
-    return dtype if isinstance(dtype, str) and dtype in memory.DTYPE_BYTES else "bfloat16"
-
-
-def cache_bytes(config, attention, tokens, kv_bits=None, kv_group_size=64) -> int | None:
+def cache_bytes(
+    config, attention, tokens, kv_bits=None, kv_group_size=DEFAULT_KV_GROUP_SIZE
+) -> int | None:
     try:
         return memory.cache_bytes(
-            config, attention, tokens, cache_dtype(config), kv_bits, kv_group_size
+            config, attention, tokens, memory.cache_dtype(config), kv_bits, kv_group_size
         )
-    except ValueError:  # a group size that does not divide the rows: check_kv_quantization says
+    except MLAError:  # a group size that does not divide the rows: check_kv_quantization says
         return None
 
 
@@ -69,7 +67,7 @@ def check_fit(
     attention: str,
     tokens: int,
     kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     available: tuple[int, str] | None = None,
 ):
     """Raise a FitError, in one line with the numbers and what would fit, when the weights plus a

@@ -9,6 +9,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 # A decoder layer's tensors, in checkpoints and in this package alike.
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 # Fields only some families read; a family not reading one drops it, as its transformers model does.
@@ -51,11 +53,11 @@ class Family:
     mlx_lm: str | None = None
 
     def resolve(self, config: dict) -> dict:
-        """config.json as the family's transformers model reads it. Raises ValueError naming the
+        """config.json as the family's transformers model reads it. Raises ConfigError naming the
         fixed field a config.json contradicts."""
         for key, value in self.fixed.items():
             if config.get(key, value) != value:
-                raise ValueError(f"supports {key} {value!r} only, not {config[key]!r}")
+                raise ConfigError(f"{self.name} supports {key} {value!r} only, not {config[key]!r}")
         config = {**self.defaults, **config, **self.fixed}
         if self.dense:
             config["n_routed_experts"] = None
