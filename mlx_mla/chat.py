@@ -207,12 +207,13 @@ def _main(argv=None):
             trust_remote_code=args.trust_remote_code,
         )
     else:
-        fit.check_tool_fit(args, args.max_tokens)  # the least a reply needs
+        config = fit.check_tool_fit(args, args.max_tokens)  # the least a reply needs
         model, tokenizer = load(
             args.model,
             attention=args.attention,
             trust_remote_code=args.trust_remote_code,
             mtp=args.draft == "mtp",
+            config=config,
         )
     drafter = None if group is not None else cli.load_drafter(args, model, tokenizer)
     options = cli.cache_options(args, model)

@@ -110,20 +110,22 @@ def add_fit_argument(parser):
     )
 
 
-def check_tool_fit(args, tokens: int):
+def check_tool_fit(args, tokens: int) -> dict | None:
     """The tools' check, for a local folder (a hub id is fetched first, then checked by the next
-    run), before the weights are read. --no-fit-check and --pipeline skip it."""
+    run), before the weights are read. --no-fit-check and --pipeline skip it. Returns the
+    config.json it read, for the load to use (None where it read none)."""
     from .model.config import ModelArgs
     from .model.loading import read_config
 
     path = Path(args.model).expanduser()
     if args.no_fit_check or getattr(args, "pipeline", False) or not path.is_dir():
-        return
+        return None
     config = read_config(path)
     model_args = ModelArgs.from_dict(config)  # the errors load would give, before any sum
     tokens = min(tokens, model_args.max_position_embeddings)
     try:
         weight_bytes(path, config)
     except Exception:  # any damaged header: loading names the file and what is wrong with it
-        return
+        return config
     check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size)
+    return config

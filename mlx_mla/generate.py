@@ -243,12 +243,13 @@ def _main(argv=None):
         cli.refuse_draft_with_pipeline(args)
         return pipeline_main(args)
     prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
-    fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
+    config = fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
     model, tokenizer = load(
         args.model,
         attention=args.attention,
         trust_remote_code=args.trust_remote_code,
         mtp=args.draft == "mtp",
+        config=config,
     )
     drafter = cli.load_drafter(args, model, tokenizer)
     stats = speculative.SpeculativeStats()

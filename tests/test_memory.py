@@ -8,8 +8,8 @@ import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_mla import memory
-from mlx_mla.errors import BadArgumentError, ConfigError
 from mlx_mla.cache.latent import QuantizedLatentCache
+from mlx_mla.errors import BadArgumentError, ConfigError
 from mlx_mla.memory import (
     PRESETS,
     allocated_tokens,

@@ -206,7 +206,7 @@ def load(
             stages.check_split(split, group.size(), args.num_hidden_layers)
             layers = stages.layer_range(split, group.rank())
             stage = load_stage(path_or_hub_id, args, attention, layers, group)
-            tokenizer = tokenizer_of(path, trust_remote_code)
+            tokenizer = tokenizer_of(path, config, trust_remote_code)
     except LOAD_ERRORS as e:
         error = str(e)
     agree(group, stage, error)
