@@ -190,6 +190,13 @@ FAMILIES = {
         dense=True,
         mlx_lm="youtu_llm",
     ),
+    # Sarvam-105B: DeepSeek-V3's model (transformers runs it as DeepseekV3ForCausalLM), routing over
+    # all its experts by default.
+    "sarvam_mla": Family(
+        "sarvam_mla",
+        defaults=dict(_V3_DEFAULTS, n_group=1, topk_group=1, first_k_dense_replace=1),
+        fixed=_V3_ROUTER,
+    ),
 }
 FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]
 FAMILIES["youtu_llm"] = FAMILIES["youtu"]  # the hub checkpoint's and mlx-lm's name
