@@ -18,9 +18,8 @@ from . import cli, fit, speculative
 from .cache import prompt_cache
 from .distributed import pipeline
 from .errors import ContextError
-from .generate import build_prompt, cache_stats, fit_context
+from .generate import build_prompt, cache_stats, fit_context, load_checked
 from .generate import format_cache_stats as format_stats
-from .model.loading import load
 from .startup import on_interrupt
 
 DEFAULT_MAX_TOKENS = 256
@@ -207,14 +206,7 @@ def _main(argv=None):
             trust_remote_code=args.trust_remote_code,
         )
     else:
-        config = fit.check_tool_fit(args, args.max_tokens)  # the least a reply needs
-        model, tokenizer = load(
-            args.model,
-            attention=args.attention,
-            trust_remote_code=args.trust_remote_code,
-            mtp=args.draft == "mtp",
-            config=config,
-        )
+        model, tokenizer = load_checked(args, args.max_tokens)  # the least a reply needs
     drafter = None if group is not None else cli.load_drafter(args, model, tokenizer)
     options = cli.cache_options(args, model)
     chat = Chat(

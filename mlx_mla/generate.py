@@ -237,20 +237,26 @@ def pipeline_main(args):
         )
 
 
-def _main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
-    if args.pipeline:
-        cli.refuse_draft_with_pipeline(args)
-        return pipeline_main(args)
-    prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
-    config = fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
-    model, tokenizer = load(
+def load_checked(args, tokens: int):
+    """The tools' model and tokenizer, loaded after the fit check for `tokens` tokens (which reads
+    config.json for the load)."""
+    config = fit.check_tool_fit(args, tokens)
+    return load(
         args.model,
         attention=args.attention,
         trust_remote_code=args.trust_remote_code,
         mtp=args.draft == "mtp",
         config=config,
     )
+
+
+def _main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if args.pipeline:
+        cli.refuse_draft_with_pipeline(args)
+        return pipeline_main(args)
+    prompt = cli.read_stdin() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_checked(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
     drafter = cli.load_drafter(args, model, tokenizer)
     stats = speculative.SpeculativeStats()
     options = cli.cache_options(args, model)

@@ -45,6 +45,16 @@ _V3_MOE = {
     "n_shared_experts": 1,
     "first_k_dense_replace": 3,
 }
+_DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    **_MLA_DIMS,
+    **_V3_MOE,
+}
 
 PRESETS = {
     "deepseek-v2-lite": {
@@ -77,27 +87,8 @@ PRESETS = {
         "n_shared_experts": 2,
         "first_k_dense_replace": 1,
     },
-    "deepseek-v3": {
-        "model_type": "deepseek_v3",
-        "hidden_size": 7168,
-        "num_hidden_layers": 61,
-        "num_attention_heads": 128,
-        "num_key_value_heads": 128,
-        "q_lora_rank": 1536,
-        **_MLA_DIMS,
-        **_V3_MOE,
-    },
-    # DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes.
-    "deepseek-r1": {
-        "model_type": "deepseek_v3",
-        "hidden_size": 7168,
-        "num_hidden_layers": 61,
-        "num_attention_heads": 128,
-        "num_key_value_heads": 128,
-        "q_lora_rank": 1536,
-        **_MLA_DIMS,
-        **_V3_MOE,
-    },
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-r1": _DEEPSEEK_V3,  # DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes
     # moonshotai/Kimi-K2-Instruct config.json (model_type kimi_k2, the deepseek_v3 architecture).
     "kimi-k2": {
         "model_type": "kimi_k2",
