@@ -133,12 +133,11 @@ FAMILIES = {
     "glm4_moe_lite": Family(
         "glm4_moe_lite",
         defaults=dict(
+            _V3_DEFAULTS,
             n_group=1,
             topk_group=1,
-            norm_topk_prob=True,
             routed_scaling_factor=1.8,
             first_k_dense_replace=1,
-            n_shared_experts=1,
             rms_norm_eps=1e-5,
         ),
         fixed=_V3_ROUTER,
@@ -148,12 +147,11 @@ FAMILIES = {
     "mistral4": Family(
         "mistral4",
         defaults=dict(
+            _V3_DEFAULTS,
             n_group=1,
             topk_group=1,
-            norm_topk_prob=True,
             routed_scaling_factor=1.0,
             first_k_dense_replace=0,
-            n_shared_experts=1,
         ),
         fixed=dict(_V3_ROUTER, scoring_func="softmax"),
         rotary_dim_of="qk_head_dim",
