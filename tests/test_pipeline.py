@@ -548,6 +548,7 @@ FAMILY_CONFIGS = {
     "youtu": (CONFIGS["youtu_untied_yarn"], "2,1"),
     "deepseek_v32": (DSA_CONFIGS["v32_yarn"], "1,2"),
     "glm_moe_dsa": (DSA_CONFIGS["glm5_shared"], "2,2"),
+    "sarvam_mla": (dict(model_type="sarvam_mla", q_lora_rank=24), "2,1"),
 }
 SAMPLED_SEED = 7
 
