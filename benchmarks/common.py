@@ -62,8 +62,8 @@ STYLES = {  # ours solid, mlx-lm dashed, so that equal curves stay visible
 }
 # These cache c_kv (B, 1, S, kv_lora_rank) and k_pe (B, 1, S, qk_rope_head_dim).
 LATENT_CONTENDERS = ("mla", "deepseek_v3_attn", "deepseek_v3", "glm4_moe_lite")
-# mlx-lm's model of each of our families, by module name (the family table's `mlx_lm`).
-MLX_LM_MODELS = sorted({family.mlx_lm for family in FAMILIES.values()})
+# mlx-lm's model of each of our families that mlx-lm has, by module name (the table's `mlx_lm`).
+MLX_LM_MODELS = sorted({family.mlx_lm for family in FAMILIES.values()} - {None})
 # Those that take kv_b_proj whole (V2's layout) rather than our embed_q / unembed_out.
 KV_B_PROJ_MODELS = ("deepseek_v2", "minicpm3", "youtu_llm")
 

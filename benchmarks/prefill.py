@@ -13,9 +13,9 @@ import argparse
 import mlx.core as mx
 
 from benchmarks import common
+from mlx_mla.defaults import DEFAULT_PREFILL_STEP_SIZE
 
 DEFAULT_PROMPTS = "4096,16384"
-DEFAULT_PREFILL_STEP_SIZE = 2048
 QUICK = {"layers": 2, "prompts": "2048,4096"}
 
 

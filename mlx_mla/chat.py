@@ -8,8 +8,8 @@ conversation's cache as a prompt-cache file), /exit. Ctrl-C stops a reply.
 """
 
 import io
-import signal
 import sys
+from contextlib import nullcontext
 
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
@@ -18,9 +18,9 @@ from . import cli, fit, speculative
 from .cache import prompt_cache
 from .distributed import pipeline
 from .errors import ContextError
-from .generate import build_prompt, cache_stats, fit_context
+from .generate import build_prompt, cache_stats, fit_context, load_checked
 from .generate import format_cache_stats as format_stats
-from .model.loading import load
+from .startup import on_interrupt
 
 DEFAULT_MAX_TOKENS = 256
 HELP = "commands: /reset, /stats, /save FILE, /load FILE, /exit; Ctrl-C stops a reply, Ctrl-D exits"
@@ -206,13 +206,7 @@ def _main(argv=None):
             trust_remote_code=args.trust_remote_code,
         )
     else:
-        fit.check_tool_fit(args, args.max_tokens)  # the least a reply needs
-        model, tokenizer = load(
-            args.model,
-            attention=args.attention,
-            trust_remote_code=args.trust_remote_code,
-            mtp=args.draft == "mtp",
-        )
+        model, tokenizer = load_checked(args, args.max_tokens)  # the least a reply needs
     drafter = None if group is not None else cli.load_drafter(args, model, tokenizer)
     options = cli.cache_options(args, model)
     chat = Chat(
@@ -236,7 +230,7 @@ def _main(argv=None):
         chat.stream_generate = pipeline.stream_generate
     say = print if group is None or group.rank() == 0 else (lambda *a, **k: None)
 
-    def interrupt(signum, frame):
+    def interrupt():
         chat.stop = True
 
     if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 is skipped, below
@@ -261,12 +255,8 @@ def _main(argv=None):
         elif command.startswith("/"):
             say(f"[unknown command {command}; {HELP}]")
         elif command:  # under mlx.launch Ctrl-C ends every rank: stopping one would desync them
-            handler = interrupt if group is None else signal.getsignal(signal.SIGINT)
-            previous = signal.signal(signal.SIGINT, handler)
-            try:
+            with on_interrupt(interrupt) if group is None else nullcontext():
                 fits = chat.reply(message, lambda t: say(t, end="", flush=True))
-            finally:
-                signal.signal(signal.SIGINT, previous)
             if not fits:
                 say(
                     f"[the conversation holds {chat.tokens} of the model's {chat.context} "

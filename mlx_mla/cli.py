@@ -4,29 +4,23 @@ exit on Ctrl-C (130) or a closed pipe (141), and the default model."""
 import argparse
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
-from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
-
 from .blas import slow_blas_note
-from .cache.latent import GROUP_SIZES, KV_BITS, check_kv_quantization
+from .defaults import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFILL_STEP_SIZE
 from .errors import BadArgumentError, MLAError
-from .model.attention import ATTENTION_MODES
-from .model.loading import load
-from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DRAFTERS, check_draft_tokenizer, make_drafter
-from .startup import EXIT_INTERRUPTED, exit_interrupted
+from .startup import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, restore_interrupt
+
+# The flag groups of the model tools import what they name (MLX) when called: the calculator
+# (memory.py) uses this module without MLX.
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
-DEFAULT_KV_GROUP_SIZE = 64
-DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_PIPELINE_TIMEOUT = 300.0  # seconds; a long prefill chunk of a big model fits in it
 EXIT_BAD_INPUT = 2
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -116,6 +110,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
+    from .model.attention import ATTENTION_MODES
+
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default="mla")
     parser.add_argument(
@@ -179,6 +175,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser):
 def add_draft_arguments(parser: argparse.ArgumentParser):
     """Speculative decoding, named as mlx-lm (--draft-model, --num-draft-tokens) and llama.cpp
     (--draft-min) name it."""
+    from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DRAFTERS
+
     parser.add_argument(
         "--draft",
         choices=DRAFTERS,
@@ -217,6 +215,9 @@ def refuse_draft_with_pipeline(args: argparse.Namespace):
 
 def load_drafter(args: argparse.Namespace, model, tokenizer):
     """The drafter the --draft flags ask for (None without them), checked before generating."""
+    from .model.loading import load
+    from .speculative import check_draft_tokenizer, make_drafter
+
     check_draft_arguments(args.num_draft_tokens, args.draft_min)
     draft_model = None
     if args.draft_model is not None and args.draft is None:
@@ -227,6 +228,10 @@ def load_drafter(args: argparse.Namespace, model, tokenizer):
 
 def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
     """mlx-lm's KV-cache flags: quantise the cache once it holds --quantized-kv-start tokens."""
+    from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+
+    from .cache.latent import GROUP_SIZES, KV_BITS
+
     parser.add_argument(
         "--kv-bits",
         type=int,
@@ -255,6 +260,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser, prefill: bool = True):
 def cache_options(args: argparse.Namespace, model) -> dict:
     """The add_cache_arguments flags as mlx-lm's generate_step keyword arguments, checked against
     the model's cached head dims (a bad combination is one line, before any generation)."""
+    from .cache.latent import check_kv_quantization
+
     if args.kv_bits is not None:
         check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
     return {
@@ -283,8 +290,7 @@ def fail(message: str):
 def run(main, argv=None):
     """Call main(argv): our errors and the system's (a missing file) give one line and exit code 2,
     Ctrl-C exits quietly with 130, and a reader closing the pipe (`| head`) quietly with 141."""
-    if signal.getsignal(signal.SIGINT) is exit_interrupted:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    restore_interrupt()
     # Said to a person at a terminal; a script reading stderr keeps its one-line errors.
     if sys.stderr.isatty() and (note := slow_blas_note()):
         print(note, file=sys.stderr)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import types
 from datetime import datetime, timezone
@@ -21,7 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from . import cli
+from . import cli, startup
+from .defaults import DEFAULT_Q_GROUP_SIZE
 from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
 from .memory import format_bytes
 from .model.config import ModelArgs
@@ -31,7 +31,6 @@ from .model.loading import check_weights, read_config, read_weights, resolve
 
 DEFAULT_MLX_PATH = "mlx_model"
 DEFAULT_Q_BITS = 4
-DEFAULT_Q_GROUP_SIZE = 64
 DEFAULT_MAX_SHARD_GB = 2.0
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -453,7 +452,7 @@ def setup_arg_parser():
 
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    startup.exit_on_terminate()
     try:
         convert(**vars(args))
     except KeyboardInterrupt:

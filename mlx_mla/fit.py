@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from . import memory
+from .defaults import DEFAULT_KV_GROUP_SIZE
 from .distributed import stages
 from .errors import MLAError
 
@@ -49,17 +50,14 @@ def weight_bytes(path: Path, config: dict) -> int:
     return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
 
 
-def cache_dtype(config: dict) -> str:
-    dtype = config.get("torch_dtype") or config.get("dtype")
-    return dtype if isinstance(dtype, str) and dtype in memory.DTYPE_BYTES else "bfloat16"
-
-
-def cache_bytes(config, attention, tokens, kv_bits=None, kv_group_size=64) -> int | None:
+def cache_bytes(
+    config, attention, tokens, kv_bits=None, kv_group_size=DEFAULT_KV_GROUP_SIZE
+) -> int | None:
     try:
         return memory.cache_bytes(
-            config, attention, tokens, cache_dtype(config), kv_bits, kv_group_size
+            config, attention, tokens, memory.cache_dtype(config), kv_bits, kv_group_size
         )
-    except ValueError:  # a group size that does not divide the rows: check_kv_quantization says
+    except MLAError:  # a group size that does not divide the rows: check_kv_quantization says
         return None
 
 
@@ -69,7 +67,7 @@ def check_fit(
     attention: str,
     tokens: int,
     kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     available: tuple[int, str] | None = None,
 ):
     """Raise a FitError, in one line with the numbers and what would fit, when the weights plus a
@@ -112,20 +110,22 @@ def add_fit_argument(parser):
     )
 
 
-def check_tool_fit(args, tokens: int):
+def check_tool_fit(args, tokens: int) -> dict | None:
     """The tools' check, for a local folder (a hub id is fetched first, then checked by the next
-    run), before the weights are read. --no-fit-check and --pipeline skip it."""
+    run), before the weights are read. --no-fit-check and --pipeline skip it. Returns the
+    config.json it read, for the load to use (None where it read none)."""
     from .model.config import ModelArgs
     from .model.loading import read_config
 
     path = Path(args.model).expanduser()
     if args.no_fit_check or getattr(args, "pipeline", False) or not path.is_dir():
-        return
+        return None
     config = read_config(path)
     model_args = ModelArgs.from_dict(config)  # the errors load would give, before any sum
     tokens = min(tokens, model_args.max_position_embeddings)
     try:
         weight_bytes(path, config)
     except Exception:  # any damaged header: loading names the file and what is wrong with it
-        return
+        return config
     check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size)
+    return config

@@ -235,19 +235,26 @@ def pipeline_main(args):
         )
 
 
+def load_checked(args, tokens: int):
+    """The tools' model and tokenizer, loaded after the fit check for `tokens` tokens (which reads
+    config.json for the load)."""
+    config = fit.check_tool_fit(args, tokens)
+    return load(
+        args.model,
+        attention=args.attention,
+        trust_remote_code=args.trust_remote_code,
+        mtp=args.draft == "mtp",
+        config=config,
+    )
+
+
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.pipeline:
         cli.refuse_draft_with_pipeline(args)
         return pipeline_main(args)
     prompt = cli.read_prompt(args)
-    fit.check_tool_fit(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
-    model, tokenizer = load(
-        args.model,
-        attention=args.attention,
-        trust_remote_code=args.trust_remote_code,
-        mtp=args.draft == "mtp",
-    )
+    model, tokenizer = load_checked(args, len(prompt.encode()) + args.max_tokens)  # bytes >= tokens
     drafter = cli.load_drafter(args, model, tokenizer)
     stats = speculative.SpeculativeStats()
     options = cli.cache_options(args, model)

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cli
+from .defaults import DEFAULT_KV_GROUP_SIZE, DEFAULT_Q_GROUP_SIZE
+from .errors import BadArgumentError, ConfigError, MLAError
 from .model import families
 
 DEFAULT_CONFIG = "deepseek-v2-lite"
 DEFAULT_CONTEXT = "4096,32768,131072"
 DEFAULT_DTYPE = "bfloat16"
-DEFAULT_KV_GROUP_SIZE = 64
 DEFAULT_STEP = 256
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -34,6 +35,27 @@ _MLA_DIMS = {
 # attention reads only the index_topk latent rows it scores highest.
 _DSA = {"index_head_dim": 128, "index_topk": 2048}
 
+# With each preset, what its weights need beyond the cache's shapes (from its config.json), for
+# --ranks.
+_V3_MOE = {
+    "vocab_size": 129280,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 3,
+}
+_DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    **_MLA_DIMS,
+    **_V3_MOE,
+}
+
 PRESETS = {
     "deepseek-v2-lite": {
         "model_type": "deepseek_v2",
@@ -43,6 +65,12 @@ PRESETS = {
         "num_key_value_heads": 16,
         "q_lora_rank": None,
         **_MLA_DIMS,
+        "vocab_size": 102400,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
     },
     "deepseek-v2": {
         "model_type": "deepseek_v2",
@@ -52,16 +80,15 @@ PRESETS = {
         "num_key_value_heads": 128,
         "q_lora_rank": 1536,
         **_MLA_DIMS,
+        "vocab_size": 102400,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 1536,
+        "n_routed_experts": 160,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
     },
-    "deepseek-v3": {
-        "model_type": "deepseek_v3",
-        "hidden_size": 7168,
-        "num_hidden_layers": 61,
-        "num_attention_heads": 128,
-        "num_key_value_heads": 128,
-        "q_lora_rank": 1536,
-        **_MLA_DIMS,
-    },
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-r1": _DEEPSEEK_V3,  # DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes
     # moonshotai/Kimi-K2-Instruct config.json (model_type kimi_k2, the deepseek_v3 architecture).
     "kimi-k2": {
         "model_type": "kimi_k2",
@@ -71,6 +98,10 @@ PRESETS = {
         "num_key_value_heads": 64,
         "q_lora_rank": 1536,
         **_MLA_DIMS,
+        **_V3_MOE,
+        "vocab_size": 163840,
+        "n_routed_experts": 384,
+        "first_k_dense_replace": 1,
     },
     # moonshotai/Moonlight-16B-A3B config.json (deepseek_v3 with V2-Lite's attention shape).
     "moonlight-16b-a3b": {
@@ -94,6 +125,12 @@ PRESETS = {
         "qk_nope_head_dim": 192,
         "qk_rope_head_dim": 64,
         "v_head_dim": 256,
+        "vocab_size": 154880,
+        "intermediate_size": 10240,
+        "moe_intermediate_size": 1536,
+        "n_routed_experts": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
     },
     # transformers 5.24's DeepseekV32Config defaults, documented as deepseek-ai/DeepSeek-V3.2-Exp's.
     "deepseek-v3.2": {
@@ -106,6 +143,7 @@ PRESETS = {
         **_MLA_DIMS,
         **_DSA,
         "index_n_heads": 64,
+        **_V3_MOE,
     },
     # transformers 5.24's GlmMoeDsaConfig defaults, documented as zai-org/GLM-5's.
     "glm-5": {
@@ -121,6 +159,12 @@ PRESETS = {
         "v_head_dim": 256,
         **_DSA,
         "index_n_heads": 32,
+        "vocab_size": 154880,
+        "intermediate_size": 12288,
+        "moe_intermediate_size": 2048,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 3,
     },
     # transformers 5.24's MiniCPM3Config defaults, documented as openbmb/MiniCPM3-4B's; v_head_dim
     # is hidden_size / heads (the family derives it).
@@ -134,6 +178,9 @@ PRESETS = {
         "kv_lora_rank": 256,
         "qk_nope_head_dim": 64,
         "qk_rope_head_dim": 32,
+        "vocab_size": 73448,
+        "intermediate_size": 6400,
+        "tie_word_embeddings": True,
     },
     # tencent/Youtu-LLM-2B config.json (as quoted in mlx-swift-lm's tests), also transformers 5.24's
     # YoutuConfig defaults.
@@ -145,6 +192,9 @@ PRESETS = {
         "num_key_value_heads": 16,
         "q_lora_rank": 1536,
         **_MLA_DIMS,
+        "vocab_size": 128256,
+        "intermediate_size": 6144,
+        "tie_word_embeddings": True,
     },
     "deepseek-67b": {
         "model_type": "llama",
@@ -152,6 +202,8 @@ PRESETS = {
         "num_hidden_layers": 95,
         "num_attention_heads": 64,
         "num_key_value_heads": 8,
+        "vocab_size": 102400,
+        "intermediate_size": 22016,
     },
     "llama-2-70b": {
         "model_type": "llama",
@@ -159,6 +211,8 @@ PRESETS = {
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
         "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "intermediate_size": 28672,
     },
     "llama-3-70b": {
         "model_type": "llama",
@@ -166,6 +220,8 @@ PRESETS = {
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
         "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "intermediate_size": 28672,
     },
     "qwen2.5-72b": {
         "model_type": "qwen2",
@@ -173,72 +229,16 @@ PRESETS = {
         "num_hidden_layers": 80,
         "num_attention_heads": 64,
         "num_key_value_heads": 8,
+        "vocab_size": 152064,
+        "intermediate_size": 29568,
     },
 }
-# DeepSeek-R1 (and V3.1) have DeepSeek-V3's config.json shapes.
-PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"]
 
 
-# What the weights need beyond the cache's shapes (from each model's config.json), for --ranks.
-_V3_MOE = {
-    "vocab_size": 129280,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "first_k_dense_replace": 3,
-}
-WEIGHT_SHAPES = {
-    "deepseek-v2-lite": {
-        "vocab_size": 102400,
-        "intermediate_size": 10944,
-        "moe_intermediate_size": 1408,
-        "n_routed_experts": 64,
-        "n_shared_experts": 2,
-        "first_k_dense_replace": 1,
-    },
-    "deepseek-v2": {
-        "vocab_size": 102400,
-        "intermediate_size": 12288,
-        "moe_intermediate_size": 1536,
-        "n_routed_experts": 160,
-        "n_shared_experts": 2,
-        "first_k_dense_replace": 1,
-    },
-    "deepseek-v3": _V3_MOE,
-    "deepseek-r1": _V3_MOE,
-    "kimi-k2": {
-        **_V3_MOE,
-        "vocab_size": 163840,
-        "n_routed_experts": 384,
-        "first_k_dense_replace": 1,
-    },
-    "glm-4.7-flash": {
-        "vocab_size": 154880,
-        "intermediate_size": 10240,
-        "moe_intermediate_size": 1536,
-        "n_routed_experts": 64,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-    },
-    "deepseek-v3.2": _V3_MOE,
-    "glm-5": {
-        "vocab_size": 154880,
-        "intermediate_size": 12288,
-        "moe_intermediate_size": 2048,
-        "n_routed_experts": 256,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 3,
-    },
-    "minicpm3-4b": {"vocab_size": 73448, "intermediate_size": 6400, "tie_word_embeddings": True},
-    "youtu-llm-2b": {"vocab_size": 128256, "intermediate_size": 6144, "tie_word_embeddings": True},
-    "deepseek-67b": {"vocab_size": 102400, "intermediate_size": 22016},
-    "llama-2-70b": {"vocab_size": 32000, "intermediate_size": 28672},
-    "llama-3-70b": {"vocab_size": 128256, "intermediate_size": 28672},
-    "qwen2.5-72b": {"vocab_size": 152064, "intermediate_size": 29568},
-}
-for _name, _shapes in WEIGHT_SHAPES.items():
-    PRESETS[_name] = {**PRESETS[_name], **_shapes}
+def cache_dtype(config: dict) -> str:
+    """The dtype a model's cache holds: its config.json's torch_dtype, else bfloat16."""
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return dtype if isinstance(dtype, str) and dtype in DTYPE_BYTES else DEFAULT_DTYPE
 
 
 def load_config(path_or_preset: str) -> dict:
@@ -249,25 +249,25 @@ def load_config(path_or_preset: str) -> dict:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{path_or_preset!r} is neither a config.json, a folder holding one, nor a preset "
             f"({', '.join(PRESETS)})"
         )
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+        raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+        raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object")
     return config
 
 
 def _field(config: dict, name: str) -> int:
     value = config.get(name)
     if value is None:
-        raise ValueError(f"config has no {name!r}")
+        raise ConfigError(f"config has no {name!r}")
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"config field {name!r} must be an integer >= 0, not {value!r}")
+        raise ConfigError(f"config field {name!r} must be an integer >= 0, not {value!r}")
     return value
 
 
@@ -278,11 +278,11 @@ def is_mla(config: dict) -> bool:
 def attention_kind(config: dict, attention: str) -> str:
     """MLA, MHA, GQA or MQA: what the cache for `attention` looks like."""
     if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+        raise BadArgumentError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
     if is_mla(config):
         return "MLA" if attention == "mla" else "MHA"
     if attention == "mla":
-        raise ValueError("attention 'mla' needs an MLA config (one with kv_lora_rank)")
+        raise ConfigError("attention 'mla' needs an MLA config (one with kv_lora_rank)")
     heads = _field(config, "num_attention_heads")
     kv_heads = config.get("num_key_value_heads") or heads
     return "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else "GQA"
@@ -317,11 +317,11 @@ def _row_bytes(dim: int, dtype: str, kv_bits: int | None, kv_group_size: int) ->
     if kv_bits is None:
         return dim * itemsize
     if kv_bits not in QUANT_BITS:
-        raise ValueError(f"kv_bits must be one of {QUANT_BITS}, not {kv_bits}")
+        raise BadArgumentError(f"kv_bits must be one of {QUANT_BITS}, not {kv_bits}")
     if not isinstance(kv_group_size, int) or kv_group_size < 1:
-        raise ValueError(f"kv_group_size must be an integer >= 1, not {kv_group_size}")
+        raise BadArgumentError(f"kv_group_size must be an integer >= 1, not {kv_group_size}")
     if dim % kv_group_size:
-        raise ValueError(
+        raise BadArgumentError(
             f"a cached row of {dim} elements cannot be quantized in groups of {kv_group_size}"
         )
     # mx.quantize: packed uint32 words, plus one scale and one bias per group in the cache dtype.
@@ -351,7 +351,7 @@ def bytes_per_token(
     (mlx_mla.cache.QuantizedLatentCache). A DSA model's indexer keys (index_head_dim per token,
     in the layers that run an indexer) are quantised as c_kv is."""
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, not {dtype!r}")
+        raise BadArgumentError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, not {dtype!r}")
     rows = cache_layout(config, attention)
     quantized = [True, False] if attention_kind(config, attention) == "MLA" else [True, True]
     per_layer = sum(
@@ -417,7 +417,8 @@ class Claim:
     verdict: str
 
 
-def _claims() -> list[Claim]:
+def claims() -> list[Claim]:
+    """Public claims about MLA's cache, each against what this calculator computes."""
     lite, v2, v3 = PRESETS["deepseek-v2-lite"], PRESETS["deepseek-v2"], PRESETS["deepseek-v3"]
     gqa, llm67b = PRESETS["llama-3-70b"], PRESETS["deepseek-67b"]
 
@@ -466,9 +467,6 @@ def _claims() -> list[Claim]:
             f"{1 - v2_mx6 / llm67b_bf16:.1%}",
         ),
     ]
-
-
-CLAIMS = _claims()
 
 
 def format_bytes(n: float) -> str:
@@ -564,10 +562,10 @@ def summary(models: dict[str, dict], **quant) -> str:
     return _table(rows)
 
 
-def format_claims(claims: list[Claim] = CLAIMS) -> str:
+def format_claims(checked: list[Claim] | None = None) -> str:
     return "\n\n".join(
         f"{c.description}\n  claimed {c.claimed:g}, computed {c.computed:.4g}: {c.verdict}"
-        for c in claims
+        for c in (claims() if checked is None else checked)
     )
 
 
@@ -575,9 +573,10 @@ def parse_context(text: str) -> list[int]:
     try:
         contexts = [int(t) for t in text.split(",")]
     except ValueError:
-        raise ValueError(f"--context must be comma-separated token counts, not {text!r}") from None
+        message = f"--context must be comma-separated token counts, not {text!r}"
+        raise BadArgumentError(message) from None
     if any(t <= 0 for t in contexts):
-        raise ValueError(f"--context token counts must be positive, not {text!r}")
+        raise BadArgumentError(f"--context token counts must be positive, not {text!r}")
     return contexts
 
 
@@ -589,12 +588,12 @@ def ranks_report(
     from .distributed import stages
 
     if "vocab_size" not in config or "intermediate_size" not in config:
-        raise ValueError(f"{name} has no weight shapes (vocab_size, ...): pass its config.json")
+        raise ConfigError(f"{name} has no weight shapes (vocab_size, ...): pass its config.json")
     layers = _field(config, "num_hidden_layers")
     attention = _attentions(config)[0]
     quantization = config.get("quantization") or {}
     weight_bits = weight_bits or quantization.get("bits")
-    group_size = quantization.get("group_size", DEFAULT_KV_GROUP_SIZE)
+    group_size = quantization.get("group_size", DEFAULT_Q_GROUP_SIZE)
     costs = stages.config_costs(config, DTYPE_BYTES[dtype], weight_bits, group_size)
     per_layer = bytes_per_token(config, attention, dtype) // layers
     longest = max(contexts)
@@ -673,7 +672,7 @@ def _main(argv: list[str] | None = None) -> None:
         else:
             blocks = [report(name, config, contexts, **quant) for name, config in models.items()]
             blocks.append(summary(models, **quant))
-    except ValueError as e:
+    except MLAError as e:
         cli.fail(str(e))
     print("\n\n".join(blocks))
 

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -34,7 +33,7 @@ import mlx.core as mx
 from mlx_lm import generate as mlx_generate
 from mlx_lm import server as mlx_server
 
-from . import cli, speculative, web
+from . import cli, speculative, startup, web
 from .cache import prompt_cache as prompt_cache_files
 from .cache.conversations import ConversationCache, DiskCache, check_writable
 from .cache.latent import check_kv_quantization, quantized_cache
@@ -566,7 +565,7 @@ def serve(args: argparse.Namespace):
     prompt_cache = conversations(provider, args)
     info = web.model_info(provider, args, prompt_cache.new_cache)  # a forward: on every rank
     if group.rank() != 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        startup.ignore_interrupt()
         logging.getLogger().setLevel(logging.WARNING)
         return follow(ResponseGenerator(provider, prompt_cache), group.rank())
     try:
@@ -626,14 +625,10 @@ def follow(generator: ResponseGenerator, rank: int):
     os._exit(0)
 
 
-def stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    startup.interrupt_on_terminate()
     if args.seed is not None:
         mx.random.seed(args.seed)
     serve(args)

@@ -26,6 +26,7 @@ from mlx_lm.generate import GenerationResponse, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .defaults import DEFAULT_KV_GROUP_SIZE, DEFAULT_PREFILL_STEP_SIZE
 from .errors import BadArgumentError, MLAError
 
 DRAFTERS = ("mtp", "ngram")
@@ -410,9 +411,9 @@ def speculative_generate_step(
     max_tokens: int = 256,
     sampling: Sampling | None = None,
     prompt_cache: list | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     quantized_kv_start: int = 0,
     stats: SpeculativeStats | None = None,
 ):

@@ -404,7 +404,7 @@ STARTING = {
     "generate": ("-m", "mlx_mla.generate", "--prompt", "Hi", "--max-tokens", "1000"),
     "chat": ("-m", "mlx_mla.chat"),
     "perplexity": ("-m", "mlx_mla.perplexity"),
-    "memory": ("-m", "mlx_mla.memory"),
+    # (not memory: it imports no MLX now and is done before a signal can come during its start)
     "convert_script": ("convert.py", "--hf-path", "x", "--mlx-path", "y"),
 }
 

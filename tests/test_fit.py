@@ -71,5 +71,5 @@ def test_available_memory_is_memavailable_on_linux(monkeypatch):
 
 def test_a_dtype_that_is_not_a_name_sums_the_cache_in_bfloat16():
     """Found by tests/test_fuzz.py: a list as config.json's dtype was a TypeError."""
-    assert fit.cache_dtype({"dtype": ["float32"]}) == "bfloat16"
-    assert fit.cache_dtype({"torch_dtype": "float32"}) == "float32"
+    assert memory.cache_dtype({"dtype": ["float32"]}) == "bfloat16"
+    assert memory.cache_dtype({"torch_dtype": "float32"}) == "float32"

@@ -6,12 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from conftest import time_limit
 
 import mlx_mla
+import mlx_mla.generate
 from mlx_mla import CheckpointError, ConfigError, UnsupportedModelError
 from mlx_mla.cli import DEFAULT_MODEL
 
@@ -169,3 +171,30 @@ def test_a_tensor_of_integers_where_floats_belong_is_refused(checkpoint):
     )
     with pytest.raises(CheckpointError, match="holds mlx.core.int32"):
         mlx_mla.load_model(checkpoint)
+
+
+def config_reads(monkeypatch) -> list[str]:
+    """The config.json files this package reads (with Path.read_text) from now on; transformers'
+    tokenizer reads its own copy with open(), not counted."""
+    reads, read_text = [], Path.read_text
+
+    def counted(self, *args, **kwargs):
+        if self.name == "config.json":
+            reads.append(str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    return reads
+
+
+def test_a_load_reads_config_json_once(monkeypatch):
+    reads = config_reads(monkeypatch)
+    mlx_mla.load(DEFAULT_MODEL)
+    assert reads == [str(Path(DEFAULT_MODEL) / "config.json")]
+
+
+def test_generate_reads_config_json_once_for_its_fit_check_and_its_load(monkeypatch, capsys):
+    reads = config_reads(monkeypatch)
+    mlx_mla.generate.main(["--model", DEFAULT_MODEL, "--prompt", "Hi", "--max-tokens", "2"])
+    assert "Generation:" in capsys.readouterr().out
+    assert reads == [str(Path(DEFAULT_MODEL) / "config.json")]

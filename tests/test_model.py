@@ -5,7 +5,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import CONFIGS, TORCH_CLASSES
+from conftest import BASE, CONFIGS, TORCH_CLASSES, reference, save_tokenizer
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import mlx_mla
@@ -271,3 +271,29 @@ def test_longrope_takes_long_factor_and_attention_factor_past_original_max_as_tr
     ids = tokens(40)
     got = mlx_logits(mlx_mla.load_model(path), ids)
     assert np.abs(got - reference_logits(torch_model, ids)).max() <= TOL
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_config_only_family_sarvam_mla_matches_transformers(tmp_path, mode):
+    """Sarvam-105B's sarvam_mla, which transformers runs with DeepSeek-V3's model and its own
+    config defaults: one entry in model/families.py (docs/architecture.md counts it)."""
+    _, transformers = reference()
+    overrides = dict(q_lora_rank=24, first_k_dense_replace=1, routed_scaling_factor=2.5)
+    config = transformers.SarvamMLAConfig(**{**BASE, "n_group": 4, "topk_group": 2, **overrides})
+    torch.manual_seed(0)
+    torch_model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():  # router biases start at zero: perturb them to matter
+        for name, buffer in torch_model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buffer.add_(0.2 * torch.randn_like(buffer))
+    torch_model.save_pretrained(tmp_path)
+    save_tokenizer(tmp_path)
+    ids = tokens(30)
+    expected = reference_logits(torch_model, ids)
+    assert expected.std() > 0.1
+    got = mlx_logits(mlx_mla.load_model(tmp_path, attention=mode), ids)
+    assert np.abs(got - expected).max() <= TOL
+    # where config.json is silent the family's defaults are transformers' (routing over all experts)
+    silent = {k: v for k, v in config.to_dict().items() if k not in ("n_group", "topk_group")}
+    args = mlx_mla.ModelArgs.from_dict(silent)
+    assert (args.n_group, args.topk_group) == (transformers.SarvamMLAConfig().n_group, 1)

@@ -16,11 +16,22 @@ from pathlib import Path
 
 import huggingface_hub
 import mlx.core as mx
+import numpy as np
 import pytest
-from conftest import BASE, CONFIGS, make_torch_model, read_line, time_limit, write_checkpoint
+from conftest import (
+    BASE,
+    CONFIGS,
+    DSA_CONFIGS,
+    make_torch_model,
+    read_line,
+    save_tokenizer,
+    time_limit,
+    write_checkpoint,
+)
 from fake_hub import FakeHub
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 import mlx_mla
 from mlx_mla import ModelArgs
@@ -34,6 +45,7 @@ MAX_TOKENS = 8
 ROOT = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
 HUB_RANK_SCRIPT = Path(__file__).with_name("pipeline_hub_rank.py")
+LOGITS_RANK_SCRIPT = Path(__file__).with_name("pipeline_logits_rank.py")
 HUB_ID = "someone/tiny-mla"
 # what each rank holds besides its layers: rank 0 runs the last ones, rank 1 the first
 RANK_PARTS = [{"norm", "head"}, {"embed"}]
@@ -523,3 +535,69 @@ def test_planned_bytes_equal_the_model_of_every_family(name):
 
     assert costs.layers == [nbytes(layer) for layer in model.layers]
     assert costs.embed + costs.norm + costs.head == nbytes(model) - sum(costs.layers)
+
+
+# One model per family, the split chosen so that each stage's first layer runs what it needs
+# (GLM-5's "shared" layers reuse the top-k of the layer before: no stage may start on one).
+FAMILY_CONFIGS = {
+    "deepseek_v2": (CONFIGS["yarn_no_q_lora"], "1,2"),
+    "deepseek_v3": (CONFIGS["v3_one_group_tied_halves"], "1,2"),
+    "glm4_moe_lite": (CONFIGS["glm_lite"], "2,1"),
+    "mistral4": (CONFIGS["mistral4"], "1,2"),
+    "minicpm3": (CONFIGS["minicpm3_longrope_scaled"], "1,2"),
+    "youtu": (CONFIGS["youtu_untied_yarn"], "2,1"),
+    "deepseek_v32": (DSA_CONFIGS["v32_yarn"], "1,2"),
+    "glm_moe_dsa": (DSA_CONFIGS["glm5_shared"], "2,2"),
+    "sarvam_mla": (dict(model_type="sarvam_mla", q_lora_rank=24), "2,1"),
+}
+SAMPLED_SEED = 7
+
+
+def mlx_checkpoint(path: Path, overrides: dict) -> Path:
+    """A randomly initialised model of `overrides` saved in MLX layout, with a tokenizer: no
+    reference model needed, the comparison is with this package's own single process."""
+    config = {**BASE, **{k: v for k, v in overrides.items() if v is not None}}
+    config.setdefault("model_type", "deepseek_v2")
+    mx.random.seed(0)
+    model = mlx_mla.Model(ModelArgs.from_dict(config))
+    path.mkdir(parents=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    save_tokenizer(path)
+    return path
+
+
+def test_every_family_over_two_ranks_gives_the_single_process_logits_and_seeded_samples(
+    tmp_path,
+):
+    folders = [mlx_checkpoint(tmp_path / name, c) for name, (c, _) in FAMILY_CONFIGS.items()]
+    splits = ";".join(split for _, split in FAMILY_CONFIGS.values())
+    out = tmp_path / "out"
+    out.mkdir()
+    # MiniCPM3 first: its logit scale is the one a copy of the head got twice, so sample with it
+    first = list(FAMILY_CONFIGS).index("minicpm3")
+    folders.insert(0, folders.pop(first))
+    splits = splits.split(";")
+    splits.insert(0, splits.pop(first))
+    prompt = ",".join(map(str, PROMPT))
+    models = os.pathsep.join(map(str, folders))
+    args = [models, ";".join(splits), out, prompt, MAX_TOKENS, SAMPLED_SEED, 1.0]
+    result = launch(str(LOGITS_RANK_SCRIPT), *map(str, args), startups=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for i, folder in enumerate(folders):
+        model, _ = mlx_mla.load(folder)
+        expected = np.array(model(mx.array([PROMPT])))
+        piped = np.load(out / f"logits{i}.npy")
+        assert piped.shape == expected.shape, folder.name
+        np.testing.assert_allclose(piped, expected, rtol=1e-5, atol=1e-5, err_msg=folder.name)
+
+    model, tokenizer = mlx_mla.load(folders[0])
+    mx.random.seed(SAMPLED_SEED)
+    sampler = make_sampler(temp=1.0)
+    single = [
+        r.token
+        for r in stream_generate(model, tokenizer, PROMPT, max_tokens=MAX_TOKENS, sampler=sampler)
+    ]
+    assert len(set(single)) > 1  # sampled, not a repeated token
+    for rank in range(2):
+        assert json.loads((out / f"sampled{rank}.json").read_text()) == single

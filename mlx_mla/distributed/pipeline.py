@@ -12,7 +12,6 @@ the ranks with send/recv, rank 0 samples, and one all_sum gives every rank the t
 import json
 import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -21,16 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import generation_stream
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
-from mlx_lm.models.base import create_attention_mask
 
-from .. import memory
+from .. import memory, startup
 from ..errors import CheckpointError, MLAError
 from ..model.config import ModelArgs
-from ..model.decoder import DecoderLayer, Model, scaled
+from ..model.decoder import Model
 from ..model.loading import (
     SMALL_FILES,
     fill,
@@ -51,43 +48,18 @@ class PipelineError(MLAError):
     """A rank could not load its part, or the pipeline lost a rank while generating."""
 
 
-class StageLayers(nn.Module):
-    """The rank's part of `DeepseekV2Model`, under the same tensor names (layers renumbered)."""
-
-    def __init__(self, args: ModelArgs, attention: str, layers: range, embed: bool, norm: bool):
-        super().__init__()
-        if embed:
-            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i, attention) for i in layers]
-        if norm:
-            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
-class Stage(nn.Module):
-    """Decoder layers `layers` of a Model on one rank of `group`: `stage(tokens, cache) -> logits`
+class Stage(Model):
+    """The Model's decoder layers `layers` on one rank of `group`, under the Model's tensor names
+    (layers renumbered from 0), run by the Model's own pieces: `stage(tokens, cache) -> logits`
     on rank 0; on the other ranks a (B, L, 1) placeholder that carries the send to the next rank,
     or, with `logits_on_every_rank`, rank 0's logits."""
 
     def __init__(self, args: ModelArgs, attention: str, layers: range, group):
-        super().__init__()
-        self.args, self.attention, self.layer_range, self.group = args, attention, layers, group
-        self.rank, self.size = group.rank(), group.size()
-        self.first = layers.start == 0
-        self.last = layers.stop == args.num_hidden_layers
-        tied = args.tie_word_embeddings
-        embed = self.first or (self.last and tied)
-        self.model = StageLayers(args, attention, layers, embed, self.last)
-        if self.last and not tied:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, attention, layers=layers)
+        self.group, self.rank, self.size = group, group.rank(), group.size()
         self.hidden_dtype = mx.float32  # the first stage's, agreed on at load time
         self.logits_on_every_rank = False  # rank 0's logits given to all (the server needs them)
         self.tokens_seen = self.bytes_sent = 0
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    make_cache = Model.make_cache
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         cache = cache or [None] * len(self.layers)
@@ -95,14 +67,11 @@ class Stage(nn.Module):
         self.tokens_seen += B * L
         progress()  # the step before this one is done (on every path: generate, chat, server)
         if self.first:
-            h = scaled(self.model.embed_tokens(inputs), self.args.scale_emb)  # MiniCPM3's
+            h = self.model.embed(inputs)
         else:
             shape = (B, L, self.args.hidden_size)
             h = mx.distributed.recv(shape, self.hidden_dtype, self.rank + 1, group=self.group)
-        mask = create_attention_mask(h, cache[0])
-        shared = {}  # DSA: the last indexer's top-k, for GLM-5's layers that share it
-        for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c, shared)
+        h = self.model.run_layers(h, cache)
         if not self.last:
             h = mx.distributed.send(h, self.rank - 1, group=self.group)
             self.bytes_sent += h.nbytes
@@ -112,17 +81,11 @@ class Stage(nn.Module):
                 return mx.depends(mx.zeros((B, L, 1), h.dtype), h)
             logits = mx.depends(mx.zeros((B, L, self.args.vocab_size), self.hidden_dtype), h)
         else:
-            logits = self.head(scaled(self.model.norm(h), self.args.logits_scale))
+            logits = self.logits(self.model.norm(h))
         if not self.logits_on_every_rank:
             return logits
         # rank 0's logits to every rank (the others add zeros); only evaluated where they are read
         return mx.distributed.all_sum(logits.astype(self.hidden_dtype), group=self.group)
-
-    def head(self, h: mx.array) -> mx.array:
-        h = scaled(h, self.args.logits_scale)  # MiniCPM3's
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
 
     def parameter_bytes(self) -> int:
         return sum(v.nbytes for _, v in tree_flatten(self.parameters()))
@@ -168,9 +131,8 @@ def plan(path: Path, config: dict, ranks: int, attention: str = "mla", context=N
     except CheckpointError:
         costs = stages.config_costs(config)
     context = context or args.max_position_embeddings
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or memory.DEFAULT_DTYPE)
-    dtype = dtype if dtype in memory.DTYPE_BYTES else memory.DEFAULT_DTYPE
-    per_layer = memory.bytes_per_token(config, attention, dtype) // args.num_hidden_layers
+    per_token = memory.bytes_per_token(config, attention, memory.cache_dtype(config))
+    per_layer = per_token // args.num_hidden_layers
     return stages.split_layers(costs, ranks, per_layer * context)
 
 
@@ -244,7 +206,7 @@ def load(
             stages.check_split(split, group.size(), args.num_hidden_layers)
             layers = stages.layer_range(split, group.rank())
             stage = load_stage(path_or_hub_id, args, attention, layers, group)
-            tokenizer = tokenizer_of(path, trust_remote_code)
+            tokenizer = tokenizer_of(path, config, trust_remote_code)
     except LOAD_ERRORS as e:
         error = str(e)
     agree(group, stage, error)
@@ -286,8 +248,7 @@ class Watchdog:
         self.launcher = os.getppid()
         self.wakeup, self.signals = socket.socketpair()
         self.signals.setblocking(False)
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        signal.set_wakeup_fd(self.signals.fileno())  # the handler writes here, from any thread
+        startup.wake_on_terminate(self.signals.fileno())
         threading.Thread(target=self.watch, daemon=True).start()
 
     def progress(self):
@@ -300,7 +261,7 @@ class Watchdog:
     def watch(self):
         while True:
             ready, _, _ = select.select([self.wakeup], [], [], 1.0)
-            if ready and signal.SIGTERM in self.wakeup.recv(64):
+            if ready and startup.terminated_in(self.wakeup.recv(64)):
                 self.end(f"error: rank {self.rank} stopped: another rank ended")
             if os.getppid() != self.launcher:
                 self.end(f"error: rank {self.rank} stopped: its launcher ended")

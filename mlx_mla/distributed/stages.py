@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..defaults import DEFAULT_Q_GROUP_SIZE
+from ..errors import BadArgumentError
 from ..model import families
 from ..model.families import LAYER_KEY
 
@@ -82,7 +84,7 @@ def _matrix_bytes(n: int, dtype_bytes: int, bits: int | None, group_size: int) -
 
 
 def config_costs(
-    config: dict, dtype_bytes: int = 2, bits: int | None = None, group_size: int = 64
+    config: dict, dtype_bytes: int = 2, bits: int | None = None, group_size=DEFAULT_Q_GROUP_SIZE
 ) -> Costs:
     """Costs estimated from a config.json (MLA with DeepSeekMoE, or a dense MHA/GQA model), read
     as its family reads it (defaults, GLM's mlp_layer_types, the router's bias).
@@ -156,7 +158,7 @@ def split_layers(costs: Costs, ranks: int, cache_per_layer: int = 0) -> list[int
     rank's weights + cache, each rank getting at least one layer."""
     n = len(costs.layers)
     if not 1 <= ranks <= n:
-        raise ValueError(f"cannot split {n} layers over {ranks} ranks")
+        raise BadArgumentError(f"cannot split {n} layers over {ranks} ranks")
     inf = float("inf")
     # best[s][b]: smallest largest-stage bytes for layers [0, b) in stages 0..s (layer order)
     best = [[inf] * (n + 1) for _ in range(ranks)]
@@ -181,9 +183,11 @@ def check_split(split: list[int], ranks: int, num_layers: int) -> list[int]:
     """A split given by hand (`--pipeline-stages 14,13`): one positive count per rank, in all
     the model's layers."""
     if len(split) != ranks:
-        raise ValueError(f"the stages {split} are {len(split)} for {ranks} ranks")
+        raise BadArgumentError(f"the stages {split} are {len(split)} for {ranks} ranks")
     if any(s < 1 for s in split) or sum(split) != num_layers:
-        raise ValueError(f"the stages {split} must be positive and sum to {num_layers} layers")
+        raise BadArgumentError(
+            f"the stages {split} must be positive and sum to {num_layers} layers"
+        )
     return split
 
 

@@ -124,10 +124,7 @@ class ModelArgs:
                 f"model_type {model_type!r} is not supported; supported: "
                 + ", ".join(SUPPORTED_MODEL_TYPES)
             )
-        try:
-            config = FAMILIES[model_type].resolve(config)
-        except ValueError as e:
-            raise ConfigError(f"{model_type} {e}") from None
+        config = FAMILIES[model_type].resolve(config)
         fields = inspect.signature(cls).parameters
         check_required(config)
         args = cls(**{k: v for k, v in config.items() if k in fields})

@@ -72,30 +72,59 @@ class MTPLayer(DecoderLayer):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: ModelArgs, attention: str):
+    """The embedding, the decoder layers `layers` (all by default) and the final norm; a pipeline
+    stage builds only its own run of layers, and without `embed` / `norm` the parts it lacks."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        attention: str,
+        layers: range | None = None,
+        embed: bool = True,
+        norm: bool = True,
+    ):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i, attention) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if embed:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        layers = range(args.num_hidden_layers) if layers is None else layers
+        self.layers = [DecoderLayer(args, i, attention) for i in layers]
+        if norm:
+            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.embed_scale = args.scale_emb
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        if input_embeddings is None:
-            input_embeddings = scaled(self.embed_tokens(inputs), self.embed_scale)
-        h = input_embeddings
+        h = self.embed(inputs) if input_embeddings is None else input_embeddings
+        return self.norm(self.run_layers(h, cache))
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        return scaled(self.embed_tokens(inputs), self.embed_scale)  # MiniCPM3's scale_emb
+
+    def run_layers(self, h: mx.array, cache=None) -> mx.array:
+        """The decoder layers on h (B, L, D), before the final norm."""
         cache = cache or [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         shared = {}  # DSA: the last indexer's top-k, for GLM-5's layers that share it
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c, shared)
-        return self.norm(h)
+        return h
 
 
 class Model(nn.Module):
     """`model(tokens, cache=None) -> logits`, with the cache layout chosen by `attention`; with
-    `mtp`, also the checkpoint's MTP layers (`model.mtp`), which only drafting uses."""
+    `mtp`, also the checkpoint's MTP layers (`model.mtp`), which only drafting uses.
 
-    def __init__(self, args: ModelArgs, attention: str = "mla", mtp: bool = False):
+    Its pieces, for whatever runs it in parts (a pipeline stage, a drafter): `model.model.embed`,
+    `model.model.run_layers`, `model.model.norm` and `model.logits`. With `layers` it holds only
+    those decoder layers, and the embedding and head only where a stage running them needs them
+    (the first layers embed; the last run the norm and the head, which a tied model embeds with)."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        attention: str = "mla",
+        mtp: bool = False,
+        layers: range | None = None,
+    ):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ConfigError(f"attention {attention!r} is not one of {', '.join(ATTENTION_MODES)}")
@@ -104,8 +133,13 @@ class Model(nn.Module):
         self.args = args
         self.attention = attention
         self.model_type = args.model_type
-        self.model = DecoderModel(args, attention)
-        if not args.tie_word_embeddings:
+        self.layer_range = range(args.num_hidden_layers) if layers is None else layers
+        self.first = self.layer_range.start == 0
+        self.last = self.layer_range.stop == args.num_hidden_layers
+        tied = args.tie_word_embeddings
+        embed = self.first or (self.last and tied)
+        self.model = DecoderModel(args, attention, self.layer_range, embed, norm=self.last)
+        if self.last and not tied:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         first = args.num_hidden_layers
         n = args.num_nextn_predict_layers if mtp else 0
@@ -116,7 +150,7 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         """The head applied to final-norm hidden states (what `model.model` returns)."""
-        hidden = scaled(hidden, self.args.logits_scale)
+        hidden = scaled(hidden, self.args.logits_scale)  # MiniCPM3's
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(hidden)
         return self.lm_head(hidden)

@@ -9,6 +9,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 # A decoder layer's tensors, in checkpoints and in this package alike.
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 # Fields only some families read; a family not reading one drops it, as its transformers model does.
@@ -51,11 +53,11 @@ class Family:
     mlx_lm: str | None = None
 
     def resolve(self, config: dict) -> dict:
-        """config.json as the family's transformers model reads it. Raises ValueError naming the
+        """config.json as the family's transformers model reads it. Raises ConfigError naming the
         fixed field a config.json contradicts."""
         for key, value in self.fixed.items():
             if config.get(key, value) != value:
-                raise ValueError(f"supports {key} {value!r} only, not {config[key]!r}")
+                raise ConfigError(f"{self.name} supports {key} {value!r} only, not {config[key]!r}")
         config = {**self.defaults, **config, **self.fixed}
         if self.dense:
             config["n_routed_experts"] = None
@@ -131,12 +133,11 @@ FAMILIES = {
     "glm4_moe_lite": Family(
         "glm4_moe_lite",
         defaults=dict(
+            _V3_DEFAULTS,
             n_group=1,
             topk_group=1,
-            norm_topk_prob=True,
             routed_scaling_factor=1.8,
             first_k_dense_replace=1,
-            n_shared_experts=1,
             rms_norm_eps=1e-5,
         ),
         fixed=_V3_ROUTER,
@@ -146,12 +147,11 @@ FAMILIES = {
     "mistral4": Family(
         "mistral4",
         defaults=dict(
+            _V3_DEFAULTS,
             n_group=1,
             topk_group=1,
-            norm_topk_prob=True,
             routed_scaling_factor=1.0,
             first_k_dense_replace=0,
-            n_shared_experts=1,
         ),
         fixed=dict(_V3_ROUTER, scoring_func="softmax"),
         rotary_dim_of="qk_head_dim",
@@ -187,6 +187,13 @@ FAMILIES = {
         defaults=dict(tie_word_embeddings=True, q_lora_rank=1536),
         dense=True,
         mlx_lm="youtu_llm",
+    ),
+    # Sarvam-105B: DeepSeek-V3's model (transformers runs it as DeepseekV3ForCausalLM), routing over
+    # all its experts by default.
+    "sarvam_mla": Family(
+        "sarvam_mla",
+        defaults=dict(_V3_DEFAULTS, n_group=1, topk_group=1, first_k_dense_replace=1),
+        fixed=_V3_ROUTER,
     ),
 }
 FAMILIES["kimi_k2"] = FAMILIES["deepseek_v3"]

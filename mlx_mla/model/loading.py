@@ -229,12 +229,14 @@ def upcast_experts_for_cpu(model: nn.Module):
     )
 
 
-def load_model(path: str | Path, attention: str = "mla", mtp: bool = False) -> Model:
+def load_model(
+    path: str | Path, attention: str = "mla", mtp: bool = False, config: dict | None = None
+) -> Model:
     """The model of a checkpoint folder (Hugging Face or MLX layout) with its weights loaded;
-    with `mtp`, its multi-token-prediction layers too (for `--draft mtp`)."""
+    with `mtp`, its multi-token-prediction layers too (for `--draft mtp`). `config`: the folder's
+    config.json, where the caller has read it already."""
     path = resolve(path)
-    config = read_config(path)
-    args = ModelArgs.from_dict(config)
+    args = ModelArgs.from_dict(read_config(path) if config is None else config)
     if mtp and not args.num_nextn_predict_layers:
         raise CheckpointError(
             f"{path} has no MTP layer (its config.json has no num_nextn_predict_layers); "
@@ -299,17 +301,19 @@ def load(
     attention: str = "mla",
     trust_remote_code: bool = False,
     mtp: bool = False,
+    config: dict | None = None,
 ) -> tuple[Model, TokenizerWrapper]:
     """Model and mlx-lm tokenizer wrapper from a local folder or a hub id. A tokenizer that ships
     Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code. `mtp` loads the MTP
-    layers too."""
+    layers too. config.json is read once (or given as `config`, where the caller has read it)."""
     path = resolve(path_or_hub_id)
-    ModelArgs.from_dict(read_config(path))  # transformers reads config.json too: name its faults
-    tokenizer = tokenizer_of(path, trust_remote_code)
-    return load_model(path, attention, mtp), tokenizer
+    config = read_config(path) if config is None else config
+    ModelArgs.from_dict(config)  # transformers reads config.json too: name its faults first
+    tokenizer = tokenizer_of(path, config, trust_remote_code)
+    return load_model(path, attention, mtp, config), tokenizer
 
 
-def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrapper:
+def tokenizer_of(path: Path, config: dict, trust_remote_code: bool = False) -> TokenizerWrapper:
     check_tokenizer_files(path)
     code = tokenizer_code(path)
     if code and not trust_remote_code:
@@ -321,7 +325,7 @@ def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrappe
         return load_tokenizer(
             path,
             tokenizer_config_extra={"trust_remote_code": trust_remote_code},
-            eos_token_ids=read_config(path).get("eos_token_id"),
+            eos_token_ids=config.get("eos_token_id"),
         )
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None
