@@ -15,7 +15,7 @@ from mlx_lm.utils import infer_quant_config
 
 from ..errors import BadArgumentError, CheckpointError, ConfigError
 from .config import QUANTIZATION_BITS, QUANTIZATION_GROUP_SIZES, ModelArgs, check_types
-from .decoder import Model, sanitize
+from .decoder import Model, key_rows, sanitize, use_key_rows
 
 # *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
 # A tokenizer needs one of these; tokenizer_config.json adds its special tokens and chat template.
@@ -248,12 +248,13 @@ def load_model(path: str | Path, attention: str = "mla", mtp: bool = False) -> M
 def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs, mtp: bool = False):
     """Load checkpoint tensors (Hugging Face or MLX names) into a model built from `args`, its
     MTP layers too with `mtp`."""
-    if args.quantization_config:
+    if args.is_fp8:
         print(
             "note: FP8 weights are dequantised to bfloat16 at every load; "
             "python -m mlx_mla.convert does it once",
             file=sys.stderr,
         )
+    use_key_rows(model, key_rows(weights, args, mtp), args)
     try:
         weights = sanitize(weights, args, mtp)
     except ValueError as e:
