@@ -153,6 +153,7 @@ CACHES = {  # (attention, indexer): cache class
 FP8_SCALE = ".weight_scale_inv"
 KV_B_PART = re.compile(r"self_attn\.kv_b_proj\.(weight|scales|biases)$")
 QUANTIZED_PARTS = ("scales", "biases")
+GATE_PART = re.compile(r"\.mlp\.gate\.(scales|biases)$")
 EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -165,6 +166,8 @@ def sanitize(weights: dict, args: ModelArgs, mtp: bool = False, split_kv_b: bool
     - per-expert tensors (original layout) or fused `experts.gate_up_proj` / `experts.down_proj`
       (transformers 5) become the stacked `switch_mlp` weights;
     - FP8 weights with a `weight_scale_inv` (DeepSeek-V3's release) are dequantised to bfloat16;
+    - a quantised router gate (mlx-lm quantises Mistral 4's, an nn.Linear there) is dequantised:
+      the router keeps float weights, the same values;
     - the multi-token-prediction layers (`model.layers.{num_hidden_layers + i}`) become `mtp.{i}`
       with `mtp`, and are dropped without it;
     - rotary `inv_freq` and zero-size tensors (transformers' shared experts when n_shared_experts
@@ -186,6 +189,10 @@ def sanitize(weights: dict, args: ModelArgs, mtp: bool = False, split_kv_b: bool
                 parts = {p: v for p, v in parts.items() if v is not None} | {"weight": value}
                 prefix = key.removesuffix("kv_b_proj.weight")
                 out |= {prefix + k: v for k, v in split_kv_b_proj(key, parts, args).items()}
+        elif key.endswith(".mlp.gate.weight") and raw[: -len("weight")] + "scales" in weights:
+            out[key] = dequantize_gate(raw, weights, args.hidden_size)
+        elif GATE_PART.search(key):
+            continue  # dequantised with its weight
         elif match := EXPERT_KEY.match(key):
             experts.setdefault(f"{match[1]}.switch_mlp.{match[3]}.weight", {})[int(match[2])] = (
                 value
@@ -246,6 +253,23 @@ def dequantize_fp8(name: str, w: mx.array, scale_inv: mx.array, block: tuple[int
     w = w.reshape((m + pm) // bm, bm, (n + pn) // bn, bn)  # (row blocks, bm, column blocks, bn)
     w = w * scale_inv[:, None, :, None].astype(mx.float32)
     return w.reshape(m + pm, n + pn)[:m, :n].astype(mx.bfloat16)
+
+
+def dequantize_gate(name: str, weights: dict, in_dims: int) -> mx.array:
+    """A quantised router gate's weight (n_routed_experts, in_dims), in its scales' float dtype
+    (float32 for mxfp4, mxfp8 and nvfp4, whose scales are uint8)."""
+    prefix = name[: -len("weight")]
+    w, scales, biases = weights[name], weights[prefix + "scales"], weights.get(prefix + "biases")
+    bits, group_size = w.shape[-1] * 32 // in_dims, in_dims // scales.shape[-1]
+    mode = "affine"
+    if scales.dtype == mx.uint8:
+        mode = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}.get((bits, group_size))
+    if mode is None or w.dtype != mx.uint32:
+        raise ValueError(
+            f"{name} is packed with no mlx quantization mode ({bits} bits, group {group_size})"
+        )
+    w = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+    return w if mode == "affine" else w.astype(mx.float32)
 
 
 def split_kv_b_proj(name: str, parts: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:

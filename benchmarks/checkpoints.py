@@ -1,0 +1,86 @@
+"""mlx-lm's conversions in mlx-mla, and ours in mlx-lm: the table of docs/checkpoints.md.
+
+For each family and conversion: mlx-lm's converter (in-process) writes a folder from a tiny random
+checkpoint; our model on both attention paths is compared with mlx-lm's own model on that folder
+(largest logit difference relative to the largest logit, greedy tokens over a short decode).
+Then our convert's output of the same checkpoint is loaded by mlx_lm.utils.load_model.
+
+    python benchmarks/checkpoints.py [--families deepseek_v2 ...] [--conversions "4-bit g64" ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/profile.py would shadow the standard library's profile, which torch imports.
+sys.path[0:1] = [str(ROOT / "tests"), str(ROOT)]
+
+import mlx.core as mx  # noqa: E402
+import mlx_lm.utils  # noqa: E402
+import test_mlx_lm_checkpoints as checks  # noqa: E402
+
+import mlx_mla  # noqa: E402
+
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "checkpoints.json"
+
+
+def row(root: Path, family: str, conversion: str) -> dict:
+    src = checks.hf_checkpoint(family, root / f"hf-{family}")
+    name = conversion.replace(" ", "_").replace(",", "")
+    out = {"family": family, "conversion": conversion}
+    try:
+        path = checks.mlx_lm_folder(src, conversion, root / f"{family}-{name}")
+        reference = checks.reference_model(path)
+    except Exception as e:
+        return out | {"mlx_lm": f"{type(e).__name__}: {str(e)[:120]}"}
+    for attention in ("mla", "mha"):
+        try:
+            worst, differ, clear = checks.compare(
+                path, attention, reference, checks.tolerance(conversion)
+            )
+            out[attention] = {"error": worst, "greedy_differ": differ, "clear": clear}
+        except Exception as e:
+            out[attention] = {"failed": f"{type(e).__name__}: {str(e)[:160]}"}
+            traceback.print_exc()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(checks.FAMILIES))
+    parser.add_argument("--conversions", nargs="+", default=list(checks.CONVERSIONS))
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args()
+    for ours, theirs in checks.MLX_LM_ALIASES.items():
+        mlx_lm.utils.MODEL_REMAPPING[ours] = theirs
+    rows, start = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families:
+            for conversion in args.conversions:
+                rows.append(row(Path(tmp), family, conversion))
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{len(rows)} folders in {time.time() - start:.0f} s, load {os.getloadavg()}")
+    print("\n| family | conversion | mla: max rel. logit diff | mha | greedy equal (mla/mha) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        cells = []
+        for attention in ("mla", "mha"):
+            a = r.get(attention, {})
+            cells.append(f"{a['error']:.1e}" if "error" in a else a.get("failed", r.get("mlx_lm")))
+        greedy = "/".join(
+            "yes" if r.get(a, {}).get("greedy_differ") == 0 else str(r.get(a, {}).get("greedy_differ"))
+            for a in ("mla", "mha")
+        )
+        print(f"| {r['family']} | {r['conversion']} | {cells[0]} | {cells[1]} | {greedy} |")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

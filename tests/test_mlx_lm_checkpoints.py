@@ -1,0 +1,198 @@
+"""mlx-lm's conversions load here, on both attention paths, with mlx-lm's own model's logits on the
+same folder; ours load in mlx-lm. Folders are written by mlx-lm's converter itself (in-process),
+from tiny random checkpoints of each family. benchmarks/checkpoints.py prints the whole matrix."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import CONFIGS, make_torch_model, time_limit, write_checkpoint
+
+import mlx_mla
+from mlx_mla.convert import convert as our_convert
+from mlx_mla.model.loading import upcast_experts_for_cpu
+
+mlx_lm_convert = pytest.importorskip("mlx_lm.convert")
+import mlx_lm.utils  # noqa: E402  (after the skip: the tests need mlx-lm's converter)
+
+# Dimensions every group size divides (kv_lora_rank, hidden_size), so that mlx-lm quantises
+# kv_b_proj at 32, 64 and 128 alike. Each family's options are its CONFIGS entry's, less those
+# mlx-lm's model reads otherwise than transformers (so that the two are the same model):
+# MiniCPM3's short_factor (mlx-lm always takes long_factor) and its tied head (mlx-lm's skips the
+# division by hidden_size / dim_model_base), Youtu's YaRN (mlx-lm's leaves out mscale_all_dim),
+# GLM's mlp_layer_types (mlx-lm reads first_k_dense_replace), and the MTP layer (mlx-lm's
+# DeepSeek-V3 drops model.layers.61 alone).
+GEOMETRY = dict(hidden_size=128, kv_lora_rank=128, intermediate_size=128, moe_intermediate_size=64)
+MINICPM3 = CONFIGS["minicpm3_longrope_scaled"]
+FAMILIES = {
+    "deepseek_v2": CONFIGS["q_lora_grouped_scaled"],
+    "deepseek_v3": dict(CONFIGS["v3_grouped_q_lora"], num_nextn_predict_layers=0),
+    "glm4_moe_lite": {k: v for k, v in CONFIGS["glm_lite"].items() if k != "mlp_layer_types"},
+    "mistral4": CONFIGS["mistral4"],
+    "minicpm3": MINICPM3
+    | {
+        "tie_word_embeddings": False,
+        "rope_parameters": MINICPM3["rope_parameters"] | {"short_factor": [2.0, 2.5, 3.0, 4.0]},
+    },
+    "youtu": CONFIGS["youtu_untied_yarn"]
+    | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+}
+# mlx-lm's Mistral 4 reads rope_parameters, as transformers 5 writes them.
+LAYOUTS = {"mistral4": "transformers5"}
+# mlx-lm names Youtu-LLM's module youtu_llm and has no alias for transformers' model_type "youtu".
+MLX_LM_ALIASES = {"youtu": "youtu_llm"}
+PROMPT = [1, 5, 9, 14, 20, 33, 7, 41, 3, 60]
+DECODE_STEPS = 6
+# Relative to the largest logit, where both models read the same bits (float32 activations).
+TOLERANCE = 1e-4
+# Float folders in 16 bits: the two paths round in different orders; measured below 1e-2.
+HALF_TOLERANCE = 3e-2
+
+# Conversions: name -> mlx_lm.convert.convert options (the CLI's flags: --dtype, -q, --q-bits,
+# --q-group-size, --q-mode, --quant-predicate). "quantization only": the older mlx-community
+# folders, with no quantization_config beside it.
+CONVERSIONS = {"float32": dict(dtype="float32")}
+CONVERSIONS |= {dtype: dict(dtype=dtype) for dtype in ("float16", "bfloat16")}
+CONVERSIONS |= {
+    f"{bits}-bit g{group}": dict(quantize=True, q_bits=bits, q_group_size=group)
+    for bits in (2, 3, 4, 5, 6, 8)
+    for group in (32, 64, 128)
+}
+CONVERSIONS |= {mode: dict(quantize=True, q_mode=mode) for mode in ("mxfp4", "mxfp8", "nvfp4")}
+CONVERSIONS |= {
+    recipe: dict(quantize=True, q_group_size=64, quant_predicate=recipe)
+    for recipe in mlx_lm_convert.QUANT_RECIPES
+}
+CONVERSIONS["4-bit g64, quantization only"] = dict(quantize=True, q_bits=4, q_group_size=64)
+# The default run: one family of each kv_b_proj layout, the common conversions.
+DEFAULT = [
+    ("deepseek_v2", "4-bit g64"),
+    ("deepseek_v2", "8-bit g128"),
+    ("deepseek_v2", "mixed_3_6"),
+    ("deepseek_v2", "mxfp4"),
+    ("deepseek_v2", "bfloat16"),
+    ("minicpm3", "4-bit g32, quantization only"),
+    ("youtu", "6-bit g32"),
+    ("deepseek_v3", "4-bit g64"),
+]
+
+
+def use_mlx_lm_aliases(monkeypatch):
+    for ours, theirs in MLX_LM_ALIASES.items():
+        monkeypatch.setitem(mlx_lm.utils.MODEL_REMAPPING, ours, theirs)
+
+
+def hf_checkpoint(family: str, folder: Path) -> Path:
+    """A tiny random checkpoint of the family, float32, in the original layout (see LAYOUTS)."""
+    if not (folder / "config.json").is_file():
+        model = make_torch_model({"model_type": family, **FAMILIES[family], **GEOMETRY})
+        write_checkpoint(model, folder, LAYOUTS.get(family, "original"))
+    return folder
+
+
+def mlx_lm_folder(src: Path, conversion: str, folder: Path) -> Path:
+    """What mlx-lm's converter writes from `src` with the conversion's options."""
+    if not (folder / "config.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        mlx_lm_convert.convert(str(src), str(folder), **CONVERSIONS[conversion])
+        if conversion.endswith("quantization only"):
+            config = json.loads((folder / "config.json").read_text())
+            del config["quantization_config"]
+            (folder / "config.json").write_text(json.dumps(config, indent=4))
+    return folder
+
+
+def reference_model(path: Path):
+    """mlx-lm's own model on `path`, its float experts upcast as ours are (MLX's CPU gather_mm
+    runs in float32 only, so mlx-lm's fails on a 16-bit MoE folder here)."""
+    model, _ = mlx_lm.utils.load_model(path)
+    upcast_experts_for_cpu(model)
+    return model
+
+
+def relative_error(ours: mx.array, theirs: mx.array) -> float:
+    ours, theirs = ours.astype(mx.float32), theirs.astype(mx.float32)
+    return (mx.abs(ours - theirs).max() / mx.abs(theirs).max()).item()
+
+
+def compare(path: Path, attention: str, reference, tol: float) -> tuple[float, int, int]:
+    """Our model on `path` against `reference` (mlx-lm's model on the same folder), decoding
+    greedily from PROMPT with our cache (the prompt's step, then one token a step) while the
+    reference recomputes the whole sequence. (largest relative logit error, steps whose greedy
+    token differs, of those the ones where the reference's top two are further apart than `tol`
+    relative to its largest logit, which no rounding within `tol` explains)."""
+    model = mlx_mla.load_model(path, attention)
+    cache = model.make_cache()
+    tokens, worst, differ, clear = list(PROMPT), 0.0, 0, 0
+    logits = model(mx.array([tokens]), cache=cache)[0, -1]
+    for _ in range(DECODE_STEPS):
+        ref = reference(mx.array([tokens]))[0, -1].astype(mx.float32)
+        worst = max(worst, relative_error(logits, ref))
+        token = mx.argmax(ref).item()
+        if mx.argmax(logits).item() != token:
+            differ += 1
+            top = mx.sort(ref)[-2:]
+            clear += int((top[1] - top[0]).item() > tol * mx.abs(ref).max().item())
+        tokens.append(token)
+        logits = model(mx.array([[token]]), cache=cache)[0, -1]
+    return worst, differ, clear
+
+
+def tolerance(conversion: str) -> float:
+    return HALF_TOLERANCE if conversion in ("float16", "bfloat16") else TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """folders(family, conversion) -> mlx-lm's conversion, each built once."""
+    root = tmp_path_factory.mktemp("mlx-lm")
+
+    def get(family: str, conversion: str) -> Path:
+        src = hf_checkpoint(family, root / f"hf-{family}")
+        name = conversion.replace(" ", "_").replace(",", "")
+        return mlx_lm_folder(src, conversion, root / f"{family}-{name}")
+
+    return get
+
+
+def check_parity(folders, monkeypatch, family: str, conversion: str):
+    use_mlx_lm_aliases(monkeypatch)
+    path = folders(family, conversion)
+    reference = reference_model(path)
+    for attention in ("mla", "mha"):
+        worst, differ, clear = compare(path, attention, reference, tolerance(conversion))
+        assert worst <= tolerance(conversion), (attention, worst)
+        assert clear == 0, (attention, differ)
+
+
+@pytest.mark.parametrize("family, conversion", DEFAULT)
+def test_mlx_lm_conversion_gives_mlx_lms_logits_on_both_paths(
+    folders, monkeypatch, family, conversion
+):
+    check_parity(folders, monkeypatch, family, conversion)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conversion", CONVERSIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_mlx_lm_conversion_gives_mlx_lms_logits_on_both_paths(
+    folders, monkeypatch, family, conversion
+):
+    if (family, conversion) in DEFAULT:
+        pytest.skip("in the default run")
+    check_parity(folders, monkeypatch, family, conversion)
+
+
+def test_quantised_kv_b_proj_is_used_as_packed_not_requantised(folders):
+    path = folders("deepseek_v2", "4-bit g64")
+    stored = mx.load(str(next(path.glob("model*.safetensors"))))
+    kv_b = stored["model.layers.0.self_attn.kv_b_proj.weight"]
+    attn = mlx_mla.load_model(path).layers[0].self_attn
+    heads, nope = attn.num_heads, attn.qk_nope_head_dim
+    rows = kv_b.reshape(heads, nope + attn.v_head_dim, -1)
+    assert mx.array_equal(attn.embed_q.weight, rows[:, :nope])
+    assert mx.array_equal(attn.unembed_out.weight, rows[:, nope:])
