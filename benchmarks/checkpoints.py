@@ -74,7 +74,9 @@ def main():
             a = r.get(attention, {})
             cells.append(f"{a['error']:.1e}" if "error" in a else a.get("failed", r.get("mlx_lm")))
         greedy = "/".join(
-            "yes" if r.get(a, {}).get("greedy_differ") == 0 else str(r.get(a, {}).get("greedy_differ"))
+            "yes"
+            if r.get(a, {}).get("greedy_differ") == 0
+            else str(r.get(a, {}).get("greedy_differ"))
             for a in ("mla", "mha")
         )
         print(f"| {r['family']} | {r['conversion']} | {cells[0]} | {cells[1]} | {greedy} |")

@@ -196,3 +196,69 @@ def test_quantised_kv_b_proj_is_used_as_packed_not_requantised(folders):
     rows = kv_b.reshape(heads, nope + attn.v_head_dim, -1)
     assert mx.array_equal(attn.embed_q.weight, rows[:, :nope])
     assert mx.array_equal(attn.unembed_out.weight, rows[:, nope:])
+
+
+def run_tool(module: str, *args) -> subprocess.CompletedProcess:
+    """A tool in a process of its own: an unchecked id would crash it, not the test session."""
+    return subprocess.run(
+        [sys.executable, "-m", f"mlx_mla.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=time_limit(20),
+    )
+
+
+def assert_one_line_refusal(out: subprocess.CompletedProcess, *words: str):
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+    assert all(w in out.stderr for w in words), out.stderr
+
+
+def test_mlx_lm_folders_print_no_fp8_note(folders):
+    path = folders("deepseek_v2", "4-bit g64")
+    assert json.loads((path / "config.json").read_text())["quantization_config"]
+    out = run_tool("generate", "--model", path, "--prompt", "RO", "--max-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    assert "FP8" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def small_vocabulary(tmp_path_factory):
+    """A checkpoint whose embedding (40 ids) is smaller than its tokenizer's 75 ids."""
+    folder = tmp_path_factory.mktemp("small-vocabulary")
+    model = make_torch_model({**CONFIGS["yarn_no_q_lora"], "vocab_size": 40})
+    return write_checkpoint(model, folder, "original")
+
+
+def test_a_tokenizer_past_the_embedding_is_refused_at_load(small_vocabulary):
+    out = run_tool("generate", "--model", small_vocabulary, "--prompt", "ROMEO:")
+    assert_one_line_refusal(out, "vocab_size 40", "another model's tokenizer")
+
+
+def test_a_prompt_cache_file_then_a_larger_tokenizer_is_refused(checkpoints, tmp_path):
+    src, _ = checkpoints["yarn_no_q_lora", "original"]
+    folder = shutil.copytree(src, tmp_path / "model")
+    doc, file = tmp_path / "doc.txt", tmp_path / "doc.safetensors"
+    doc.write_text("ROMEO: the night is long.")
+    made = run_tool(
+        "cache_prompt", "--model", folder, "--prompt-file", doc, "--prompt-cache-file", file
+    )
+    assert made.returncode == 0, made.stderr
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab |= {f"extra{i}": len(vocab) + i for i in range(100)}  # ids 75..174, past vocab_size 80
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = run_tool("generate", "--model", folder, "--prompt-cache-file", file, "--prompt", "x")
+    assert_one_line_refusal(out, "vocab_size 80")
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_ids_past_the_vocabulary_in_a_library_call_are_refused(checkpoints, attention):
+    src, _ = checkpoints["yarn_no_q_lora", "original"]
+    model = mlx_mla.load_model(src, attention)
+    for ids in ([[3, 80]], [[-1]], [[5000]]):
+        with pytest.raises(mlx_mla.errors.BadArgumentError, match="vocab_size 80"):
+            model(mx.array(ids))
+    with pytest.raises(mlx_mla.errors.BadArgumentError, match="token id 90 "):
+        model(mx.array([[3, 90]]), cache=model.make_cache())
+    assert model(mx.array([[0, 79]])).shape == (1, 2, 80)

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from ..cache.latent import ExpandedKVCache, IndexedKVCache, IndexedLatentCache, LatentCache
-from ..errors import ConfigError
+from ..errors import BadArgumentError, ConfigError
 from .attention import ATTENTION_MODES, Attention, KeyRows
 from .config import ModelArgs
 from .families import LAYER_KEY
@@ -112,6 +112,8 @@ class Model(nn.Module):
         self.mtp = [MTPLayer(args, first + i, attention) for i in range(n)]
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        if input_embeddings is None and (cache is None or inputs.shape[-1] > 1):
+            check_token_ids(inputs, self.args.vocab_size)
         return self.logits(self.model(inputs, cache, input_embeddings))
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -142,6 +144,18 @@ def use_key_rows(model: nn.Module, paths: list[str], args: ModelArgs):
     for path, module in model.named_modules():
         if path in paths:
             module.embed_q = KeyRows(args.kv_lora_rank, args.qk_nope_head_dim, module.num_heads)
+
+
+def check_token_ids(inputs: mx.array, vocab_size: int):
+    """Refuse ids outside the embedding (MLX does not bounds-check its gather: it reads past the
+    table, or crashes). Called for prompts and verify steps: a decode step's single token comes
+    from the model's own logits, and checking it would wait for it, so it is not checked."""
+    if inputs.size and mx.logical_or(inputs < 0, inputs >= vocab_size).any().item():
+        worst = mx.where(inputs < 0, inputs, inputs.max()).min().item()
+        raise BadArgumentError(
+            f"token id {worst} is outside the model's vocabulary (vocab_size {vocab_size}): "
+            "were the tokens made by another model's tokenizer?"
+        )
 
 
 CACHES = {  # (attention, indexer): cache class

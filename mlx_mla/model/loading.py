@@ -305,9 +305,20 @@ def load(
     Python code (Kimi's, Moonlight's) is loaded only with trust_remote_code. `mtp` loads the MTP
     layers too."""
     path = resolve(path_or_hub_id)
-    ModelArgs.from_dict(read_config(path))  # transformers reads config.json too: name its faults
+    args = ModelArgs.from_dict(read_config(path))  # transformers reads it too: name its faults
     tokenizer = tokenizer_of(path, trust_remote_code)
+    check_vocabulary(tokenizer, args.vocab_size, path)
     return load_model(path, attention, mtp), tokenizer
+
+
+def check_vocabulary(tokenizer: TokenizerWrapper, vocab_size: int, path: Path):
+    """Refuse a tokenizer with ids past the embedding, before the weights are read."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {path} has token ids up to {largest}, past the model's vocab_size "
+            f"{vocab_size} (config.json): it is another model's tokenizer"
+        )
 
 
 def tokenizer_of(path: Path, trust_remote_code: bool = False) -> TokenizerWrapper:
