@@ -21,11 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # benchmarks/profile.py would shadow the standard library's profile, which torch imports.
 sys.path[0:1] = [str(ROOT / "tests"), str(ROOT)]
 
-import mlx.core as mx  # noqa: E402
 import mlx_lm.utils  # noqa: E402
 import test_mlx_lm_checkpoints as checks  # noqa: E402
-
-import mlx_mla  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "checkpoints.json"
 
@@ -36,14 +33,13 @@ def row(root: Path, family: str, conversion: str) -> dict:
     out = {"family": family, "conversion": conversion}
     try:
         path = checks.mlx_lm_folder(src, conversion, root / f"{family}-{name}")
-        reference = checks.reference_model(path)
+        reference, tol = checks.references(path, conversion)
     except Exception as e:
         return out | {"mlx_lm": f"{type(e).__name__}: {str(e)[:120]}"}
+    out["tolerance"] = tol
     for attention in ("mla", "mha"):
         try:
-            worst, differ, clear = checks.compare(
-                path, attention, reference, checks.tolerance(conversion)
-            )
+            worst, differ, clear = checks.compare(path, attention, reference, tol)
             out[attention] = {"error": worst, "greedy_differ": differ, "clear": clear}
         except Exception as e:
             out[attention] = {"failed": f"{type(e).__name__}: {str(e)[:160]}"}
