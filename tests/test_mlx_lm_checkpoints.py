@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from conftest import CONFIGS, make_torch_model, time_limit, write_checkpoint
 from mlx.utils import tree_flatten, tree_unflatten
@@ -292,3 +293,105 @@ def test_ids_past_the_vocabulary_in_a_library_call_are_refused(checkpoints, atte
     with pytest.raises(mlx_mla.errors.BadArgumentError, match="token id 90 "):
         model(mx.array([[3, 90]]), cache=model.make_cache())
     assert model(mx.array([[0, 79]])).shape == (1, 2, 80)
+
+
+# Our convert's options per conversion, for its output loaded by mlx-lm.
+OUR_CONVERSIONS = {
+    "float32": dict(dtype="float32"),
+    "4-bit g64": dict(quantize=True, q_bits=4, q_group_size=64),
+    "8-bit g32": dict(quantize=True, q_bits=8, q_group_size=32),
+    "mixed_3_8": dict(quant_recipe="mixed_3_8", q_group_size=64),
+}
+# DeepSeek-V3 with its MTP layer: mlx-lm's converter cannot read the tiny one, ours keeps it.
+MTP_SOURCE = {"model_type": "deepseek_v3", **CONFIGS["v3_grouped_q_lora"], **GEOMETRY}
+
+
+def our_folder(src: Path, conversion: str, folder: Path) -> Path:
+    if not (folder / "config.json").is_file():
+        our_convert(src, folder, **OUR_CONVERSIONS[conversion])
+    return folder
+
+
+def mlx_lm_gives_our_logits(path: Path) -> float:
+    """The largest relative difference of mlx-lm's logits on our folder from ours (both paths)."""
+    theirs = reference_model(path)(mx.array([PROMPT]))
+    return max(
+        relative_error(mlx_mla.load_model(path, attention)(mx.array([PROMPT])), theirs)
+        for attention in ("mla", "mha")
+    )
+
+
+@pytest.fixture(scope="module")
+def mtp_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf-deepseek_v3-mtp")
+    return write_checkpoint(make_torch_model(MTP_SOURCE), folder, "original")
+
+
+@pytest.mark.parametrize(
+    "family, conversion",
+    [("deepseek_v2", "4-bit g64"), ("minicpm3", "mixed_3_8"), ("glm4_moe_lite", "8-bit g32")],
+)
+def test_our_conversion_loads_in_mlx_lm_with_our_logits(
+    folders, monkeypatch, tmp_path, family, conversion
+):
+    use_mlx_lm_aliases(monkeypatch)
+    src = folders(family, "float32").parent / f"hf-{family}"
+    out = our_folder(src, conversion, tmp_path / "ours")
+    assert mlx_lm_gives_our_logits(out) <= TOLERANCE
+    stored = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    whole = family in ("deepseek_v2", "minicpm3")  # mlx-lm keeps kv_b_proj whole there
+    assert any("kv_b_proj" in n for n in stored) == whole
+    assert any("embed_q" in n for n in stored) != whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conversion", OUR_CONVERSIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_our_conversion_loads_in_mlx_lm_with_our_logits(
+    folders, monkeypatch, tmp_path, family, conversion
+):
+    use_mlx_lm_aliases(monkeypatch)
+    src = folders(family, "float32").parent / f"hf-{family}"
+    assert mlx_lm_gives_our_logits(our_folder(src, conversion, tmp_path / "ours")) <= TOLERANCE
+
+
+def test_our_conversion_keeps_the_mtp_layer_where_mlx_lm_does_not_read_it(mtp_source, tmp_path):
+    out = our_convert(mtp_source, tmp_path / "ours", quantize=True, q_bits=4, q_group_size=64)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    mtp_files = {f for name, f in index.items() if name.startswith("mtp.")}
+    assert mtp_files == {"mtp.safetensors"}
+    assert not any(name.startswith("mtp.") for name, f in index.items() if f.startswith("model"))
+    assert mlx_lm_gives_our_logits(out) <= TOLERANCE  # mlx-lm's strict load: no MTP tensor seen
+    model = mlx_mla.load_model(out, mtp=True)
+    hidden = model.model(mx.array([PROMPT]))
+    _, logits = model.mtp[0](hidden, mx.array([PROMPT]))
+    assert logits.shape == (1, len(PROMPT), model.args.vocab_size)
+
+
+def divides(group_size: int):
+    def predicate(_, module) -> bool:
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def test_folders_of_the_previous_convert_layout_still_load(checkpoints, tmp_path):
+    """embed_q / unembed_out for DeepSeek-V2, float and quantised (as convert wrote them before)."""
+    src, _ = checkpoints["yarn_no_q_lora", "original"]
+    expected = mlx_mla.load_model(src)(mx.array([PROMPT]))
+    for quantized in (False, True):
+        model = mlx_mla.load_model(src)
+        config = json.loads((src / "config.json").read_text())
+        if quantized:
+            nn.quantize(model, group_size=32, bits=8, class_predicate=divides(32))
+            config["quantization"] = {"group_size": 32, "bits": 8, "mode": "affine"}
+            expected = model(mx.array([PROMPT]))
+        folder = tmp_path / f"old-{quantized}"
+        folder.mkdir()
+        mx.save_safetensors(
+            str(folder / "model.safetensors"), dict(tree_flatten(model.parameters()))
+        )
+        (folder / "config.json").write_text(json.dumps(config))
+        for attention in ("mla", "mha"):
+            ours = mlx_mla.load_model(folder, attention)(mx.array([PROMPT]))
+            assert relative_error(ours, expected) <= TOLERANCE
