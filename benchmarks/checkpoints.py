@@ -47,6 +47,16 @@ def row(root: Path, family: str, conversion: str) -> dict:
     return out
 
 
+def ours_in_mlx_lm(root: Path, family: str, conversion: str) -> dict:
+    src = checks.hf_checkpoint(family, root / f"hf-{family}")
+    out = {"family": family, "conversion": conversion}
+    try:
+        path = checks.our_folder(src, conversion, root / f"ours-{family}-{conversion}")
+        return out | {"error": checks.mlx_lm_gives_our_logits(path)}
+    except Exception as e:
+        return out | {"failed": f"{type(e).__name__}: {str(e)[:160]}"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(checks.FAMILIES))
@@ -61,7 +71,14 @@ def main():
             for conversion in args.conversions:
                 rows.append(row(Path(tmp), family, conversion))
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{len(rows)} folders in {time.time() - start:.0f} s, load {os.getloadavg()}")
+        ours = [
+            ours_in_mlx_lm(Path(tmp), family, conversion)
+            for family in args.families
+            for conversion in checks.OUR_CONVERSIONS
+        ]
+    print(
+        f"\n{len(rows) + len(ours)} folders in {time.time() - start:.0f} s, load {os.getloadavg()}"
+    )
     print("\n| family | conversion | mla: max rel. logit diff | mha | greedy equal (mla/mha) |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -76,8 +93,19 @@ def main():
             for a in ("mla", "mha")
         )
         print(f"| {r['family']} | {r['conversion']} | {cells[0]} | {cells[1]} | {greedy} |")
+    print("\nOur convert's output loaded by mlx_lm.utils.load_model: largest logit difference from")
+    print("ours (both paths), relative to the largest logit\n")
+    print("| family | " + " | ".join(checks.OUR_CONVERSIONS) + " |")
+    print("|---|" + "---|" * len(checks.OUR_CONVERSIONS))
+    for family in args.families:
+        cells = [
+            f"{r['error']:.1e}" if "error" in r else r["failed"]
+            for r in ours
+            if r["family"] == family
+        ]
+        print(f"| {family} | " + " | ".join(cells) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(rows, indent=1))
+    args.output.write_text(json.dumps({"mlx_lm_folders": rows, "ours_in_mlx_lm": ours}, indent=1))
 
 
 if __name__ == "__main__":
