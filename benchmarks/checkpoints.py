@@ -24,7 +24,7 @@ sys.path[0:1] = [str(ROOT / "tests"), str(ROOT)]
 import mlx_lm.utils  # noqa: E402
 import test_mlx_lm_checkpoints as checks  # noqa: E402
 
-DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "checkpoints.json"
+DEFAULT_OUTPUT = ROOT / "results" / "checkpoints.json"
 
 
 def row(root: Path, family: str, conversion: str) -> dict:
