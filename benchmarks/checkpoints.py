@@ -57,6 +57,39 @@ def ours_in_mlx_lm(root: Path, family: str, conversion: str) -> dict:
         return out | {"failed": f"{type(e).__name__}: {str(e)[:160]}"}
 
 
+def summary(rows: list[dict], families: list[str]):
+    """The table above in one row per family: the largest difference over a group of conversions
+    and both paths, and the decode steps whose greedy token differs (if any)."""
+    groups = {
+        "float32": ["float32"],
+        "float16 (mlx-lm's own)": ["float16"],
+        "bfloat16 (mlx-lm's own)": ["bfloat16"],
+        "affine 2-8 bits, g32/64/128": [c for c in checks.CONVERSIONS if "-bit g" in c][:18],
+        "mxfp4 / mxfp8 / nvfp4": ["mxfp4", "mxfp8", "nvfp4"],
+        "mixed_2_6 / 3_4 / 3_6 / 4_6": list(checks.mlx_lm_convert.QUANT_RECIPES),
+        "quantization only": ["4-bit g64, quantization only"],
+    }
+    print(
+        "\nIn one row per family (largest over the group and both paths; greedy steps differing)\n"
+    )
+    print("| family | " + " | ".join(groups) + " |")
+    print("|---|" + "---|" * len(groups))
+    for family in families:
+        cells = []
+        for names in groups.values():
+            chosen = [r for r in rows if r["family"] == family and r["conversion"] in names]
+            paths = [r.get(a, {}) for r in chosen for a in ("mla", "mha")]
+            if not chosen or any("error" not in p for p in paths):
+                cells.append("failed" if chosen else "")
+                continue
+            cell = f"{max(p['error'] for p in paths):.1e}"
+            if names[0] in checks.HALF_DTYPES:
+                cell += f" ({chosen[0]['tolerance'] / checks.HALF_FACTOR:.1e})"
+            differ = sum(p["greedy_differ"] for p in paths)
+            cells.append(cell + (f", {differ} greedy" if differ else ""))
+        print(f"| {family} | " + " | ".join(cells) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(checks.FAMILIES))
@@ -98,6 +131,7 @@ def main():
         )
         greedy = "/".join(str(r.get(a, {}).get("greedy_differ", "-")) for a in ("mla", "mha"))
         print(f"| {r['family']} | {r['conversion']} | {cells[0]} | {cells[1]} | {own} | {greedy} |")
+    summary(rows, args.families)
     print("\nOur convert's output loaded by mlx_lm.utils.load_model: largest logit difference from")
     print("ours (both paths), relative to the largest logit\n")
     print("| family | " + " | ".join(checks.OUR_CONVERSIONS) + " |")

@@ -397,3 +397,17 @@ def test_folders_of_the_previous_convert_layout_still_load(checkpoints, tmp_path
         for attention in ("mla", "mha"):
             ours = mlx_mla.load_model(folder, attention)(mx.array([PROMPT]))
             assert relative_error(ours, expected) <= TOLERANCE
+
+
+def test_the_commands_in_the_checkpoints_doc_parse_with_the_tools_parsers():
+    import importlib
+    import shlex
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text()
+    commands = [
+        line.split() for line in doc.splitlines() if line.startswith("    python -m mlx_mla.")
+    ]
+    assert len(commands) >= 6
+    for _, _, module, *argv in (shlex.split(" ".join(c)) for c in commands):
+        parser = importlib.import_module(module).setup_arg_parser()
+        parser.parse_args(argv)  # exits (failing the test) on a flag the tool does not take
