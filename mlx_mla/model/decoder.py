@@ -293,7 +293,7 @@ def split_kv_b_proj(name: str, parts: dict[str, mx.array], args: ModelArgs) -> d
     Quantised (`parts` holds scales, and biases in affine mode): its weight, scales and biases are
     split by rows, each packed or grouped along kv_lora as it is, so nothing is requantised:
     W_UV (H, v, kv_lora) and W_UK in kv_b_proj's orientation (H, nope, kv_lora), which KeyRows
-    applies (the model's key_rows puts one in its place)."""
+    applies (use_key_rows puts one in the attention first)."""
     H, nope, v = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim
     w, quantized = parts["weight"], "scales" in parts
     rows = H * (nope + v)
