@@ -5,8 +5,8 @@ python -m benchmarks.decode_mlx_lm_folder [--layers 4] [--contexts 1024,8192,327
 
 The folder is what mlx-lm's converter writes (-q --q-bits 4 --q-group-size 64, bfloat16) from a
 random checkpoint of DeepSeek-V2-Lite's attention geometry (benchmarks/common.py, "v2-lite": its
-attention, a small MoE). The caches are filled with random latents (expanded through our W_UK /
-W_UV for the expanded caches) in the folder's dtype, then one decode step of each contender in
+attention, a small MoE). The caches are filled with random latents (random keys and values for
+the expanded caches) in the folder's dtype, then one decode step of each contender in
 turn through mlx-lm's generate_step, trimmed again (benchmarks/decode.py's step), the median of
 the rounds. Every weight matmul is a quantised one (quantized_matmul, gather_qmm for the
 experts); the attention over the cache is float (bfloat16).
@@ -49,16 +49,23 @@ def mlx_lm_folder(root: Path, layers: int) -> tuple[Path, dict]:
     return folder, cfg
 
 
-def fill(caches: list, latent: bool, cfg: dict, expander, context: int):
-    """common.fill_caches, in the folder's dtype."""
-    dtype = getattr(mx, DTYPE)
+def fill(caches: list, latent: bool, cfg: dict, context: int):
+    """Random latents (ours mla) or random per-head keys and values (the expanded caches), in the
+    folder's dtype: the values do not change the work a step does. (Expanding the latents through
+    the quantised W_UK / W_UV, as benchmarks/decode.py does in float32, takes minutes in bfloat16
+    on this backend.)"""
+    dtype, heads = getattr(mx, DTYPE), cfg["num_attention_heads"]
+    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     for layer, cache in enumerate(caches):
-        c_kv, k_pe = (x.astype(dtype) for x in common.random_latent(cfg, layer, context))
+        c_kv, k_pe = common.random_latent(cfg, layer, context)
         if latent:
             keys, values = c_kv, k_pe
         else:
-            keys, values = expander.layers[layer].self_attn.expand_kv(c_kv, k_pe)
-        keys, values = mx.contiguous(keys), mx.contiguous(values)
+            keys = mx.random.normal((1, heads, context, qk), key=mx.random.key(layer))
+            values = mx.random.normal(
+                (1, heads, context, cfg["v_head_dim"]), key=mx.random.key(1000 + layer)
+            )
+        keys, values = mx.contiguous(keys.astype(dtype)), mx.contiguous(values.astype(dtype))
         mx.eval(keys, values)
         cache.state = (keys, values, context)
 
@@ -84,7 +91,7 @@ def main():
             live = {}
             for name, model in models.items():
                 caches = make_prompt_cache(model)
-                fill(caches, name == "ours mla", cfg, models["ours mha"], context)
+                fill(caches, name == "ours mla", cfg, context)
                 step(model, caches)  # warm-up (grows the cache by a step)
                 live[name] = (caches, [])
             for _ in range(args.steps):
