@@ -18,20 +18,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from tqdm import tqdm
 
 from . import cli, startup
 from .defaults import DEFAULT_Q_GROUP_SIZE
 from .errors import BadArgumentError, CheckpointError, ConfigError, MLAError
 from .memory import format_bytes
+from .model.attention import Attention
 from .model.config import ModelArgs
 from .model.decoder import Model, mtp_name, sanitize, share_with_mtp
-from .model.families import LAYER_KEY
+from .model.families import FAMILIES, LAYER_KEY
 from .model.loading import check_weights, read_config, read_weights, resolve
 
 DEFAULT_MLX_PATH = "mlx_model"
 DEFAULT_Q_BITS = 4
 DEFAULT_MAX_SHARD_GB = 2.0
+MTP_STEM = "mtp"  # mtp.safetensors (or mtp-0000i-of-0000n): listed in the index, not model*
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -89,7 +92,7 @@ def quantization_config(plan: dict, q_group_size: int, q_bits: int) -> dict:
 
 
 def sanitize_by_layer(
-    weights: dict[str, mx.array], args: ModelArgs, mtp: bool = False
+    weights: dict[str, mx.array], args: ModelArgs, mtp: bool = False, split_kv_b: bool = True
 ) -> dict[str, mx.array]:
     """`sanitize` one layer at a time (lazily), so a mismatch names the layer it is in."""
     groups: dict[str, dict[str, mx.array]] = {}
@@ -101,13 +104,30 @@ def sanitize_by_layer(
     for prefix in sorted(groups, key=layer_order):
         group = groups.pop(prefix)
         try:
-            out.update(sorted(sanitize(group, args, mtp).items()))
+            out.update(sorted(sanitize(group, args, mtp, split_kv_b).items()))
         except ValueError as e:
             where = prefix.rstrip(".") or "the non-layer tensors"
             raise CheckpointError(f"{where} does not match config.json: {e}") from None
     if mtp:
         share_with_mtp(out, args)
     return out
+
+
+def with_kv_b_proj(model: Model, args: ModelArgs):
+    """mlx-lm's layout of the families whose attention it runs from kv_b_proj whole (deepseek_v2,
+    minicpm3, youtu_llm): one Linear in each attention instead of W_UK and W_UV, so that convert
+    checks, plans and quantises kv_b_proj as mlx-lm does (the loader splits it)."""
+    rows = args.num_attention_heads * (args.qk_nope_head_dim + args.v_head_dim)
+    for _, module in model.named_modules():
+        if isinstance(module, Attention):
+            del module["embed_q"], module["unembed_out"]
+            module.kv_b_proj = nn.Linear(args.kv_lora_rank, rows, bias=False)
+
+
+def is_mtp(item: tuple[int, dict]) -> bool:
+    """Whether a lazy output is an MTP layer's: those go to files mlx-lm does not read (it loads
+    model*.safetensors, and its DeepSeek-V3 drops only model.layers.61)."""
+    return next(iter(item[1])).startswith("mtp.")
 
 
 def layer_order(prefix: str) -> int:
@@ -259,20 +279,32 @@ def convert(
     )
     if not mtp and args.num_nextn_predict_layers:
         config["num_nextn_predict_layers"] = 0  # what the folder holds: --draft mtp is refused
-    weights = sanitize_by_layer(weights, args, mtp)
+    keep_kv_b = FAMILIES[args.model_type].mlx_lm_keeps_kv_b
+    weights = sanitize_by_layer(weights, args, mtp, split_kv_b=not keep_kv_b)
     skeleton = Model(args, mtp=mtp)
+    if keep_kv_b:
+        with_kv_b_proj(skeleton, args)
     check_weights(skeleton, weights)
 
     plan, left_float = {}, []
     if quantize:
         plan, left_float = quantization_plan(skeleton, q_group_size, q_bits, quant_recipe)
         config["quantization"] = quantization_config(plan, q_group_size, q_bits)
+        config["quantization_config"] = config["quantization"]  # as mlx-lm writes it
     config["torch_dtype"] = dtype or source_dtype(config, weights)
     if "dtype" in config:
         config["dtype"] = config["torch_dtype"]
     total_in, n_tensors = sum(w.nbytes for w in weights.values()), len(weights)
-    shards = plan_shards(lazy_outputs(weights, plan, dtype), int(max_shard_gb * 1e9))
-    total_out = sum(v.nbytes for shard in shards for _, out in shard for v in out.values())
+    items, max_bytes = lazy_outputs(weights, plan, dtype), int(max_shard_gb * 1e9)
+    shards = {
+        stem: plan_shards([i for i in items if is_mtp(i) == (stem == MTP_STEM)], max_bytes)
+        for stem in ("model", MTP_STEM)
+    }
+    del items
+    files = sum(len(group) for group in shards.values())
+    total_out = sum(
+        v.nbytes for group in shards.values() for s in group for _, out in s for v in out.values()
+    )
     check_disk_space(mlx_path.parent, total_out + (1 << 20))
 
     if left_float:
@@ -298,7 +330,7 @@ def convert(
         raise
     if not copied:
         print(f"no tokenizer files in {src}: {mlx_path} loads with load_model but not with load")
-    print(f"wrote {mlx_path}: {format_bytes(total_out)} in {len(shards)} safetensors file(s)")
+    print(f"wrote {mlx_path}: {format_bytes(total_out)} in {files} safetensors file(s)")
     return mlx_path
 
 
@@ -373,17 +405,21 @@ def check_options(dtype, q_bits, q_group_size, quant_recipe) -> int:
     return low
 
 
-def write_shards(folder: Path, shards: list[list[dict]], total_in: int, n_tensors: int):
-    """Evaluate and save one shard at a time, then write the index."""
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+def shard_names(stem: str, count: int) -> list[str]:
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_shards(folder: Path, shards: dict[str, list[list]], total_in: int, n_tensors: int):
+    """Evaluate and save one shard at a time ({file stem: shards}), then write the index."""
+    names = [n for stem, group in shards.items() for n in shard_names(stem, len(group))]
+    queue = [shard for group in shards.values() for shard in group]
+    shards.clear()
     weight_map, total_size, done = {}, 0, 0
     with tqdm(total=total_in, unit="B", unit_scale=True, desc="converting") as bar:
         for i, name in enumerate(names):
-            shard, shards[i] = shards[i], None
+            shard, queue[i] = queue[i], None
             tensors = {}
             for j in range(len(shard)):
                 (nbytes, out), shard[j] = shard[j], None

@@ -40,14 +40,29 @@ def available_memory() -> tuple[int, str] | None:
     return None
 
 
-def weight_bytes(path: Path, config: dict) -> int:
-    """Bytes of the weights as stored: the safetensors headers, or the index's total_size."""
+def weight_bytes(path: Path, config: dict, mtp: bool = False) -> int:
+    """Bytes of the weights as they will be loaded, from the safetensors headers: each tensor at
+    the dtype and bits it is stored in (so mixed recipes and per-layer overrides count as they
+    are); the MTP layer (`mtp.*`, or the layers past num_hidden_layers) only with `mtp`; float
+    expert weights in 16 bits twice over on MLX's CPU backend, which upcasts them to float32.
+    Without safetensors files, the index's total_size."""
     files = sorted(path.glob("*.safetensors"))
-    if files:
-        layers = config["num_hidden_layers"]
-        return stages.checkpoint_costs(files, layers, config.get("tie_word_embeddings")).total
-    index = path / "model.safetensors.index.json"
-    return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+    if not files:
+        index = path / "model.safetensors.index.json"
+        return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+    layers = config["num_hidden_layers"]
+    total = stages.checkpoint_costs(files, layers, config.get("tie_word_embeddings")).total
+    import mlx.core as mx
+
+    upcast = mx.default_device() == mx.cpu
+    for file in files:
+        for name, (dtype, size) in stages.safetensors_header(file).items():
+            layer = stages.LAYER_KEY.match(name)
+            if mtp and (name.startswith("mtp.") or layer and int(layer[1]) >= layers):
+                total += size
+            elif upcast and ".switch_mlp." in name and dtype in ("F16", "BF16"):
+                total += size
+    return total
 
 
 def cache_bytes(
@@ -69,6 +84,7 @@ def check_fit(
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     available: tuple[int, str] | None = None,
+    mtp: bool = False,
 ):
     """Raise a FitError, in one line with the numbers and what would fit, when the weights plus a
     cache of `tokens` tokens need more than the backend can use."""
@@ -76,7 +92,7 @@ def check_fit(
     if available is None:
         return
     free, source = available
-    weights = weight_bytes(path, config)
+    weights = weight_bytes(path, config, mtp)
     cache = cache_bytes(config, attention, tokens, kv_bits, kv_group_size) or 0
     if weights + cache <= free:
         return
@@ -127,5 +143,6 @@ def check_tool_fit(args, tokens: int) -> dict | None:
         weight_bytes(path, config)
     except Exception:  # any damaged header: loading names the file and what is wrong with it
         return config
-    check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size)
+    mtp = getattr(args, "draft", None) == "mtp"
+    check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size, mtp=mtp)
     return config

@@ -15,6 +15,7 @@ from .cache import prompt_cache
 from .cache.latent import QUANTIZED_CACHES
 from .distributed import pipeline
 from .errors import BadArgumentError, ContextError
+from .model.decoder import check_token_ids
 from .model.loading import load
 
 DEFAULT_MAX_TOKENS = 100
@@ -134,6 +135,7 @@ def generate(
         tokens = tokens[1:]  # the cached text already began with it
     if not tokens:
         raise BadArgumentError("the prompt is empty: there is nothing to continue")
+    check_token_ids(mx.array(tokens), model.args.vocab_size)  # mlx-lm feeds the last one alone
     used = cache[0].offset + len(tokens)
     max_tokens = fit_context(model.args.max_position_embeddings, used, max_tokens)
     if drafter is None:

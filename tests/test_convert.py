@@ -141,10 +141,10 @@ def test_8_bit_cosine_is_at_least_0_999_at_the_weight_scale_of_real_checkpoints(
 
 
 def test_quantized_conversion_equals_quantizing_the_float_model_in_memory(checkpoints, converted):
-    src, _ = checkpoints["q_lora_grouped_scaled", "transformers5"]
-    out = converted(
-        "q_lora_grouped_scaled", "transformers5", quantize=True, q_bits=4, q_group_size=32
-    )
+    """A family whose layout (embed_q / unembed_out) is the model's; kv_b_proj whole (V2's) is
+    checked against mlx-lm's model in test_mlx_lm_checkpoints.py."""
+    src, _ = checkpoints["v3_grouped_q_lora", "transformers5"]
+    out = converted("v3_grouped_q_lora", "transformers5", quantize=True, q_bits=4, q_group_size=32)
     model = mlx_mla.load_model(src)
     plan, _ = quantization_plan(model, q_group_size=32, q_bits=4)
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, _: path in plan)
@@ -161,14 +161,14 @@ def test_quantization_covers_experts_attention_and_embeddings_but_not_gates_or_n
         "lm_head",
         f"{layer}.self_attn.q_a_proj",
         f"{layer}.self_attn.kv_a_proj_with_mqa",
-        f"{layer}.self_attn.unembed_out",
+        f"{layer}.self_attn.kv_b_proj",  # whole, as mlx-lm keeps DeepSeek-V2's
         f"{layer}.mlp.switch_mlp.gate_proj",
         f"{layer}.mlp.switch_mlp.down_proj",
         f"{layer}.mlp.shared_experts.up_proj",
         "model.layers.0.mlp.down_proj",
     ]
-    # inputs not a multiple of 32: q_lora_rank 24, qk_nope_head_dim 16, H * v_head_dim 48
-    left_float = [f"{layer}.self_attn.{m}" for m in ("q_b_proj", "embed_q", "o_proj")]
+    # inputs not a multiple of 32: q_lora_rank 24, H * v_head_dim 48
+    left_float = [f"{layer}.self_attn.{m}" for m in ("q_b_proj", "o_proj")]
     never = [
         f"{layer}.mlp.gate",
         f"{layer}.input_layernorm",
@@ -181,7 +181,9 @@ def test_quantization_covers_experts_attention_and_embeddings_but_not_gates_or_n
     assert f"{layer}.self_attn.q_a_proj.bias" in names
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
-    assert "embed_q" in (out / "README.md").read_text()
+    assert config["quantization_config"] == config["quantization"]  # as mlx-lm writes them
+    assert not any("embed_q" in n or "unembed_out" in n for n in names)
+    assert "o_proj" in (out / "README.md").read_text()
 
 
 def test_mixed_recipe_puts_routed_experts_in_4_bits_the_rest_in_8_and_beats_uniform_4_bits(

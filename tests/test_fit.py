@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_bad_inputs import assert_one_line_error, run_main
 
+import mlx_mla
 import mlx_mla.chat
 import mlx_mla.generate
 from mlx_mla import fit, memory
@@ -73,3 +74,30 @@ def test_a_dtype_that_is_not_a_name_sums_the_cache_in_bfloat16():
     """Found by tests/test_fuzz.py: a list as config.json's dtype was a TypeError."""
     assert memory.cache_dtype({"dtype": ["float32"]}) == "bfloat16"
     assert memory.cache_dtype({"torch_dtype": "float32"}) == "float32"
+
+
+def loaded_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def test_weights_with_draft_mtp_count_the_mtp_layer_too():
+    import mlx.core as mx
+
+    stored = sum(v.nbytes for v in mx.load(str(DEMO / "model.safetensors")).values())
+    assert fit.weight_bytes(DEMO, CONFIG, mtp=True) == stored > fit.weight_bytes(DEMO, CONFIG)
+
+
+@pytest.mark.parametrize("conversion", ["mixed_3_6", "bfloat16"])
+def test_weights_of_an_mlx_lm_folder_are_the_bytes_loaded(tmp_path, conversion):
+    """A mixed recipe's per-layer bits as stored; 16-bit experts upcast on MLX's CPU backend."""
+    from test_mlx_lm_checkpoints import hf_checkpoint, mlx_lm_folder
+
+    src = hf_checkpoint("deepseek_v2", tmp_path / "hf")
+    folder = mlx_lm_folder(src, conversion, tmp_path / conversion)
+    config = json.loads((folder / "config.json").read_text())
+    if conversion == "mixed_3_6":
+        assert {q["bits"] for q in config["quantization"].values() if isinstance(q, dict)} == {3, 6}
+    loaded = loaded_bytes(mlx_mla.load_model(folder))
+    assert fit.weight_bytes(folder, config) == loaded

@@ -54,13 +54,18 @@ def part_of(key: str, num_layers: int) -> int | str | None:
     return None
 
 
-def safetensors_sizes(file: Path) -> dict[str, int]:
-    """{tensor name: bytes} from a safetensors header, without reading any tensor."""
+def safetensors_header(file: Path) -> dict[str, tuple[str, int]]:
+    """{tensor name: (safetensors dtype, bytes)}, without reading any tensor."""
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+    return {k: (v["dtype"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items()}
+
+
+def safetensors_sizes(file: Path) -> dict[str, int]:
+    """{tensor name: bytes} from a safetensors header, without reading any tensor."""
+    return {k: size for k, (_, size) in safetensors_header(file).items()}
 
 
 def checkpoint_costs(files: list[Path], num_layers: int, tied: bool = False) -> Costs:

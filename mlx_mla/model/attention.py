@@ -7,7 +7,10 @@ scores are formed:
 - "mha": per-head K (nope + rope) and V are expanded and cached, as most runtimes do.
 
 Weights: W_UK and W_UV are the two halves of the checkpoint's kv_b_proj, stored per head as
-`embed_q` (H, kv_lora_rank, qk_nope_head_dim) and `unembed_out` (H, v_head_dim, kv_lora_rank).
+`embed_q` (H, kv_lora_rank, qk_nope_head_dim) and `unembed_out` (H, v_head_dim, kv_lora_rank), as
+mlx-lm's DeepSeek-V3 keeps them. A quantised kv_b_proj (mlx-lm's deepseek_v2, minicpm3 and
+youtu_llm folders) is split by rows as it is packed: its W_UK stays (H, nope, kv_lora_rank), in
+`KeyRows`, which applies it with the transpose flipped.
 """
 
 import math
@@ -16,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import QuantizedKVCache
-from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 from mlx_lm.models.rope_utils import SuScaledRoPE, initialize_rope
 
 from ..cache.latent import QuantizedLatent, check_quantizable, quantized_dims
@@ -212,6 +215,31 @@ class Attention(nn.Module):
         expanded = S * up_dims + L * S * (qk_dim + self.v_head_dim)
         absorbed = L * up_dims + L * S * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
         return expanded < absorbed
+
+
+class KeyRows(MultiLinear):
+    """W_UK as kv_b_proj's rows, (H, qk_nope_head_dim, kv_lora_rank), called as `embed_q` is: a
+    quantised kv_b_proj's packed rows (grouped along kv_lora_rank) are used as they are."""
+
+    def __init__(self, kv_lora_rank: int, qk_nope_head_dim: int, num_heads: int):
+        super().__init__(kv_lora_rank, qk_nope_head_dim, num_heads)
+
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        return super().__call__(x, not transpose)
+
+    def to_quantized(self, group_size: int, bits: int, mode: str = "affine"):
+        heads, nope, kv_lora = self.weight.shape
+        quantized = QuantizedKeyRows(kv_lora, nope, heads, group_size, bits, mode)
+        quantized.weight, quantized.scales, *biases = mx.quantize(
+            self.weight, group_size, bits, mode=mode
+        )
+        quantized.biases = biases[0] if biases else None
+        return quantized
+
+
+class QuantizedKeyRows(QuantizedMultiLinear):
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        return super().__call__(x, not transpose)
 
 
 class LongRoPE(nn.Module):

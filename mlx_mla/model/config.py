@@ -158,6 +158,12 @@ class ModelArgs:
         return FAMILIES[self.model_type].name
 
     @property
+    def is_fp8(self) -> bool:
+        """DeepSeek-V3's FP8 release; mlx-lm writes its own `quantization` as a
+        quantization_config too, without a quant_method."""
+        return (self.quantization_config or {}).get("quant_method") == "fp8"
+
+    @property
     def fp8_block_size(self) -> tuple[int, int]:
         """DeepSeek-V3's FP8 release: one weight_scale_inv per block of this many elements."""
         return tuple((self.quantization_config or {}).get("weight_block_size", (128, 128)))

@@ -8,8 +8,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from ..cache.latent import ExpandedKVCache, IndexedKVCache, IndexedLatentCache, LatentCache
-from ..errors import ConfigError
-from .attention import ATTENTION_MODES, Attention
+from ..errors import BadArgumentError, ConfigError
+from .attention import ATTENTION_MODES, Attention, KeyRows
 from .config import ModelArgs
 from .families import LAYER_KEY
 from .moe import MLP, MoE
@@ -146,6 +146,8 @@ class Model(nn.Module):
         self.mtp = [MTPLayer(args, first + i, attention) for i in range(n)]
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        if input_embeddings is None and (cache is None or inputs.shape[-1] > 1):
+            check_token_ids(inputs, self.args.vocab_size)
         return self.logits(self.model(inputs, cache, input_embeddings))
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -166,7 +168,28 @@ class Model(nn.Module):
         return [CACHES[self.attention, "indexer" in layer.self_attn]() for layer in layers]
 
     def sanitize(self, weights: dict) -> dict:
+        use_key_rows(self, key_rows(weights, self.args, mtp=bool(self.mtp)), self.args)
         return sanitize(weights, self.args, mtp=bool(self.mtp))
+
+
+def use_key_rows(model: nn.Module, paths: list[str], args: ModelArgs):
+    """Give the attention modules at `paths` a KeyRows W_UK (a quantised kv_b_proj's rows)."""
+    paths = set(paths)
+    for path, module in model.named_modules():
+        if path in paths:
+            module.embed_q = KeyRows(args.kv_lora_rank, args.qk_nope_head_dim, module.num_heads)
+
+
+def check_token_ids(inputs: mx.array, vocab_size: int):
+    """Refuse ids outside the embedding (MLX does not bounds-check its gather: it reads past the
+    table, or crashes). Called for prompts and verify steps: a decode step's single token comes
+    from the model's own logits, and checking it would wait for it, so it is not checked."""
+    if inputs.size and mx.logical_or(inputs < 0, inputs >= vocab_size).any().item():
+        worst = mx.where(inputs < 0, inputs, inputs.max()).min().item()
+        raise BadArgumentError(
+            f"token id {worst} is outside the model's vocabulary (vocab_size {vocab_size}): "
+            "were the tokens made by another model's tokenizer?"
+        )
 
 
 CACHES = {  # (attention, indexer): cache class
@@ -176,17 +199,23 @@ CACHES = {  # (attention, indexer): cache class
     ("mha", True): IndexedKVCache,
 }
 FP8_SCALE = ".weight_scale_inv"
+KV_B_PART = re.compile(r"self_attn\.kv_b_proj\.(weight|scales|biases)$")
+QUANTIZED_PARTS = ("scales", "biases")
+GATE_PART = re.compile(r"\.mlp\.gate\.(scales|biases)$")
 EXPERT_KEY = re.compile(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def sanitize(weights: dict, args: ModelArgs, mtp: bool = False) -> dict:
+def sanitize(weights: dict, args: ModelArgs, mtp: bool = False, split_kv_b: bool = True) -> dict:
     """Map Hugging Face tensor names and layouts to this model's; MLX-layout weights pass through.
 
     Works on any subset of a checkpoint that holds whole layers, so convert can stream by layer.
-    - kv_b_proj (H * (nope + v), kv_lora) is split into per-head W_UK and W_UV;
+    - kv_b_proj (H * (nope + v), kv_lora) is split into per-head W_UK and W_UV (see
+      split_kv_b_proj; a quantised one without requantising), unless not `split_kv_b`;
     - per-expert tensors (original layout) or fused `experts.gate_up_proj` / `experts.down_proj`
       (transformers 5) become the stacked `switch_mlp` weights;
     - FP8 weights with a `weight_scale_inv` (DeepSeek-V3's release) are dequantised to bfloat16;
+    - a quantised router gate (mlx-lm quantises Mistral 4's, an nn.Linear there) is dequantised:
+      the router keeps float weights, the same values;
     - the multi-token-prediction layers (`model.layers.{num_hidden_layers + i}`) become `mtp.{i}`
       with `mtp`, and are dropped without it;
     - rotary `inv_freq` and zero-size tensors (transformers' shared experts when n_shared_experts
@@ -194,19 +223,24 @@ def sanitize(weights: dict, args: ModelArgs, mtp: bool = False) -> dict:
     """
     out = {}
     experts: dict[str, dict[int, mx.array]] = {}
-    for key, value in weights.items():
-        if "rotary_emb.inv_freq" in key or value.size == 0 or key.endswith(FP8_SCALE):
+    for raw, value in weights.items():
+        if "rotary_emb.inv_freq" in raw or value.size == 0 or raw.endswith(FP8_SCALE):
             continue
-        if key + "_scale_inv" in weights:  # "x.weight" -> "x.weight_scale_inv"
-            value = dequantize_fp8(key, value, weights[key + "_scale_inv"], args.fp8_block_size)
-        key = mtp_name(key, args, mtp)
+        if raw + "_scale_inv" in weights:  # "x.weight" -> "x.weight_scale_inv"
+            value = dequantize_fp8(raw, value, weights[raw + "_scale_inv"], args.fp8_block_size)
+        key = mtp_name(raw, args, mtp)
         if key is None:
             continue
-        if key.endswith("self_attn.kv_b_proj.weight"):
-            prefix = key.removesuffix("kv_b_proj.weight")
-            out[prefix + "embed_q.weight"], out[prefix + "unembed_out.weight"] = split_kv_b_proj(
-                key, value, args
-            )
+        if split_kv_b and KV_B_PART.search(key):
+            if key.endswith("kv_b_proj.weight"):
+                parts = {p: weights.get(raw[: -len("weight")] + p) for p in QUANTIZED_PARTS}
+                parts = {p: v for p, v in parts.items() if v is not None} | {"weight": value}
+                prefix = key.removesuffix("kv_b_proj.weight")
+                out |= {prefix + k: v for k, v in split_kv_b_proj(key, parts, args).items()}
+        elif key.endswith(".mlp.gate.weight") and raw[: -len("weight")] + "scales" in weights:
+            out[key] = dequantize_gate(raw, weights, args.hidden_size)
+        elif GATE_PART.search(key):
+            continue  # dequantised with its weight
         elif match := EXPERT_KEY.match(key):
             experts.setdefault(f"{match[1]}.switch_mlp.{match[3]}.weight", {})[int(match[2])] = (
                 value
@@ -269,12 +303,60 @@ def dequantize_fp8(name: str, w: mx.array, scale_inv: mx.array, block: tuple[int
     return w.reshape(m + pm, n + pn)[:m, :n].astype(mx.bfloat16)
 
 
-def split_kv_b_proj(name: str, w: mx.array, args: ModelArgs) -> tuple[mx.array, mx.array]:
-    """kv_b_proj (H * (nope + v), kv_lora) -> W_UK (H, kv_lora, nope) and W_UV (H, v, kv_lora)."""
-    H = args.num_attention_heads
-    expected = (H * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank)
-    if tuple(w.shape) != expected:
-        raise ValueError(f"{name} has shape {tuple(w.shape)}, config.json implies {expected}")
-    w = w.reshape(H, args.qk_nope_head_dim + args.v_head_dim, -1)  # (H, nope + v, kv_lora)
-    w_uk, w_uv = mx.split(w, [args.qk_nope_head_dim], axis=1)
-    return mx.contiguous(w_uk.swapaxes(-1, -2)), mx.contiguous(w_uv)
+def dequantize_gate(name: str, weights: dict, in_dims: int) -> mx.array:
+    """A quantised router gate's weight (n_routed_experts, in_dims), in its scales' float dtype
+    (float32 for mxfp4, mxfp8 and nvfp4, whose scales are uint8)."""
+    prefix = name[: -len("weight")]
+    w, scales, biases = weights[name], weights[prefix + "scales"], weights.get(prefix + "biases")
+    bits, group_size = w.shape[-1] * 32 // in_dims, in_dims // scales.shape[-1]
+    mode = "affine"
+    if scales.dtype == mx.uint8:
+        mode = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}.get((bits, group_size))
+    if mode is None or w.dtype != mx.uint32:
+        raise ValueError(
+            f"{name} is packed with no mlx quantization mode ({bits} bits, group {group_size})"
+        )
+    w = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+    return w if mode == "affine" else w.astype(mx.float32)
+
+
+def split_kv_b_proj(name: str, parts: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """kv_b_proj (H * (nope + v), kv_lora) -> W_UK and W_UV, by their names in an Attention.
+
+    Float: W_UK (H, kv_lora, nope) and W_UV (H, v, kv_lora), as mlx-lm's DeepSeek-V3 splits it.
+    Quantised (`parts` holds scales, and biases in affine mode): its weight, scales and biases are
+    split by rows, each packed or grouped along kv_lora as it is, so nothing is requantised:
+    W_UV (H, v, kv_lora) and W_UK in kv_b_proj's orientation (H, nope, kv_lora), which KeyRows
+    applies (use_key_rows puts one in the attention first)."""
+    H, nope, v = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim
+    w, quantized = parts["weight"], "scales" in parts
+    rows = H * (nope + v)
+    for part, value in parts.items():
+        expected = (rows, args.kv_lora_rank) if not quantized else (rows, value.shape[-1])
+        if tuple(value.shape) != expected:
+            implied = expected if not quantized else f"({rows}, ...)"
+            raise ValueError(
+                f"{name.removesuffix('weight')}{part} has shape {tuple(value.shape)}, "
+                f"config.json implies {implied}"
+            )
+    if not quantized:
+        w = w.reshape(H, nope + v, -1)  # (H, nope + v, kv_lora)
+        w_uk, w_uv = mx.split(w, [nope], axis=1)
+        return {
+            "embed_q.weight": mx.contiguous(w_uk.swapaxes(-1, -2)),
+            "unembed_out.weight": mx.contiguous(w_uv),
+        }
+    out = {}
+    for part, value in parts.items():
+        value = value.reshape(H, nope + v, -1)  # (H, nope + v, packed kv_lora or its groups)
+        w_uk, w_uv = mx.split(value, [nope], axis=1)
+        out[f"embed_q.{part}"] = mx.contiguous(w_uk)
+        out[f"unembed_out.{part}"] = mx.contiguous(w_uv)
+    return out
+
+
+def key_rows(weights: dict, args: ModelArgs, mtp: bool = False) -> list[str]:
+    """The attention modules (by their paths in the Model) whose W_UK sanitize keeps as a
+    quantised kv_b_proj's rows."""
+    names = (mtp_name(k, args, mtp) for k in weights if k.endswith("self_attn.kv_b_proj.scales"))
+    return sorted(n.removesuffix(".kv_b_proj.scales") for n in names if n is not None)

@@ -38,7 +38,9 @@ class Family:
     FAMILY_FIELDS it reads. rotary_dim_of: the head dim partial_rotary_factor applies to.
     llama_4_scaling: Mistral 4's position-dependent query scale. dense: every layer has the dense
     MLP (router fields are ignored, as transformers does). indexer: DSA's, or None for dense
-    attention. mlx_lm: mlx-lm's module for it."""
+    attention. mlx_lm: mlx-lm's module for it; mlx_lm_keeps_kv_b: that module runs kv_b_proj whole
+    (convert writes it so, a quantised one packed; the loader splits it), where mlx-lm's others
+    split it into embed_q / unembed_out."""
 
     name: str
     defaults: dict = field(default_factory=dict)
@@ -51,6 +53,7 @@ class Family:
     dense: bool = False
     indexer: Indexer | None = None
     mlx_lm: str | None = None
+    mlx_lm_keeps_kv_b: bool = False
 
     def resolve(self, config: dict) -> dict:
         """config.json as the family's transformers model reads it. Raises ConfigError naming the
@@ -104,6 +107,7 @@ FAMILIES = {
         fixed=dict(scoring_func="softmax", rope_interleave=True),
         topk_methods=("greedy", "group_limited_greedy"),
         mlx_lm="deepseek_v2",
+        mlx_lm_keeps_kv_b=True,
     ),
     "deepseek_v3": Family(
         "deepseek_v3",
@@ -180,6 +184,7 @@ FAMILIES = {
         reads=_SCALING,
         dense=True,
         mlx_lm="minicpm3",
+        mlx_lm_keeps_kv_b=True,
     ),
     # Youtu-LLM: DeepSeek-V3's attention with a dense MLP and tied embeddings.
     "youtu": Family(
@@ -187,6 +192,7 @@ FAMILIES = {
         defaults=dict(tie_word_embeddings=True, q_lora_rank=1536),
         dense=True,
         mlx_lm="youtu_llm",
+        mlx_lm_keeps_kv_b=True,
     ),
     # Sarvam-105B: DeepSeek-V3's model (transformers runs it as DeepseekV3ForCausalLM), routing over
     # all its experts by default.

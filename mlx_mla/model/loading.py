@@ -15,7 +15,7 @@ from mlx_lm.utils import infer_quant_config
 
 from ..errors import BadArgumentError, CheckpointError, ConfigError
 from .config import QUANTIZATION_BITS, QUANTIZATION_GROUP_SIZES, ModelArgs, check_types
-from .decoder import Model, sanitize
+from .decoder import Model, key_rows, sanitize, use_key_rows
 
 # *.py and tiktoken files: tokenizers that ship code (Kimi, Moonlight), run only when trusted.
 # A tokenizer needs one of these; tokenizer_config.json adds its special tokens and chat template.
@@ -250,12 +250,13 @@ def load_model(
 def fill(model: nn.Module, weights: dict[str, mx.array], args: ModelArgs, mtp: bool = False):
     """Load checkpoint tensors (Hugging Face or MLX names) into a model built from `args`, its
     MTP layers too with `mtp`."""
-    if args.quantization_config:
+    if args.is_fp8:
         print(
             "note: FP8 weights are dequantised to bfloat16 at every load; "
             "python -m mlx_mla.convert does it once",
             file=sys.stderr,
         )
+    use_key_rows(model, key_rows(weights, args, mtp), args)
     try:
         weights = sanitize(weights, args, mtp)
     except ValueError as e:
@@ -308,9 +309,20 @@ def load(
     layers too. config.json is read once (or given as `config`, where the caller has read it)."""
     path = resolve(path_or_hub_id)
     config = read_config(path) if config is None else config
-    ModelArgs.from_dict(config)  # transformers reads config.json too: name its faults first
+    args = ModelArgs.from_dict(config)  # transformers reads config.json too: name its faults first
     tokenizer = tokenizer_of(path, config, trust_remote_code)
+    check_vocabulary(tokenizer, args.vocab_size, path)
     return load_model(path, attention, mtp, config), tokenizer
+
+
+def check_vocabulary(tokenizer: TokenizerWrapper, vocab_size: int, path: Path):
+    """Refuse a tokenizer with ids past the embedding, before the weights are read."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {path} has token ids up to {largest}, past the model's vocab_size "
+            f"{vocab_size} (config.json): it is another model's tokenizer"
+        )
 
 
 def tokenizer_of(path: Path, config: dict, trust_remote_code: bool = False) -> TokenizerWrapper:
