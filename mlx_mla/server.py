@@ -93,14 +93,14 @@ class ModelProvider(mlx_server.ModelProvider):
             model.logits_on_every_rank = True
         if args.kv_bits is not None:
             check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
-        # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
-        # on this thread's stream: the generation thread cannot.
-        mx.eval(model(mx.array([[0]]), cache=model.make_cache()))
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         # mlx-lm's own draft model stays unset: our drafter runs in ResponseGenerator.speculate.
         self.processor = self.draft_model = None
         self.drafter = None if args.pipeline else cli.load_drafter(args, model, tokenizer)
+        # Arrays made on this thread and not evaluated (RoPE's `_freqs`, which parameters() leaves
+        # out) cannot be evaluated on the generation thread's stream: evaluate them all here.
+        mx.eval(held_arrays(model), held_arrays(getattr(self.drafter, "model", None)))
         # A drafter serves one request at a time, as in mlx-lm: BatchGenerator has no verify step.
         self.is_batchable = self.drafter is None and all(
             hasattr(c, "merge") for c in model.make_cache()
@@ -118,6 +118,25 @@ class ModelProvider(mlx_server.ModelProvider):
         return self.model.args.max_position_embeddings
 
 
+def held_arrays(model) -> list[mx.array]:
+    """Every array the modules of `model` hold, private ones included."""
+    if model is None:
+        return []
+    return [v for m in model.modules() for v in m.values() if isinstance(v, mx.array)]
+
+
+class GenerationFailed(Exception):
+    """Generation failed for a request (a bug, or memory): its client is answered with this one
+    line, as a 500 or a stream's error event, and the server serves on."""
+
+    def __init__(self, error: Exception):
+        if isinstance(error, GenerationFailed):
+            super().__init__(str(error))
+            return
+        lines = str(error).strip().splitlines()
+        super().__init__(f"generation failed: {type(error).__name__}: {lines[0] if lines else ''}")
+
+
 class ResponseGenerator(mlx_server.ResponseGenerator):
     """mlx-lm's generation thread; tokenizing is serialised, as request handlers tokenize too.
 
@@ -131,6 +150,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     def __init__(self, model_provider, prompt_cache):
         self._agreed_stop = False
         self.speculation = None  # the drafting of the request being served, if it drafts
+        self.in_flight = set()  # the reply queues of requests taken and not yet answered
         super().__init__(model_provider, prompt_cache)
 
     @property
@@ -146,7 +166,11 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         if self._is_distributed and self._share_object(self._stop_asked or None):
             self._agreed_stop = True
             return None
-        return super()._next_request(timeout)
+        request = super()._next_request(timeout)
+        if request is None:
+            return None
+        rqueue, *rest = request
+        return Replies(rqueue, self.in_flight), *rest
 
     def _serve_single(self, request, stream):
         rqueue, request, args = request
@@ -194,17 +218,53 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         ):
             kwargs.pop(name, None)
         stats = speculative.SpeculativeStats()
+        cache = kwargs["prompt_cache"]
+        held = cache[0].offset + len(prompt)
+        tokens = []
         try:
-            yield from speculative.stream_generate(
+            for response in speculative.stream_generate(
                 model, tokenizer, prompt, stats=stats, **self.speculation, **kwargs
-            )
+            ):
+                tokens.append(response.token)
+                yield response
+        except Exception:
+            tokens = None  # a failed reply's cache is not stored
+            raise
         finally:  # mlx-lm leaves the loop at the last token, before the generator ends
+            if tokens is not None:
+                hold(model, cache, held + len(tokens), tokens[-1:])
             logging.info(stats.line())
 
     def _generate(self):
+        """mlx-lm's loop; where it fails, the requests it held are answered with the error and a
+        new loop serves on (over a pipeline the ranks could not agree on that: it ends)."""
         conversations = self.prompt_cache
-        super()._generate()
+        while True:
+            try:
+                super()._generate()
+                break
+            except Exception as e:
+                if self._is_distributed:
+                    raise
+                logging.exception("generation failed; serving on")
+                for replies in list(self.in_flight):
+                    replies.put(GenerationFailed(e))
         conversations.flush()  # here: the caches' arrays belong to this thread's stream
+
+    def generate(self, request, generation_args, progress_callback=None):
+        """mlx-lm's (context, replies) for a request; what fails on the way is GenerationFailed."""
+        try:
+            ctx, replies = super().generate(request, generation_args, progress_callback)
+        except Exception as e:
+            raise GenerationFailed(e) from e
+
+        def answered():
+            try:
+                yield from replies
+            except Exception as e:
+                raise GenerationFailed(e) from e
+
+        return ctx, answered()
 
     def _is_batchable(self, args):
         """mlx-lm serves kv bits one request at a time; our quantised caches batch."""
@@ -222,6 +282,33 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
         args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
         return self._tokenize(self.model_provider.tokenizer, copy.deepcopy(request), args)[0]
+
+
+def hold(model, cache: list, n: int, last: list[int]):
+    """Leave `cache` holding n tokens, the last reply token included, as mlx-lm's generate_step
+    leaves it: the prompt cache stores it under the prompt and every reply token. (The
+    speculative loop holds one token fewer, or more where it stopped within accepted drafts.)"""
+    extra = cache[0].offset - n
+    if extra > 0:
+        for c in cache:
+            c.trim(extra)
+    elif extra < 0 and last:
+        model(mx.array(last)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+
+
+class Replies:
+    """A request's reply queue, in `in_flight` from when the generation loop takes the request
+    until it is answered (the end, None, or an error)."""
+
+    def __init__(self, rqueue, in_flight: set):
+        self.rqueue, self.in_flight = rqueue, in_flight
+        in_flight.add(self)
+
+    def put(self, item):
+        if item is None or isinstance(item, Exception):
+            self.in_flight.discard(self)
+        self.rqueue.put(item)
 
 
 class RunsToTheEnd:
@@ -285,6 +372,8 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile = OpenAIErrors(self.wfile, self)
 
     def send_response(self, code, message=None):
+        if code == 404 and isinstance(sys.exc_info()[1], GenerationFailed):
+            code = 500  # mlx-lm answers a request that fails before generating with a 404
         self.status = code
         super().send_response(code, message)
 
@@ -362,7 +451,16 @@ class APIHandler(mlx_server.APIHandler):
                 400, f"the prompt has {n} tokens and the model's context is {provider.context}"
             )
         self.max_tokens = min(self.max_tokens, provider.context - n)
-        super().handle_completion(request, stop_words)
+        try:
+            super().handle_completion(request, stop_words)
+        except GenerationFailed as e:
+            if self.stream:  # the headers went out: the stream's error event
+                body = {"error": {"message": str(e), "type": "server_error"}}
+                self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
+                self.wfile.flush()
+            else:  # the headers of a 200 are still buffered: a 500 in their place
+                self._headers_buffer = []
+                self.send_error_json(500, str(e))
 
     def handle_chat_completions(self):
         request = super().handle_chat_completions()

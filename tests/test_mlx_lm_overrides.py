@@ -20,6 +20,7 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "server.ResponseGenerator._generate": "(self)",
     "server.ResponseGenerator._is_batchable": "(self, args)",
     "server.ResponseGenerator._share_object": "(self, obj)",
+    "server.ResponseGenerator.generate": "(self, request, generation_args, progress_callback=None)",
     "server.APIHandler.__init__": (
         "(self, response_generator, *args, system_fingerprint=None, **kwargs)"
     ),
@@ -64,6 +65,13 @@ USES = {  # member: source text showing it is used the way we rely on
         "del self.prompt_cache",
     ],
     "server.ResponseGenerator._is_batchable": ["kv_bits is None"],
+    # a failure before the context is answered with a 404 (ours: 500), one after it is raised
+    # from the replies while a non-streamed reply's headers are still buffered
+    "server.APIHandler.handle_completion": [
+        "self.response_generator.generate(",
+        "self._set_completion_headers(404)",
+        "for gen in response:",
+    ],
     "cache.LRUPromptCache.__init__": ["self._trie = PromptTrie()", "self._lru = "],
     "cache.LRUPromptCache.insert_cache": ["self._trie.pop(model, tokens)"],
     "cache.LRUPromptCache.trim_to": ["self._trie.pop(model, tokens)"],
