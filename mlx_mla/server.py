@@ -103,7 +103,7 @@ class ModelProvider(mlx_server.ModelProvider):
         mx.eval(held_arrays(model), held_arrays(getattr(self.drafter, "model", None)))
         # A drafter serves one request at a time, as in mlx-lm: BatchGenerator has no verify step.
         self.is_batchable = self.drafter is None and all(
-            hasattr(c, "merge") for c in model.make_cache()
+            callable(getattr(c, "merge", None)) for c in model.make_cache()
         )
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
