@@ -25,16 +25,18 @@ import signal
 import socket
 import sys
 import threading
+import types
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 
 import mlx.core as mx
-from mlx_lm import generate as mlx_generate
 from mlx_lm import server as mlx_server
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import stream_generate as plain_stream_generate
 
-from . import cli, speculative
+from . import cli, speculative, speculative_batch
 from .cache import prompt_cache as prompt_cache_files
 from .cache.conversations import ConversationCache, DiskCache, check_writable
 from .cache.latent import check_kv_quantization, quantized_cache
@@ -101,8 +103,10 @@ class ModelProvider(mlx_server.ModelProvider):
         # Arrays made on this thread and not evaluated (RoPE's `_freqs`, which parameters() leaves
         # out) cannot be evaluated on the generation thread's stream: evaluate them all here.
         mx.eval(held_arrays(model), held_arrays(getattr(self.drafter, "model", None)))
-        # A drafter serves one request at a time, as in mlx-lm: BatchGenerator has no verify step.
-        self.is_batchable = self.drafter is None and all(
+        # The n-gram drafter drafts in the batch (speculative_batch.py); the others serve one
+        # request at a time, as in mlx-lm.
+        self.drafts_in_batch = isinstance(self.drafter, speculative.NgramDrafter)
+        self.is_batchable = (self.drafter is None or self.drafts_in_batch) and all(
             callable(getattr(c, "merge", None)) for c in model.make_cache()
         )
 
@@ -116,6 +120,20 @@ class ModelProvider(mlx_server.ModelProvider):
     @property
     def context(self) -> int:
         return self.model.args.max_position_embeddings
+
+
+def with_names(function, **names):
+    """A copy of `function` (one of mlx-lm's) that finds `names` in place of its module's."""
+    scope = {**function.__globals__, **names}
+    return types.FunctionType(
+        function.__code__, scope, function.__name__, function.__defaults__, function.__closure__
+    )
+
+
+def make_sampler(args, tokenizer):
+    """mlx-lm's sampler for a request; with XTC, one that keeps its row from drafting."""
+    sampler = mlx_server._make_sampler(args, tokenizer)
+    return speculative_batch.Undrafted(sampler) if args.sampling.xtc_probability > 0 else sampler
 
 
 def held_arrays(model) -> list[mx.array]:
@@ -151,6 +169,16 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         self._agreed_stop = False
         self.speculation = None  # the drafting of the request being served, if it drafts
         self.in_flight = set()  # the reply queues of requests taken and not yet answered
+        # mlx-lm's loops, calling our batch generator, sampler and stream_generate (mlx-lm takes
+        # them from its module, which stays as it is)
+        self.serve_batches = with_names(
+            mlx_server.ResponseGenerator._generate,
+            BatchGenerator=self.batch_generator,
+            _make_sampler=make_sampler,
+        )
+        self.serve_one = with_names(
+            mlx_server.ResponseGenerator._serve_single, stream_generate=self.stream_generate
+        )
         super().__init__(model_provider, prompt_cache)
 
     @property
@@ -178,7 +206,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             rqueue = RunsToTheEnd(rqueue)
         self.speculation = self.drafting(args)
         try:
-            super()._serve_single((rqueue, request, args), stream)
+            self.serve_one(self, (rqueue, request, args), stream)
         finally:
             self.speculation = None
 
@@ -205,7 +233,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         """mlx-lm's stream_generate as mlx-lm's _serve_single calls it, or our speculative loop
         for a request that drafts; that one logs its drafting statistics when it ends."""
         if self.speculation is None:
-            yield from mlx_generate.stream_generate(model, tokenizer, prompt, **kwargs)
+            yield from plain_stream_generate(model, tokenizer, prompt, **kwargs)
             return
         for name in (
             "stream",
@@ -241,7 +269,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         conversations = self.prompt_cache
         while True:
             try:
-                super()._generate()
+                self.serve_batches(self)
                 break
             except Exception as e:
                 if self._is_distributed:
@@ -265,6 +293,15 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
                 raise GenerationFailed(e) from e
 
         return ctx, answered()
+
+    def batch_generator(self, model, **kwargs):
+        """mlx-lm's BatchGenerator, or ours that drafts in the batch."""
+        if not self.model_provider.drafts_in_batch:
+            return BatchGenerator(model, **kwargs)
+        args = self.cli_args
+        return speculative_batch.DraftingBatchGenerator(
+            model, num_draft_tokens=args.num_draft_tokens, draft_min=args.draft_min, **kwargs
+        )
 
     def _is_batchable(self, args):
         """mlx-lm serves kv bits one request at a time; our quantised caches batch."""
@@ -627,8 +664,6 @@ def serve(args: argparse.Namespace):
     except OSError as e:
         cli.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     generator = httpd.response_generator = ResponseGenerator(provider, prompt_cache)
-    if provider.drafter is not None:  # mlx-lm's _serve_single calls its module's stream_generate
-        mlx_server.stream_generate = generator.stream_generate
     host, port = httpd.server_address[:2]
     print(f"Serving {provider.model_id} ({args.attention}) on http://{host}:{port}/v1", flush=True)
     try:

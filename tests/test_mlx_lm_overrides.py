@@ -52,14 +52,22 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "cache.BatchKVCache.make_mask": "(self, N, return_array=False, **kwargs)",
     "cache.dynamic_roll": "(x, shifts, axis)",
     "server._make_logits_processors": "(args)",
+    "generate.GenerationBatch.extend": "(self, batch)",
+    "generate.GenerationBatch.filter": "(self, keep)",
+    "generate.GenerationBatch.next": "(self)",
+    "generate.GenerationBatch.empty": "(cls, model, fallback_sampler)",
+    "cache.BatchKVCache.trim": "(self, n)",
     "generate.maybe_quantize_kv_cache": (
         "(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)"
     ),
 }
 USES = {  # member: source text showing it is used the way we rely on
     "server.ResponseGenerator.__init__": ["self._stop = ", "self._generation_thread = "],
-    "server.ResponseGenerator._generate": [
+    "server.ResponseGenerator._generate": [  # run with our BatchGenerator and _make_sampler
         "while not self._stop",
+        "batch_generator = BatchGenerator(",
+        "samplers=[_make_sampler(args, current_tokenizer)]",
+        "logits_processors=[_make_logits_processors(args)]",
         "self._is_batchable(args)",
         "self.prompt_cache.fetch_nearest_cache(",
         "del self.prompt_cache",
@@ -81,8 +89,21 @@ USES = {  # member: source text showing it is used the way we rely on
         "c.finalize()",
     ],
     "generate._merge_caches": [".merge("],
-    # speculative decoding replaces the stream_generate that _serve_single calls by name
+    # run with our stream_generate, which drafts
     "server.ResponseGenerator._serve_single": ["for gen in stream_generate(", "sampler=sampler,"],
+    # the drafting batch: its state, the first step made when a prompt's rows join
+    "generate.GenerationBatch.__init__": ["self._next_tokens = inputs", "self._step()"],
+    "generate.GenerationBatch._step": [
+        "self._next_tokens = sampled",
+        "self._next_logprobs = list(logprobs)",
+        "sti.append(ti)",
+    ],
+    "generate.GenerationBatch.next": [
+        "self._matchers[i].advance(",
+        "prompt_cache=self.extract_cache(i)",
+    ],
+    "generate.BatchGenerator.__init__": ["self._generation_batch = GenerationBatch.empty("],
+    "generate.BatchGenerator._next": ["self._generation_batch.extend(gen_batch)"],
 }
 MODULES = {m: importlib.import_module(f"mlx_lm.{m}") for m in ("server", "generate")}
 MODULES["cache"] = importlib.import_module("mlx_lm.models.cache")

@@ -120,3 +120,10 @@ def test_a_failure_in_a_stream_is_its_error_event_and_the_server_serves_on(serve
     with pytest.raises(openai.APIError, match="injected failure"):
         list(stream)
     assert complete(client, prompts[3]) == plain[3]
+
+
+def test_a_request_with_penalties_is_served_without_drafting(served):
+    _, _, url, prompts, _ = served
+    body = {"prompt": prompts[0], "max_tokens": MAX_TOKENS, "repetition_penalty": 1.3}
+    status, data = post(url, body)
+    assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0

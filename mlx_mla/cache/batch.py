@@ -17,7 +17,21 @@ from mlx_lm.models.cache import BatchKVCache, dynamic_roll
 from .storage import QuantizedLatent
 
 
-class BatchLatentCache(BatchKVCache):
+class TrimRows:
+    """Rows trimmed by different counts (speculative decoding's rows accept different lengths):
+    all by the fewest, then each row's rest rolled round into its left padding, as `finalize`
+    rolls a right-padded chunk's."""
+
+    def trim_rows(self, n: list[int]):
+        fewest = min(n)
+        self.trim(fewest)
+        rest = [x - fewest for x in n]
+        if any(rest):
+            self.prepare(right_padding=rest)
+            self.finalize()
+
+
+class BatchLatentCache(TrimRows, BatchKVCache):
     """mlx-lm's BatchKVCache of float latents; a row extracted is a LatentCache again."""
 
     @classmethod
@@ -36,7 +50,11 @@ class BatchLatentCache(BatchKVCache):
         return cache
 
 
-class BatchQuantizedCache(mlx_lm_cache._BaseCache):
+class BatchExpandedKVCache(BatchLatentCache):
+    """The same for the `mha` path's float K and V; a row extracted is an ExpandedKVCache."""
+
+
+class BatchQuantizedCache(TrimRows, mlx_lm_cache._BaseCache):
     """Rows of a quantised cache, stored as a flat list of arrays, each (B, heads, slots, width):
     the packed/scales/biases of what is quantised and whatever stays float. Subclasses say how a
     token's keys and values become those arrays (`encode`), what attention reads (`fetch`), and

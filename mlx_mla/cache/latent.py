@@ -11,7 +11,12 @@ from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, create_attention_mask
 
 from ..errors import MLAError
-from .batch import BatchLatentCache, BatchQuantizedKVCache, BatchQuantizedLatentCache
+from .batch import (
+    BatchExpandedKVCache,
+    BatchLatentCache,
+    BatchQuantizedKVCache,
+    BatchQuantizedLatentCache,
+)
 from .storage import QuantizedLatent, Slots, resized
 
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts, and its bit widths:
@@ -196,6 +201,10 @@ class ExpandedKVCache(Slots, KVCache):
         quantized = QuantizedExpandedKVCache(group_size=group_size, bits=bits)
         quantized.state = super().to_quantized(group_size=group_size, bits=bits).state
         return quantized
+
+    @classmethod
+    def merge(cls, caches: list) -> BatchExpandedKVCache:
+        return BatchExpandedKVCache.merge(caches)
 
 
 class QuantizedExpandedKVCache(Slots, QuantizedKVCache):
