@@ -565,9 +565,9 @@ def bind(host: str, port: int) -> HTTPServer:
     family, _, _, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    HTTPServer.address_family = family
     fingerprint = mlx_server.get_system_fingerprint()
-    server = HTTPServer(
+    # socketserver reads the family from the class as it makes the socket: a class of this host's
+    server = type("HTTPServer", (HTTPServer,), {"address_family": family})(
         address,
         lambda *a, **kw: APIHandler(
             server.response_generator, *a, system_fingerprint=fingerprint, **kw

@@ -62,7 +62,18 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     ),
 }
 USES = {  # member: source text showing it is used the way we rely on
-    "server.ResponseGenerator.__init__": ["self._stop = ", "self._generation_thread = "],
+    "server.ResponseGenerator.__init__": [
+        "self._stop = ",
+        "self._generation_thread = ",
+        "self._is_distributed = ",
+        "self._generation_failed = False",
+    ],
+    "server.ResponseGenerator._run_generate": ["self._generation_failed = True"],
+    "cache._BaseCache": ["def is_trimmable(self)", "def nbytes(self)", "def state(self)"],
+    "cache.LRUPromptCache.insert_cache": [
+        "self._trie.pop(model, tokens)",
+        "self._n_bytes += entry.nbytes",
+    ],
     "server.ResponseGenerator._generate": [  # run with our BatchGenerator and _make_sampler
         "while not self._stop",
         "batch_generator = BatchGenerator(",
@@ -81,7 +92,6 @@ USES = {  # member: source text showing it is used the way we rely on
         "for gen in response:",
     ],
     "cache.LRUPromptCache.__init__": ["self._trie = PromptTrie()", "self._lru = "],
-    "cache.LRUPromptCache.insert_cache": ["self._trie.pop(model, tokens)"],
     "cache.LRUPromptCache.trim_to": ["self._trie.pop(model, tokens)"],
     "cache.LRUPromptCache.CacheOrder.__init__": ["self._lrus = "],
     "generate.PromptProcessingBatch.prompt": [
