@@ -1,17 +1,19 @@
 """Speculative decoding in mlx-lm's continuous batch (speculative_batch.py): with every cache kind
 the drafted batch's greedy replies equal one-at-a-time plain decoding's, with rows drafting and
 accepting different lengths, joining a running batch, finishing at different steps and continuing
-a cached conversation; a batch cache trims each row by its own count."""
+a cached conversation; a batch cache trims each row by its own count; the batch's draft length
+follows the step costs of an injected clock."""
 
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_mla import load
 from mlx_mla.cache.latent import quantized_cache
 from mlx_mla.cli import DEFAULT_MODEL
-from mlx_mla.speculative_batch import DraftingBatchGenerator
+from mlx_mla.speculative_batch import DraftingBatchGenerator, Undrafted
 
 # Text that copies itself (n-gram drafts are accepted) beside text that does not.
 PROMPTS = [
@@ -121,3 +123,68 @@ def test_trim_rows_trims_each_row_by_its_own_count(models, kind):
         assert type(extracted) is type(row[0]) and extracted.offset == n - t == row[0].offset
         pairs = list(zip(held(extracted), held(row[0]), strict=True))
         assert pairs and all(mx.array_equal(a, b) for a, b in pairs)
+
+
+class Counting:
+    """The model, counting the forwards and the tokens they were given: a clock for the batch."""
+
+    def __init__(self, model):
+        self.model, self.forwards, self.tokens = model, 0, 0
+
+    def __call__(self, inputs, cache=None):
+        self.forwards += 1
+        self.tokens += inputs.size
+        return self.model(inputs, cache=cache)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def adaptive_run(model, tokenizer, clock_of) -> tuple[float, list]:
+    """The share of a batch's steps that drafted (0 to 3 tokens, adaptively) on the copying
+    prompts under the clock `clock_of(counting model)`; and the replies."""
+    counting = Counting(model)
+    generator = DraftingBatchGenerator(
+        counting, num_draft_tokens=3, clock=lambda: clock_of(counting), completion_batch_size=8
+    )
+    batch, drafted = generator._generation_batch, []
+    draft_step = batch.draft_step
+    batch.draft_step = lambda k: drafted.append(k) or draft_step(k)
+    uids = generator.insert([tokenizer.encode(p) for p in PROMPTS], max_tokens=[60] * 5)
+    replies, finished, steps = {}, 0, 0
+    while finished < len(uids):
+        steps += 1
+        for r in generator.next()[1]:
+            replies.setdefault(r.uid, []).append(r.token)
+            finished += r.finish_reason is not None
+    return len(drafted) / steps, [replies[u] for u in uids]
+
+
+def test_the_batch_drafts_where_a_step_costs_the_same_at_any_length(models):
+    model, tokenizer = models["mla"]
+    share, _ = adaptive_run(model, tokenizer, lambda m: m.forwards)  # one unit a forward
+    assert share > 0.5
+
+
+def test_the_batch_decodes_plainly_where_a_step_costs_its_token_count(models):
+    model, tokenizer = models["mla"]
+    share, replies = adaptive_run(model, tokenizer, lambda m: m.tokens)  # one unit a token
+    assert share < 0.25  # the probes only
+    expected = [
+        [t for t, _ in generate_step(mx.array(tokenizer.encode(p)), model, max_tokens=60)]
+        for p in PROMPTS
+    ]
+    assert replies == expected
+
+
+def test_a_row_whose_sampler_is_undrafted_does_not_draft(models):
+    model, tokenizer = models["mla"]
+    generator = DraftingBatchGenerator(model, num_draft_tokens=3, draft_min=3)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    uids = generator.insert(prompts, max_tokens=[20] * 5, samplers=[Undrafted(greedy_sampler)] * 5)
+    finished, most = 0, 0
+    while finished < len(uids):
+        responses = generator.next()[1]
+        most = max(most, len(responses))
+        finished += sum(r.finish_reason is not None for r in responses)
+    assert most <= len(PROMPTS)
