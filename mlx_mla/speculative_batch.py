@@ -59,18 +59,23 @@ class DraftingBatch(GenerationBatch):
     def next(self) -> list:
         if not self.uids:
             return []
-        k = 0
         if self.plain_left == 0 and not any(self.logits_processors):
             k = self.length.choose(self.length.most)
-            if k == 0:
-                self.plain_left = self.length.plain_run()
-        if k == 0:
-            self.plain_left = max(self.plain_left - 1, 0)
-            tic = self.clock()
-            responses = super().next()
-            self.length.record(0, 0, self.clock() - tic)
-            return responses
-        return self.draft_step(k)
+            if k:
+                return self.draft_step(k)
+            self.plain_left = self.length.plain_run()
+        self.plain_left = max(self.plain_left - 1, 0)
+        return self.plain_step()
+
+    def plain_step(self) -> list:
+        """mlx-lm's own step (each row's next token, the one after it built meanwhile), timed."""
+        for stats in self.stats:
+            stats.steps += 1
+            stats.tokens += 1
+        tic = self.clock()
+        responses = super().next()
+        self.length.record(0, 0, self.clock() - tic)
+        return responses
 
     def drafts(self, i: int, pending: int, k: int) -> list[int]:
         """Row i's n-gram draft of at most k tokens after its pending token."""
@@ -100,6 +105,8 @@ class DraftingBatch(GenerationBatch):
         pending_logprobs = self._next_logprobs
         drafts = [self.drafts(i, y, k) for i, y in enumerate(pending)]
         K = max(len(d) for d in drafts)
+        if K == 0:
+            return self.plain_step()
         inputs = mx.array(
             [[y, *d] + [0] * (K - len(d)) for y, d in zip(pending, drafts, strict=True)]
         )
