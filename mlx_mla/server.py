@@ -95,13 +95,16 @@ class ModelProvider(mlx_server.ModelProvider):
             model.logits_on_every_rank = True
         if args.kv_bits is not None:
             check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
+        # One token through the model evaluates the arrays it builds lazily on this thread's
+        # stream (over a pipeline, on every rank): the generation thread cannot.
+        mx.eval(model(mx.array([[0]]), cache=model.make_cache()))
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         # mlx-lm's own draft model stays unset: our drafter runs in ResponseGenerator.speculate.
         self.processor = self.draft_model = None
         self.drafter = None if args.pipeline else cli.load_drafter(args, model, tokenizer)
-        # Arrays made on this thread and not evaluated (RoPE's `_freqs`, which parameters() leaves
-        # out) cannot be evaluated on the generation thread's stream: evaluate them all here.
+        # The arrays a model holds but has not used must be evaluated here too (the MTP layer's
+        # RoPE `_freqs`, which parameters() leaves out; a draft model's).
         mx.eval(held_arrays(model), held_arrays(getattr(self.drafter, "model", None)))
         # The n-gram drafter drafts in the batch (speculative_batch.py); the others serve one
         # request at a time, as in mlx-lm.

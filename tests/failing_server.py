@@ -1,5 +1,5 @@
 """The server, whose model fails inside generation on any prompt holding "~" (a RuntimeError
-from its forward, on the generation thread): tests/test_server_drafting.py.
+from its forward, on the generation thread), once it has loaded: tests/test_server_drafting.py.
 
 python failing_server.py SERVER_FLAGS...
 """
@@ -13,14 +13,14 @@ from mlx_mla.model import decoder
 
 MARKER = "~"
 marker_ids = []  # the token ids that "~" adds, found once the tokenizer is loaded
-load, forward = server.load, decoder.DecoderModel.__call__
+load, forward = server.ModelProvider._load, decoder.DecoderModel.__call__
 
 
-def load_and_find_the_marker(*args, **kwargs):
-    model, tokenizer = load(*args, **kwargs)
-    with_marker, without = tokenizer.encode(MARKER + "ab"), tokenizer.encode("ab")
+def load_then_fail_on_the_marker(self, *args, **kwargs):
+    load(self, *args, **kwargs)
+    with_marker, without = self.tokenizer.encode(MARKER + "ab"), self.tokenizer.encode("ab")
     marker_ids.extend(set(with_marker) - set(without))
-    return model, tokenizer
+    decoder.DecoderModel.__call__ = failing_forward
 
 
 def failing_forward(self, inputs, cache=None, input_embeddings=None):
@@ -30,6 +30,5 @@ def failing_forward(self, inputs, cache=None, input_embeddings=None):
 
 
 if __name__ == "__main__":
-    server.load = load_and_find_the_marker
-    decoder.DecoderModel.__call__ = failing_forward
+    server.ModelProvider._load = load_then_fail_on_the_marker
     server.main(sys.argv[1:])
