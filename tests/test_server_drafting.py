@@ -1,6 +1,7 @@
-"""The server with every drafter: concurrent greedy requests get plain decoding's replies, and a
-failure inside generation answers its request (a 500 or the stream's error event) while the next
-request is served. The server runs as tests/failing_server.py, whose model fails on a "~"."""
+"""The server with every drafter (and a DSA model's, whose caches do not batch): concurrent greedy
+requests get plain decoding's replies, also from the prompt cache, and a failure inside generation
+answers its request (a 500 or the stream's error event) while the next request is served. The
+server runs as tests/failing_server.py, whose model fails on a "~"."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, make_torch_model, read_line, write_checkpoint
+from conftest import CONFIGS, DSA_CONFIGS, make_torch_model, read_line, write_checkpoint
 from mlx_lm.generate import generate
 
 from mlx_mla import cli
@@ -23,11 +24,12 @@ DEMO_PROMPTS = ["ROMEO:\nAnd I will not,", "JULIET:", "KING HENRY:\nNow, by my",
 TINY_PROMPTS = ["abcabcabc", "hello, hello", "xyz", "a1b2c3a1b2"]  # 3 or more tokens each
 MAX_TOKENS = 12
 TINY = {**CONFIGS["v3_grouped_q_lora"], "qk_nope_head_dim": 24, "kv_lora_rank": 32}
-SERVERS = {  # name: (model, its prompts, drafting flags)
+SERVERS = {  # name: (model: the demo or a fixture's checkpoint, its prompts, drafting flags)
     "plain": ("demo", DEMO_PROMPTS, []),
     "ngram": ("demo", DEMO_PROMPTS, ["--draft", "ngram"]),
     "mtp": ("tiny", TINY_PROMPTS, ["--draft", "mtp"]),
     "draft-model": ("tiny", TINY_PROMPTS, ["--draft-model", "{tiny}"]),
+    "dsa": ("dsa", TINY_PROMPTS, []),  # its caches do not batch: one request at a time
 }
 
 
@@ -44,12 +46,20 @@ def plain_replies(model: str, prompts: list[str]) -> list[str]:
     return [generate(model, tokenizer, tokenizer.encode(p), max_tokens=MAX_TOKENS) for p in prompts]
 
 
+@pytest.fixture(scope="module")
+def dsa(tmp_path_factory) -> str:
+    """A tiny checkpoint whose attention has DSA's indexer."""
+    folder = tmp_path_factory.mktemp("dsa")
+    config = next(iter(DSA_CONFIGS.values()))
+    return str(write_checkpoint(make_torch_model(config), folder, "transformers5"))
+
+
 @pytest.fixture(scope="module", params=SERVERS)
-def served(request, tiny, tmp_path_factory):
+def served(request, tmp_path_factory):
     """(name, client, base URL, its prompts, their plain greedy replies)."""
     model, prompts, flags = SERVERS[request.param]
-    model = {"demo": cli.DEFAULT_MODEL, "tiny": tiny}[model]
-    flags = [f.format(tiny=tiny) for f in flags]
+    model = cli.DEFAULT_MODEL if model == "demo" else request.getfixturevalue(model)
+    flags = [request.getfixturevalue("tiny") if f == "{tiny}" else f for f in flags]
     log = tmp_path_factory.mktemp("log") / "stderr.log"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "failing_server.py"), "--port", "0"]
