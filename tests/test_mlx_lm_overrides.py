@@ -52,6 +52,7 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "cache.BatchKVCache.make_mask": "(self, N, return_array=False, **kwargs)",
     "cache.dynamic_roll": "(x, shifts, axis)",
     "server._make_logits_processors": "(args)",
+    "server._make_sampler": "(args, tokenizer)",
     "generate.GenerationBatch.extend": "(self, batch)",
     "generate.GenerationBatch.filter": "(self, keep)",
     "generate.GenerationBatch.next": "(self)",
