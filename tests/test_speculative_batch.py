@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.sample_utils import greedy_sampler, make_sampler
 
 from mlx_mla import load
 from mlx_mla.cache.latent import quantized_cache
@@ -78,6 +78,7 @@ def drafted(model, bits, prompts, history):
         lengths.append(len(responses))
         for r in responses:
             replies[r.uid][1].append(r.token)
+            assert r.logprobs.argmax().item() == r.token  # the logprobs of its own position
             finished += r.finish_reason is not None
             if r.finish_reason is not None:  # the cache holds what was answered
                 assert r.prompt_cache[0].offset == len(r.all_tokens)
@@ -188,3 +189,19 @@ def test_a_row_whose_sampler_is_undrafted_does_not_draft(models):
         most = max(most, len(responses))
         finished += sum(r.finish_reason is not None for r in responses)
     assert most <= len(PROMPTS)
+
+
+def test_sampled_rows_draft_and_answer_tokens_their_samplers_allow(models):
+    model, tokenizer = models["mla"]
+    mx.random.seed(3)
+    generator = DraftingBatchGenerator(model, num_draft_tokens=3, draft_min=3)
+    samplers = [make_sampler(temp=0.7, top_k=5) for _ in PROMPTS]
+    uids = generator.insert([tokenizer.encode(p) for p in PROMPTS], [30] * 5, samplers=samplers)
+    finished, most = 0, 0
+    while finished < len(uids):
+        responses = generator.next()[1]
+        most = max(most, len(responses))
+        for r in responses:  # within the row's top 5 at its position
+            assert r.token in mx.argsort(-r.logprobs)[:5].tolist()
+            finished += r.finish_reason is not None
+    assert most > len(PROMPTS)  # drafts were kept
