@@ -24,16 +24,18 @@ import os
 import socket
 import sys
 import threading
+import types
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 
 import mlx.core as mx
-from mlx_lm import generate as mlx_generate
 from mlx_lm import server as mlx_server
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import stream_generate as plain_stream_generate
 
-from . import cli, speculative, startup, web
+from . import cli, speculative, speculative_batch, startup, web
 from .cache import prompt_cache as prompt_cache_files
 from .cache.conversations import ConversationCache, DiskCache, check_writable
 from .cache.latent import check_kv_quantization, quantized_cache
@@ -92,17 +94,22 @@ class ModelProvider(mlx_server.ModelProvider):
             model.logits_on_every_rank = True
         if args.kv_bits is not None:
             check_kv_quantization(model.args, model.attention, args.kv_group_size, args.kv_bits)
-        # One token through the model evaluates the arrays it builds lazily (RoPE frequencies)
-        # on this thread's stream: the generation thread cannot.
+        # One token through the model evaluates the arrays it builds lazily on this thread's
+        # stream (over a pipeline, on every rank): the generation thread cannot.
         mx.eval(model(mx.array([[0]]), cache=model.make_cache()))
         self.model_key = (model_path, None, None)
         self.model, self.tokenizer = model, tokenizer
         # mlx-lm's own draft model stays unset: our drafter runs in ResponseGenerator.speculate.
         self.processor = self.draft_model = None
         self.drafter = None if args.pipeline else cli.load_drafter(args, model, tokenizer)
-        # A drafter serves one request at a time, as in mlx-lm: BatchGenerator has no verify step.
-        self.is_batchable = self.drafter is None and all(
-            hasattr(c, "merge") for c in model.make_cache()
+        # The arrays a model holds but has not used must be evaluated here too (the MTP layer's
+        # RoPE `_freqs`, which parameters() leaves out; a draft model's).
+        mx.eval(held_arrays(model), held_arrays(getattr(self.drafter, "model", None)))
+        # The n-gram drafter drafts in the batch (speculative_batch.py); the others serve one
+        # request at a time, as in mlx-lm.
+        self.drafts_in_batch = isinstance(self.drafter, speculative.NgramDrafter)
+        self.is_batchable = (self.drafter is None or self.drafts_in_batch) and all(
+            callable(getattr(c, "merge", None)) for c in model.make_cache()
         )
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
@@ -115,6 +122,39 @@ class ModelProvider(mlx_server.ModelProvider):
     @property
     def context(self) -> int:
         return self.model.args.max_position_embeddings
+
+
+def with_names(function, **names):
+    """A copy of `function` (one of mlx-lm's) that finds `names` in place of its module's."""
+    scope = {**function.__globals__, **names}
+    return types.FunctionType(
+        function.__code__, scope, function.__name__, function.__defaults__, function.__closure__
+    )
+
+
+def make_sampler(args, tokenizer):
+    """mlx-lm's sampler for a request; with XTC, one that keeps its row from drafting."""
+    sampler = mlx_server._make_sampler(args, tokenizer)
+    return speculative_batch.Undrafted(sampler) if args.sampling.xtc_probability > 0 else sampler
+
+
+def held_arrays(model) -> list[mx.array]:
+    """Every array the modules of `model` hold, private ones included."""
+    if model is None:
+        return []
+    return [v for m in model.modules() for v in m.values() if isinstance(v, mx.array)]
+
+
+class GenerationFailed(Exception):
+    """Generation failed for a request (a bug, or memory): its client is answered with this one
+    line, as a 500 or a stream's error event, and the server serves on."""
+
+    def __init__(self, error: Exception):
+        if isinstance(error, GenerationFailed):
+            super().__init__(str(error))
+            return
+        lines = str(error).strip().splitlines()
+        super().__init__(f"generation failed: {type(error).__name__}: {lines[0] if lines else ''}")
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
@@ -130,6 +170,17 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     def __init__(self, model_provider, prompt_cache):
         self._agreed_stop = False
         self.speculation = None  # the drafting of the request being served, if it drafts
+        self.in_flight = set()  # the reply queues of requests taken and not yet answered
+        # mlx-lm's loops, calling our batch generator, sampler and stream_generate (mlx-lm takes
+        # them from its module, which stays as it is)
+        self.serve_batches = with_names(
+            mlx_server.ResponseGenerator._generate,
+            BatchGenerator=self.batch_generator,
+            _make_sampler=make_sampler,
+        )
+        self.serve_one = with_names(
+            mlx_server.ResponseGenerator._serve_single, stream_generate=self.stream_generate
+        )
         super().__init__(model_provider, prompt_cache)
 
     @property
@@ -145,7 +196,11 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         if self._is_distributed and self._share_object(self._stop_asked or None):
             self._agreed_stop = True
             return None
-        return super()._next_request(timeout)
+        request = super()._next_request(timeout)
+        if request is None:
+            return None
+        rqueue, *rest = request
+        return Replies(rqueue, self.in_flight), *rest
 
     def _serve_single(self, request, stream):
         rqueue, request, args = request
@@ -153,7 +208,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             rqueue = RunsToTheEnd(rqueue)
         self.speculation = self.drafting(args, request.draft_stats)
         try:
-            super()._serve_single((rqueue, request, args), stream)
+            self.serve_one(self, (rqueue, request, args), stream)
         finally:
             self.speculation = None
 
@@ -182,7 +237,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         """mlx-lm's stream_generate as mlx-lm's _serve_single calls it, or our speculative loop
         for a request that drafts; that one logs its drafting statistics when it ends."""
         if self.speculation is None:
-            yield from mlx_generate.stream_generate(model, tokenizer, prompt, **kwargs)
+            yield from plain_stream_generate(model, tokenizer, prompt, **kwargs)
             return
         for name in (
             "stream",
@@ -195,17 +250,62 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         ):
             kwargs.pop(name, None)
         stats = self.speculation["stats"]
+        cache = kwargs["prompt_cache"]
+        held = cache[0].offset + len(prompt)
+        tokens = []
         try:
-            yield from speculative.stream_generate(
+            for response in speculative.stream_generate(
                 model, tokenizer, prompt, **self.speculation, **kwargs
-            )
+            ):
+                tokens.append(response.token)
+                yield response
+        except Exception:
+            tokens = None  # a failed reply's cache is not stored
+            raise
         finally:  # mlx-lm leaves the loop at the last token, before the generator ends
+            if tokens is not None:
+                hold(model, cache, held + len(tokens), tokens[-1:])
             logging.info(stats.line())
 
     def _generate(self):
+        """mlx-lm's loop; where it fails, the requests it held are answered with the error and a
+        new loop serves on (over a pipeline the ranks could not agree on that: it ends)."""
         conversations = self.prompt_cache
-        super()._generate()
+        while True:
+            try:
+                self.serve_batches(self)
+                break
+            except Exception as e:
+                if self._is_distributed:
+                    raise
+                logging.exception("generation failed; serving on")
+                for replies in list(self.in_flight):
+                    replies.put(GenerationFailed(e))
         conversations.flush()  # here: the caches' arrays belong to this thread's stream
+
+    def generate(self, request, generation_args, progress_callback=None):
+        """mlx-lm's (context, replies) for a request; what fails on the way is GenerationFailed."""
+        try:
+            ctx, replies = super().generate(request, generation_args, progress_callback)
+        except Exception as e:
+            raise GenerationFailed(e) from e
+
+        def answered():
+            try:
+                yield from replies
+            except Exception as e:
+                raise GenerationFailed(e) from e
+
+        return ctx, answered()
+
+    def batch_generator(self, model, **kwargs):
+        """mlx-lm's BatchGenerator, or ours that drafts in the batch."""
+        if not self.model_provider.drafts_in_batch:
+            return BatchGenerator(model, **kwargs)
+        args = self.cli_args
+        return speculative_batch.DraftingBatchGenerator(
+            model, num_draft_tokens=args.num_draft_tokens, draft_min=args.draft_min, **kwargs
+        )
 
     def _is_batchable(self, args):
         """mlx-lm serves kv bits one request at a time; our quantised caches batch."""
@@ -223,6 +323,33 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
         args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
         return self._tokenize(self.model_provider.tokenizer, copy.deepcopy(request), args)[0]
+
+
+def hold(model, cache: list, n: int, last: list[int]):
+    """Leave `cache` holding n tokens, the last reply token included, as mlx-lm's generate_step
+    leaves it: the prompt cache stores it under the prompt and every reply token. (The
+    speculative loop holds one token fewer, or more where it stopped within accepted drafts.)"""
+    extra = cache[0].offset - n
+    if extra > 0:
+        for c in cache:
+            c.trim(extra)
+    elif extra < 0 and last:
+        model(mx.array(last)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+
+
+class Replies:
+    """A request's reply queue, in `in_flight` from when the generation loop takes the request
+    until it is answered (the end, None, or an error)."""
+
+    def __init__(self, rqueue, in_flight: set):
+        self.rqueue, self.in_flight = rqueue, in_flight
+        in_flight.add(self)
+
+    def put(self, item):
+        if item is None or isinstance(item, Exception):
+            self.in_flight.discard(self)
+        self.rqueue.put(item)
 
 
 class RunsToTheEnd:
@@ -286,6 +413,8 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile = OpenAIErrors(self.wfile, self)
 
     def send_response(self, code, message=None):
+        if code == 404 and isinstance(sys.exc_info()[1], GenerationFailed):
+            code = 500  # mlx-lm answers a request that fails before generating with a 404
         self.status = code
         super().send_response(code, message)
 
@@ -388,7 +517,16 @@ class APIHandler(mlx_server.APIHandler):
             )
         self.max_tokens = min(self.max_tokens, provider.context - n)
         request.draft_stats = self.draft_stats = speculative.SpeculativeStats()
-        super().handle_completion(request, stop_words)
+        try:
+            super().handle_completion(request, stop_words)
+        except GenerationFailed as e:
+            if self.stream:  # the headers went out: the stream's error event
+                body = {"error": {"message": str(e), "type": "server_error"}}
+                self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
+                self.wfile.flush()
+            else:  # the headers of a 200 are still buffered: a 500 in their place
+                self._headers_buffer = []
+                self.send_error_json(500, str(e))
 
     def completion_usage_response(self, *counts):
         """mlx-lm's usage (streamed and not), with the drafts a drafting reply kept and rejected,
@@ -473,9 +611,9 @@ def bind(host: str, port: int) -> HTTPServer:
     family, _, _, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    HTTPServer.address_family = family
     fingerprint = mlx_server.get_system_fingerprint()
-    server = HTTPServer(
+    # socketserver reads the family from the class as it makes the socket: a class of this host's
+    server = type("HTTPServer", (HTTPServer,), {"address_family": family})(
         address,
         lambda *a, **kw: APIHandler(
             server.response_generator, *a, system_fingerprint=fingerprint, **kw
@@ -574,8 +712,6 @@ def serve(args: argparse.Namespace):
         cli.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     httpd.info = info
     generator = httpd.response_generator = ResponseGenerator(provider, prompt_cache)
-    if provider.drafter is not None:  # mlx-lm's _serve_single calls its module's stream_generate
-        mlx_server.stream_generate = generator.stream_generate
     host, port = httpd.server_address[:2]
     if (warning := web.exposure_warning(host, port)) is not None:
         print(warning, file=sys.stderr, flush=True)

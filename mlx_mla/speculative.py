@@ -365,40 +365,16 @@ def verify(logits: mx.array, drafts: mx.array, draft_probs, sampling: Sampling):
     return n, mx.random.categorical(mx.log(rest)).item(), drafts
 
 
-def cache_slots(cache) -> int:
-    """Token slots a cache has allocated (its growth is in steps of `step` tokens)."""
-    keys = cache.keys[0] if isinstance(cache.keys, (list, tuple)) else cache.keys
-    return 0 if keys is None else keys.shape[2]
-
-
-def set_slots(cache, slots: int):
-    """Cut or grow a cache's storage to `slots` tokens (all of its arrays), keeping its offset."""
-
-    def fit(x):
-        have = x.shape[2]
-        if have >= slots:
-            return x[:, :, :slots]
-        return mx.concatenate([x, mx.zeros((*x.shape[:2], slots - have, *x.shape[3:]), x.dtype)], 2)
-
-    for name in ("keys", "values", "index_keys"):  # index_keys: a DSA cache's (cache/latent.py)
-        value = getattr(cache, name, None)
-        if isinstance(value, (list, tuple)):
-            setattr(cache, name, type(value)(fit(x) for x in value))
-        elif value is not None:
-            setattr(cache, name, fit(value))
-
-
 def roll_back(cache: list, n: int, slots: list[int]):
     """Trim n tokens from every cache and give it the storage plain decoding would have by now: as
     before the verify step while the tokens fit, else grown by whole steps as one token at a time
     would have grown it. So `offset` and `nbytes` equal plain decoding's."""
     for c, before in zip(cache, slots, strict=True):
         c.trim(n)
-        if not before or cache_slots(c) == before:
+        if not before or c.slots() == before:
             continue
         step = c.step
-        grown = before + step * math.ceil(max(c.offset - before, 0) / step)
-        set_slots(c, grown)
+        c.resize(before + step * math.ceil(max(c.offset - before, 0) / step))
 
 
 def speculative_generate_step(
@@ -493,7 +469,7 @@ def speculative_generate_step(
         tic = time.perf_counter()
         drafts, draft_probs = drafter.draft(k, sampling)
         k = drafts.size
-        slots = [cache_slots(c) for c in cache]
+        slots = [c.slots() for c in cache]
         inputs = mx.concatenate([mx.array([y], dtype=mx.int32), drafts])
         h = model.model(inputs[None], cache=cache)  # (1, k+1, D)
         logits = model.logits(h)[0]

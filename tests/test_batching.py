@@ -8,6 +8,7 @@ from mlx_lm.generate import BatchGenerator, generate_step
 
 from mlx_mla import load
 from mlx_mla.cache.batch import (
+    BatchExpandedKVCache,
     BatchLatentCache,
     BatchQuantizedKVCache,
     BatchQuantizedLatentCache,
@@ -23,7 +24,7 @@ KINDS = {  # name: attention, kv bits, the batch cache class the rows merge into
     "mla float": ("mla", None, BatchLatentCache),
     "mla kv-bits 4": ("mla", 4, BatchQuantizedLatentCache),
     "mla kv-bits 8": ("mla", 8, BatchQuantizedLatentCache),
-    "mha float": ("mha", None, None),
+    "mha float": ("mha", None, BatchExpandedKVCache),
     "mha kv-bits 4": ("mha", 4, BatchQuantizedKVCache),
     "mha kv-bits 8": ("mha", 8, BatchQuantizedKVCache),
 }
@@ -101,8 +102,7 @@ def test_batched_greedy_replies_equal_one_at_a_time(models, tokenizer, kind):
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     history = tokenizer.encode(HISTORY)
     expected = one_at_a_time(model, bits, prompts, history)
-    if batch_class is not None:
-        assert type(new_cache(model, bits)[0].merge(new_cache(model, bits))) is batch_class
+    assert type(new_cache(model, bits)[0].merge(new_cache(model, bits))) is batch_class
     assert batched(model, bits, prompts, history) == expected
     assert len({tuple(r) for r in expected}) == len(PROMPTS)
 

@@ -24,6 +24,7 @@ from mlx_mla.cache.latent import (
     QuantizedIndexedLatentCache,
     QuantizedLatent,
     QuantizedLatentCache,
+    register_with_mlx_lm,
 )
 from mlx_mla.model.indexer import Indexer, gather_rows
 
@@ -316,6 +317,7 @@ def test_dsa_prompt_cache_file_round_trips(dsa_checkpoints, name, kv_bits, tmp_p
     if kv_bits:
         cache = [c.to_quantized(group_size=32, bits=kv_bits) for c in cache]
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    register_with_mlx_lm()
     loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
     assert [type(c) for c in loaded] == [type(c) for c in cache]
     assert [c.nbytes for c in loaded] == [c.nbytes for c in cache]

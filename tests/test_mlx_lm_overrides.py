@@ -20,6 +20,7 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "server.ResponseGenerator._generate": "(self)",
     "server.ResponseGenerator._is_batchable": "(self, args)",
     "server.ResponseGenerator._share_object": "(self, obj)",
+    "server.ResponseGenerator.generate": "(self, request, generation_args, progress_callback=None)",
     "server.APIHandler.__init__": (
         "(self, response_generator, *args, system_fingerprint=None, **kwargs)"
     ),
@@ -64,21 +65,50 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "cache.BatchKVCache.make_mask": "(self, N, return_array=False, **kwargs)",
     "cache.dynamic_roll": "(x, shifts, axis)",
     "server._make_logits_processors": "(args)",
+    "server._make_sampler": "(args, tokenizer)",
+    "generate.GenerationBatch.extend": "(self, batch)",
+    "generate.GenerationBatch.filter": "(self, keep)",
+    "generate.GenerationBatch.next": "(self)",
+    "generate.GenerationBatch.empty": "(cls, model, fallback_sampler)",
+    "cache.BatchKVCache.trim": "(self, n)",
     "generate.maybe_quantize_kv_cache": (
         "(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)"
     ),
 }
 USES = {  # member: source text showing it is used the way we rely on
-    "server.ResponseGenerator.__init__": ["self._stop = ", "self._generation_thread = "],
-    "server.ResponseGenerator._generate": [
+    "server.ResponseGenerator.__init__": [
+        "self._stop = ",
+        "self._generation_thread = ",
+        "self._is_distributed = ",
+        "self._generation_failed = False",
+    ],
+    "server.ResponseGenerator._run_generate": ["self._generation_failed = True"],
+    "cache._BaseCache": ["def is_trimmable(self)", "def nbytes(self)", "def state(self)"],
+    "cache.LRUPromptCache.insert_cache": [
+        "self._trie.pop(model, tokens)",
+        "self._n_bytes += entry.nbytes",
+    ],
+    "server.ResponseGenerator._generate": [  # run with our BatchGenerator and _make_sampler
         "while not self._stop",
+        "batch_generator = BatchGenerator(",
+        "samplers=[_make_sampler(args, current_tokenizer)]",
+        "logits_processors=[_make_logits_processors(args)]",
         "self._is_batchable(args)",
         "self.prompt_cache.fetch_nearest_cache(",
         "del self.prompt_cache",
     ],
     "server.ResponseGenerator._is_batchable": ["kv_bits is None"],
+    # a failure before the context is answered with a 404 (ours: 500), one after it is raised
+    # from the replies while a non-streamed reply's headers are still buffered
+    "server.APIHandler.handle_completion": [
+        "self.response_generator.generate(",
+        "self._set_completion_headers(404)",
+        "for gen in response:",
+        # the drafts in the usage: every usage mlx-lm sends is built by these two
+        "self.completion_usage_response(",
+        "self.generate_response(",
+    ],
     "cache.LRUPromptCache.__init__": ["self._trie = PromptTrie()", "self._lru = "],
-    "cache.LRUPromptCache.insert_cache": ["self._trie.pop(model, tokens)"],
     "cache.LRUPromptCache.trim_to": ["self._trie.pop(model, tokens)"],
     "cache.LRUPromptCache.CacheOrder.__init__": ["self._lrus = "],
     "generate.PromptProcessingBatch.prompt": [
@@ -86,13 +116,21 @@ USES = {  # member: source text showing it is used the way we rely on
         "c.finalize()",
     ],
     "generate._merge_caches": [".merge("],
-    # the drafts in the usage: every usage mlx-lm sends is built by these two
-    "server.APIHandler.handle_completion": [
-        "self.completion_usage_response(",
-        "self.generate_response(",
-    ],
-    # speculative decoding replaces the stream_generate that _serve_single calls by name
+    # run with our stream_generate, which drafts
     "server.ResponseGenerator._serve_single": ["for gen in stream_generate(", "sampler=sampler,"],
+    # the drafting batch: its state, the first step made when a prompt's rows join
+    "generate.GenerationBatch.__init__": ["self._next_tokens = inputs", "self._step()"],
+    "generate.GenerationBatch._step": [
+        "self._next_tokens = sampled",
+        "self._next_logprobs = list(logprobs)",
+        "sti.append(ti)",
+    ],
+    "generate.GenerationBatch.next": [
+        "self._matchers[i].advance(",
+        "prompt_cache=self.extract_cache(i)",
+    ],
+    "generate.BatchGenerator.__init__": ["self._generation_batch = GenerationBatch.empty("],
+    "generate.BatchGenerator._next": ["self._generation_batch.extend(gen_batch)"],
 }
 MODULES = {m: importlib.import_module(f"mlx_lm.{m}") for m in ("server", "generate")}
 MODULES["cache"] = importlib.import_module("mlx_lm.models.cache")

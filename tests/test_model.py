@@ -10,7 +10,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import mlx_mla
 from mlx_mla import LatentCache
-from mlx_mla.cache.latent import ExpandedKVCache
+from mlx_mla.cache.latent import ExpandedKVCache, register_with_mlx_lm
 
 torch = pytest.importorskip("torch")  # the reference these tests compare against
 
@@ -131,6 +131,7 @@ def test_prompt_cache_file_round_trip(checkpoints, tmp_path, mode):
     cache = model.make_cache()
     mlx_logits(model, ids[:, :12], cache)
     save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    register_with_mlx_lm()
     loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
     assert [type(c) for c in loaded] == [type(c) for c in cache]
     assert (

@@ -15,6 +15,7 @@ from mlx_mla.cache.latent import (
     QuantizedExpandedKVCache,
     QuantizedLatent,
     QuantizedLatentCache,
+    register_with_mlx_lm,
 )
 from mlx_mla.cli import DEFAULT_MODEL as DEMO_MODEL
 
@@ -225,6 +226,7 @@ def test_a_quantized_latent_cache_round_trips_through_a_prompt_cache_file(tmp_pa
     cache = [c.to_quantized(group_size=32, bits=4) for c in cache]
     model(tokens[:, 20:22], cache=cache)
     save_prompt_cache(str(tmp_path / "q.safetensors"), cache)
+    register_with_mlx_lm()
     loaded = load_prompt_cache(str(tmp_path / "q.safetensors"))
     assert all(
         type(c) is QuantizedLatentCache and (c.bits, c.group_size) == (4, 32) for c in loaded

@@ -5,7 +5,8 @@ ones batch here, the same way: rows are left-padded to a common length, each row
 `offset` (its position) and `left_padding`, and all share the write index `_idx`. mlx-lm's
 protocol: `merge` (one-row caches -> batch), `extract` (a row -> one-row cache), `filter` (keep
 rows), `extend` (append another batch's rows), `prepare`/`finalize` (a right-padded prompt chunk,
-rolled into left padding afterwards) and `make_mask`.
+rolled into left padding afterwards) and `make_mask`. A batch remembers the class of the rows it
+was merged from, and `extract` gives a row of that class back.
 """
 
 import mlx.core as mx
@@ -13,33 +14,54 @@ from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, dynamic_roll
 
-from .latent import LatentCache, QuantizedExpandedKVCache, QuantizedLatent, QuantizedLatentCache
+from .storage import QuantizedLatent
 
 
-class BatchLatentCache(BatchKVCache):
+class TrimRows:
+    """Rows trimmed by different counts (speculative decoding's rows accept different lengths):
+    all by the fewest, then each row's rest rolled round into its left padding, as `finalize`
+    rolls a right-padded chunk's."""
+
+    def trim_rows(self, n: list[int]):
+        fewest = min(n)
+        self.trim(fewest)
+        rest = [x - fewest for x in n]
+        if any(rest):
+            self.prepare(right_padding=rest)
+            self.finalize()
+
+
+class BatchLatentCache(TrimRows, BatchKVCache):
     """mlx-lm's BatchKVCache of float latents; a row extracted is a LatentCache again."""
 
     @classmethod
     def merge(cls, caches: list) -> "BatchLatentCache":
         if all(c.offset == 0 for c in caches):  # BatchKVCache.merge names its own class here
-            return cls([0] * len(caches))
-        return super().merge(caches)
+            batch = cls([0] * len(caches))
+        else:
+            batch = super().merge(caches)
+        batch.row_class = type(caches[0])
+        return batch
 
-    def extract(self, idx: int) -> LatentCache:
+    def extract(self, idx: int):
         row = super().extract(idx)
-        cache = LatentCache()
+        cache = self.row_class()
         cache.keys, cache.values, cache.offset = row.keys, row.values, row.offset
         return cache
 
 
-class BatchQuantizedCache(mlx_lm_cache._BaseCache):
+class BatchExpandedKVCache(BatchLatentCache):
+    """The same for the `mha` path's float K and V; a row extracted is an ExpandedKVCache."""
+
+
+class BatchQuantizedCache(TrimRows, mlx_lm_cache._BaseCache):
     """Rows of a quantised cache, stored as a flat list of arrays, each (B, heads, slots, width):
     the packed/scales/biases of what is quantised and whatever stays float. Subclasses say how a
     token's keys and values become those arrays (`encode`), what attention reads (`fetch`), and
     how a one-row cache holds them (`parts`, `row`)."""
 
     step = 256
-    row_class: type
+    row_class: type  # the class of the rows merged
 
     def __init__(self, left_padding: list[int], group_size: int = 64, bits: int = 4):
         self.arrays = None
@@ -163,6 +185,7 @@ class BatchQuantizedCache(mlx_lm_cache._BaseCache):
         lengths = [c.offset for c in caches]
         longest = max(lengths)
         batch = cls([longest - n for n in lengths], caches[0].group_size, caches[0].bits)
+        batch.row_class = type(caches[0])
         if longest == 0:
             return batch
         template = next(cls.parts(c) for c in caches if c.offset)
@@ -192,8 +215,6 @@ class BatchQuantizedCache(mlx_lm_cache._BaseCache):
 class BatchQuantizedLatentCache(BatchQuantizedCache):
     """QuantizedLatentCache rows: c_kv packed, scales, biases (B, 1, S, ...) and the float k_pe."""
 
-    row_class = QuantizedLatentCache
-
     def encode(self, c_kv, k_pe):
         return [*self.quantize(c_kv), k_pe]
 
@@ -201,7 +222,7 @@ class BatchQuantizedLatentCache(BatchQuantizedCache):
         return QuantizedLatent(*arrays[:3], self.group_size, self.bits), arrays[3]
 
     @staticmethod
-    def parts(cache: QuantizedLatentCache) -> list[mx.array]:
+    def parts(cache) -> list[mx.array]:
         return [*cache.keys, cache.values]
 
     @staticmethod
@@ -213,8 +234,6 @@ class BatchQuantizedKVCache(BatchQuantizedCache):
     """The `mha` path's quantised K and V, (B, H, S, ...) each; `bits` makes mlx-lm's
     scaled_dot_product_attention take its quantised kernel."""
 
-    row_class = QuantizedExpandedKVCache
-
     def encode(self, keys, values):
         return [*self.quantize(keys), *self.quantize(values)]
 
@@ -222,7 +241,7 @@ class BatchQuantizedKVCache(BatchQuantizedCache):
         return tuple(arrays[:3]), tuple(arrays[3:])
 
     @staticmethod
-    def parts(cache: QuantizedExpandedKVCache) -> list[mx.array]:
+    def parts(cache) -> list[mx.array]:
         return [*cache.keys, *cache.values]
 
     @staticmethod

@@ -6,13 +6,18 @@ several times more than quantising c_kv did; see docs/quantised-caches.md). `Exp
 mlx-lm's KVCache for the expanded `mha` path, with the same clear error on an unquantisable head.
 """
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, create_attention_mask
 
 from ..errors import MLAError
+from .batch import (
+    BatchExpandedKVCache,
+    BatchLatentCache,
+    BatchQuantizedKVCache,
+    BatchQuantizedLatentCache,
+)
+from .storage import QuantizedLatent, Slots, resized
 
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts, and its bit widths:
 KV_BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -64,7 +69,7 @@ def check_kv_quantization(args, attention: str, group_size: int, bits: int):
     check_quantizable(quantized_dims(args, attention), group_size, bits, kv_bits)
 
 
-class LatentCache(KVCache):
+class LatentCache(Slots, KVCache):
     """mlx-lm's growable KVCache holding the MLA latent instead of per-head K/V.
 
     `keys` is the normalised latent c_kv, (B, 1, S, kv_lora_rank); `values` is k_pe after RoPE,
@@ -91,33 +96,11 @@ class LatentCache(KVCache):
         return cache
 
     @classmethod
-    def merge(cls, caches: list) -> "BatchLatentCache":  # noqa: F821
-        from .batch import BatchLatentCache
-
+    def merge(cls, caches: list) -> BatchLatentCache:
         return BatchLatentCache.merge(caches)
 
 
-@dataclass
-class QuantizedLatent:
-    """mx.quantize's (packed, scales, biases) of c_kv, (B, 1, S, ...) each, with its settings."""
-
-    packed: mx.array
-    scales: mx.array
-    biases: mx.array
-    group_size: int
-    bits: int
-
-    @property
-    def length(self) -> int:
-        return self.packed.shape[-2]
-
-    def dequantize(self, start: int = 0, stop: int | None = None) -> mx.array:
-        """Float c_kv of tokens start:stop, (B, 1, stop - start, kv_lora_rank)."""
-        parts = (x[..., start:stop, :] for x in (self.packed, self.scales, self.biases))
-        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
-
-
-class QuantizedLatentCache(mlx_lm_cache._BaseCache):
+class QuantizedLatentCache(Slots, mlx_lm_cache._BaseCache):
     """The latent cache with c_kv group-quantised along kv_lora_rank; k_pe stays in float.
 
     State as mlx-lm's QuantizedKVCache: `keys` is the (packed, scales, biases) of c_kv,
@@ -203,13 +186,11 @@ class QuantizedLatentCache(mlx_lm_cache._BaseCache):
         return sum(x.nbytes for x in self.keys) + self.values.nbytes
 
     @classmethod
-    def merge(cls, caches: list) -> "BatchQuantizedLatentCache":  # noqa: F821
-        from .batch import BatchQuantizedLatentCache
-
+    def merge(cls, caches: list) -> BatchQuantizedLatentCache:
         return BatchQuantizedLatentCache.merge(caches)
 
 
-class ExpandedKVCache(KVCache):
+class ExpandedKVCache(Slots, KVCache):
     """mlx-lm's KVCache for the `mha` path; to_quantized gives mlx-lm's QuantizedKVCache after
     checking that the head dims divide by the group size and that mlx-lm sizes the bits right."""
 
@@ -221,14 +202,16 @@ class ExpandedKVCache(KVCache):
         quantized.state = super().to_quantized(group_size=group_size, bits=bits).state
         return quantized
 
+    @classmethod
+    def merge(cls, caches: list) -> BatchExpandedKVCache:
+        return BatchExpandedKVCache.merge(caches)
 
-class QuantizedExpandedKVCache(QuantizedKVCache):
+
+class QuantizedExpandedKVCache(Slots, QuantizedKVCache):
     """mlx-lm's QuantizedKVCache for the `mha` path, which can also be batched."""
 
     @classmethod
-    def merge(cls, caches: list) -> "BatchQuantizedKVCache":  # noqa: F821
-        from .batch import BatchQuantizedKVCache
-
+    def merge(cls, caches: list) -> BatchQuantizedKVCache:
         return BatchQuantizedKVCache.merge(caches)
 
 
@@ -247,6 +230,7 @@ class IndexKeys:
 
     index_keys = None  # an array, or mx.quantize's (packed, scales, biases)
     quantized_index = False
+    merge = None  # mlx-lm's batches would drop the index keys: a DSA model serves one at a time
 
     def update_index(self, keys: mx.array):
         """Store the keys of the tokens update_and_fetch just added; return all of them, as an
@@ -305,6 +289,10 @@ class IndexKeys:
     def nbytes(self):
         return super().nbytes + sum(r.nbytes for r in self.index_rows() or ())
 
+    def resize(self, slots: int):
+        super().resize(slots)
+        self.index_keys = resized(self.index_keys, slots)
+
 
 class QuantizedIndexedLatentCache(IndexKeys, QuantizedLatentCache):
     quantized_index = True
@@ -318,7 +306,7 @@ class IndexedLatentCache(IndexKeys, LatentCache):
         return self.quantize_index(cache)
 
 
-class QuantizedIndexedKVCache(IndexKeys, QuantizedKVCache):
+class QuantizedIndexedKVCache(IndexKeys, QuantizedExpandedKVCache):
     quantized_index = True
 
 
@@ -333,7 +321,11 @@ class IndexedKVCache(IndexKeys, ExpandedKVCache):
 QUANTIZED_CACHES = (QuantizedLatentCache, QuantizedKVCache)
 INDEXED_CACHES = (IndexedLatentCache, QuantizedIndexedLatentCache)
 INDEXED_CACHES += (IndexedKVCache, QuantizedIndexedKVCache)
-
-# mlx-lm's load_prompt_cache rebuilds caches by class name from its own module namespace.
 CACHES = (LatentCache, QuantizedLatentCache, ExpandedKVCache, QuantizedExpandedKVCache)
-vars(mlx_lm_cache).update({c.__name__: c for c in (*CACHES, *INDEXED_CACHES)})
+CACHES += INDEXED_CACHES
+
+
+def register_with_mlx_lm():
+    """Let mlx-lm's load_prompt_cache rebuild our caches: it finds a saved cache's class by name
+    in its own module's namespace. Called by prompt_cache.load, before it reads a file."""
+    vars(mlx_lm_cache).update({c.__name__: c for c in CACHES})

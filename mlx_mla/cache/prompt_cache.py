@@ -16,6 +16,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from ..errors import MLAError
 from ..model.loading import resolve, weight_files
+from .latent import register_with_mlx_lm
 
 FORMAT = "mlx_mla prompt cache 1"
 SUFFIX = ".safetensors"
@@ -108,6 +109,7 @@ def load(file: str | Path, expected: dict[str, str]) -> tuple[list, dict[str, st
     file = Path(file)
     if not file.is_file():
         raise PromptCacheError(f"no such prompt-cache file: {file}")
+    register_with_mlx_lm()
     try:
         cache, metadata = load_prompt_cache(str(file), return_metadata=True)
         mx.eval([c.state for c in cache])

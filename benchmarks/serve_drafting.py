@@ -1,0 +1,168 @@
+"""8 concurrent greedy requests to the demo model's server with --draft ngram (drafted in the batch)
+against the plain batched server: wall time of each round, and whether the replies are equal.
+
+LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+    python -m benchmarks.serve_drafting [--rounds 3] [--max-tokens 64] [--clients 8]
+
+First, in this process, the cost of the batch's verify forward: 8 rows of the copying prompts
+decoding, one forward of 1, 2 and 4 tokens a row (evaluated, median of 20), beside mlx-lm's own
+pipelined step; drafting k tokens pays only where (k + 1) tokens cost less than 1 + the tokens
+kept. Then two prompt sets, each client its own passage of tinyshakespeare: "copies" holds the
+passage twice and its first line a third time (a reply that copies the passage is drafted well;
+the demo model's mostly does not copy it), "normal" the passage once. Both servers run at once,
+rounds alternate between them, and the machine's load average is printed beside each round.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SERVERS = {"plain": [], "--draft ngram": ["--draft", "ngram"]}
+START_TIMEOUT_S = 600
+
+
+def passages(n: int, lines: int = 4) -> list[str]:
+    text = TEXT.read_text().split("\n\n") if TEXT.exists() else []
+    chosen = [p for p in text if p.count("\n") >= lines - 1][100 : 100 + n]
+    return ["\n".join(p.splitlines()[:lines]) + "\n" for p in chosen]
+
+
+def prompts(kind: str, n: int) -> list[str]:
+    if kind == "normal":
+        return passages(n)
+    return [p + "\n" + p + "\n" + p.splitlines()[0] + "\n" for p in passages(n)]
+
+
+def start(flags: list[str], log):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_mla.server", "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    line = process.stdout.readline()
+    if "Serving" not in line:
+        process.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    host, port = line.split("//")[1].split("/")[0].split(":")
+    return process, (host, int(port))
+
+
+def complete(address, prompt: str, max_tokens: int) -> str:
+    connection = http.client.HTTPConnection(*address, timeout=START_TIMEOUT_S)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    connection.request(
+        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
+    reply = json.loads(connection.getresponse().read())
+    connection.close()
+    return reply["choices"][0]["text"]
+
+
+def round_trip(address, texts: list[str], max_tokens: int) -> tuple[float, list[str]]:
+    tic = time.perf_counter()
+    with ThreadPoolExecutor(len(texts)) as pool:
+        replies = list(pool.map(lambda p: complete(address, p, max_tokens), texts))
+    return time.perf_counter() - tic, replies
+
+
+def verify_cost(texts: list[str], repeats: int = 20):
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_mla import load
+    from mlx_mla.cli import DEFAULT_MODEL
+
+    model, tokenizer = load(DEFAULT_MODEL)
+    generator = BatchGenerator(model)
+    generator.insert([tokenizer.encode(t) for t in texts], max_tokens=[10**6] * len(texts))
+    for _ in range(3):
+        generator.next()
+    batch = generator._generation_batch
+
+    def median_ms(step) -> float:
+        times = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - tic)
+        return 1000 * statistics.median(times)
+
+    def forward(n):
+        mx.eval(model(mx.zeros((len(texts), n), dtype=mx.int32), cache=batch.prompt_cache))
+        for c in batch.prompt_cache:
+            c.trim(n)
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = [f"mlx-lm's pipelined step {median_ms(batch.next):.1f} ms"]
+    rows += [f"{n} tokens a row {median_ms(lambda n=n: forward(n)):.1f} ms" for n in (1, 2, 4)]
+    print(f"verify forward, {len(texts)} rows: " + ", ".join(rows) + f"   load {load}", flush=True)
+
+
+def drafting(log: str) -> tuple[int, int]:
+    """Tokens drafted and kept so far, from the drafted server's log."""
+    counts = re.findall(r"Speculative: (\d+) drafted, (\d+) accepted", Path(log).read_text())
+    return sum(int(c[0]) for c in counts), sum(int(c[1]) for c in counts)
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=8)
+    return parser
+
+
+def main():
+    args = setup_arg_parser().parse_args()
+    verify_cost(prompts("copies", args.clients))
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+    servers = {
+        name: start(flags, log if flags else subprocess.DEVNULL) for name, flags in SERVERS.items()
+    }
+    try:
+        before = (0, 0)
+        for kind in ("copies", "normal"):
+            texts = prompts(kind, args.clients)
+            for _, address in servers.values():  # warm: compile, first allocations
+                round_trip(address, texts[:1], 4)
+            seconds, replies = {name: [] for name in servers}, {}
+            for r in range(args.rounds):
+                # the prompt cache holds a round's prompts: each round its own suffix
+                texts_r = [f"{t}{'' if r == 0 else ' ' * r}" for t in texts]
+                for name, (_, address) in servers.items():
+                    s, replies[name] = round_trip(address, texts_r, args.max_tokens)
+                    seconds[name].append(s)
+                    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+                    print(f"{kind:7} round {r}  {name:14} {s:6.2f} s   load {load}", flush=True)
+            plain, drafted = (statistics.median(seconds[n]) for n in servers)
+            drafts, kept = drafting(log.name)
+            drafts, kept, before = drafts - before[0], kept - before[1], (drafts, kept)
+            print(f"{kind}: the drafted server drafted {drafts} tokens and kept {kept}")
+            equal = replies["plain"] == replies["--draft ngram"]
+            print(
+                f"{kind}: {args.clients} concurrent, {args.max_tokens} tokens each: plain "
+                f"{plain:.2f} s, drafted {drafted:.2f} s (median of {args.rounds}): "
+                f"{plain / drafted:.2f}x; replies equal: {equal}",
+                flush=True,
+            )
+    finally:
+        for process, _ in servers.values():
+            process.kill()
+            process.wait()
+
+
+if __name__ == "__main__":
+    main()

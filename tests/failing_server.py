@@ -1,0 +1,34 @@
+"""The server, whose model fails inside generation on any prompt holding "~" (a RuntimeError
+from its forward, on the generation thread), once it has loaded: tests/test_server_drafting.py.
+
+python failing_server.py SERVER_FLAGS...
+"""
+
+import sys
+
+import mlx.core as mx
+
+from mlx_mla import server
+from mlx_mla.model import decoder
+
+MARKER = "~"
+marker_ids = []  # the token ids that "~" adds, found once the tokenizer is loaded
+load, forward = server.ModelProvider._load, decoder.DecoderModel.__call__
+
+
+def load_then_fail_on_the_marker(self, *args, **kwargs):
+    load(self, *args, **kwargs)
+    with_marker, without = self.tokenizer.encode(MARKER + "ab"), self.tokenizer.encode("ab")
+    marker_ids.extend(set(with_marker) - set(without))
+    decoder.DecoderModel.__call__ = failing_forward
+
+
+def failing_forward(self, inputs, cache=None, input_embeddings=None):
+    if inputs is not None and mx.any(mx.array(marker_ids)[:, None, None] == inputs).item():
+        raise RuntimeError("injected failure")
+    return forward(self, inputs, cache, input_embeddings)
+
+
+if __name__ == "__main__":
+    server.ModelProvider._load = load_then_fail_on_the_marker
+    server.main(sys.argv[1:])
