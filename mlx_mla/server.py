@@ -133,9 +133,15 @@ def with_names(function, **names):
 
 
 def make_sampler(args, tokenizer):
-    """mlx-lm's sampler for a request; with XTC, one that keeps its row from drafting."""
+    """mlx-lm's sampler for a request, counting the request's drafts (`args.draft_stats`, set in
+    _next_request); with XTC, one that keeps its row from drafting."""
     sampler = mlx_server._make_sampler(args, tokenizer)
-    return speculative_batch.Undrafted(sampler) if args.sampling.xtc_probability > 0 else sampler
+    row = (
+        speculative_batch.Undrafted
+        if args.sampling.xtc_probability > 0
+        else speculative_batch.RowSampler
+    )
+    return row(sampler, getattr(args, "draft_stats", None))
 
 
 def held_arrays(model) -> list[mx.array]:
@@ -199,8 +205,9 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         request = super()._next_request(timeout)
         if request is None:
             return None
-        rqueue, *rest = request
-        return Replies(rqueue, self.in_flight), *rest
+        rqueue, completion, args = request
+        args.draft_stats = getattr(completion, "draft_stats", None)  # for make_sampler
+        return Replies(rqueue, self.in_flight), completion, args
 
     def _serve_single(self, request, stream):
         rqueue, request, args = request

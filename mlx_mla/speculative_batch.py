@@ -21,17 +21,29 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 from .speculative import DraftLength, NgramDrafter, SpeculativeStats
 
 
-class Undrafted:
-    """A row's sampler (mlx-lm's) that keeps its row from drafting: XTC's, whose random choice is
-    made once per call, not once per position."""
+class RowSampler:
+    """A row's sampler (mlx-lm's) with what the batch needs of its request: whether the row may
+    draft, and the request's SpeculativeStats (which the server reports in the reply's usage)."""
 
-    drafts = False
+    drafts = True
 
-    def __init__(self, sample):
-        self.sample = sample
+    def __init__(self, sample, stats: SpeculativeStats | None = None):
+        self.sample, self.stats = sample, stats
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         return self.sample(logprobs)
+
+
+class Undrafted(RowSampler):
+    """A sampler that keeps its row from drafting: XTC's, whose random choice is made once per
+    call, not once per position."""
+
+    drafts = False
+
+
+def row_stats(sampler) -> SpeculativeStats:
+    """The statistics a row counts its drafts in: its request's, or its own."""
+    return getattr(sampler, "stats", None) or SpeculativeStats()
 
 
 class DraftingBatch(GenerationBatch):
@@ -40,14 +52,14 @@ class DraftingBatch(GenerationBatch):
     def setup(self, length: DraftLength, clock=time.perf_counter):
         self.length, self.clock = length, clock
         self.drafters = [None] * len(self.uids)  # a row's NgramDrafter, made at its first draft
-        self.stats = [SpeculativeStats() for _ in self.uids]
+        self.stats = [row_stats(s) for s in self.samplers or [None] * len(self.uids)]
         self.plain_left = 0  # plain steps to take before drafting is tried again
         return self
 
     def extend(self, batch):
         super().extend(batch)
         self.drafters += [None] * len(batch.uids)
-        self.stats += [SpeculativeStats() for _ in batch.uids]
+        self.stats += [row_stats(s) for s in batch.samplers or [None] * len(batch.uids)]
 
     def filter(self, keep: list[int]):
         for i in set(range(len(self.uids))) - set(keep):

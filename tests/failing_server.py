@@ -5,6 +5,7 @@ python failing_server.py SERVER_FLAGS...
 """
 
 import sys
+import threading
 
 import mlx.core as mx
 
@@ -24,7 +25,12 @@ def load_then_fail_on_the_marker(self, *args, **kwargs):
 
 
 def failing_forward(self, inputs, cache=None, input_embeddings=None):
-    if inputs is not None and mx.any(mx.array(marker_ids)[:, None, None] == inputs).item():
+    generating = threading.current_thread() is not threading.main_thread()  # not start-up's pass
+    if (
+        generating
+        and inputs is not None
+        and mx.any(mx.array(marker_ids)[:, None, None] == inputs).item()
+    ):
         raise RuntimeError("injected failure")
     return forward(self, inputs, cache, input_embeddings)
 
