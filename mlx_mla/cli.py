@@ -16,7 +16,7 @@ from .errors import BadArgumentError, MLAError
 from .model.attention import ATTENTION_MODES
 from .model.loading import load
 from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DRAFTERS, check_draft_tokenizer, make_drafter
-from .startup import EXIT_INTERRUPTED, exit_interrupted
+from .startup import EXIT_INTERRUPTED, await_ctrl_c, exit_interrupted
 
 DEFAULT_MODEL = str(Path(__file__).parent / "demo_model")
 DEFAULT_TEMP = 0.0
@@ -264,6 +264,7 @@ def run(main, argv=None):
     """Call main(argv): our errors and the system's (a missing file) give one line and exit code 2,
     Ctrl-C exits quietly with 130, and a reader closing the pipe (`| head`) quietly with 141."""
     if signal.getsignal(signal.SIGINT) is exit_interrupted:
+        await_ctrl_c("main")
         signal.signal(signal.SIGINT, signal.default_int_handler)
     # Said to a person at a terminal; a script reading stderr keeps its one-line errors.
     if sys.stderr.isatty() and (note := slow_blas_note()):

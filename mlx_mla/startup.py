@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+# Tests: "imports" or "main" has a tool say `awaiting Ctrl-C` on stdout and wait for it, where its
+# imports begin or where cli.run takes over, so that a test sends it there and not after a guess.
+AWAIT_CTRL_C_ENV = "MLX_MLA_AWAIT_CTRL_C"
 
 
 def exit_interrupted(signum, frame):
@@ -24,5 +27,12 @@ def launched_as_tool() -> bool:
     )
 
 
+def await_ctrl_c(where: str):
+    if os.environ.get(AWAIT_CTRL_C_ENV) == where:
+        os.write(sys.stdout.fileno(), b"awaiting Ctrl-C\n")
+        signal.pause()
+
+
 if launched_as_tool() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, exit_interrupted)
+    await_ctrl_c("imports")

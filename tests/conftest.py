@@ -53,6 +53,34 @@ def read_line(process: subprocess.Popen, startups: float) -> str:
     pytest.fail(f"no line from {process.args} within {time_limit(startups):.0f} s")
 
 
+def read_until(process: subprocess.Popen, marker: bytes, startups: float) -> bytes:
+    """A process's stdout up to and including `marker`, failing the test if it does not come
+    within time_limit(startups)."""
+    data, deadline = b"", time.monotonic() + time_limit(startups)
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while marker not in data and time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                chunk = os.read(process.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                data += chunk
+    if marker not in data:
+        seconds = time_limit(startups)
+        pytest.fail(f"{process.args} wrote {data!r}, no {marker!r}, in {seconds:.0f} s")
+    return data
+
+
+def wait_until(condition, startups: float, what: str):
+    """Poll `condition()` until it is true, failing the test if it is not within
+    time_limit(startups). A wait for a fact, never a sleep standing in for one."""
+    deadline = time.monotonic() + time_limit(startups)
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {time_limit(startups):.0f} s")
+        time.sleep(0.05)
+
+
 def read_bytes(process: subprocess.Popen, count: int, startups: float) -> bytes:
     """`count` bytes of a process's stdout (fewer if it ends), failing the test if they do not
     come within time_limit(startups)."""
