@@ -4,6 +4,7 @@ use."""
 import functools
 import json
 import os
+import random
 import selectors
 import string
 import subprocess
@@ -17,6 +18,20 @@ def reference():
     """torch and transformers, imported by the tests that build checkpoints with them (a test that
     needs neither runs without them)."""
     return pytest.importorskip("torch"), pytest.importorskip("transformers")
+
+
+FUZZ_SEED_ENV = "MLX_MLA_FUZZ_SEED"
+
+
+@functools.cache
+def fuzz_seed() -> int:
+    """The seed of tests/test_fuzz.py's fresh examples: MLX_MLA_FUZZ_SEED, or a new one each
+    session, printed in pytest's header."""
+    return int(os.environ.get(FUZZ_SEED_ENV) or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config):
+    return f"fuzz seed {fuzz_seed()} (tests/test_fuzz.py's fresh examples: {FUZZ_SEED_ENV}=N)"
 
 
 # The tools' slow-BLAS note would be a second line on every tool's stderr where OpenBLAS is not

@@ -23,6 +23,7 @@ POSITIVE_FIELDS = (
     "max_position_embeddings",
     "moe_layer_freq",
 )
+YARN_POSITIVE = ("original_max_position_embeddings", "beta_fast", "beta_slow")
 ROPE_NUMBERS = (
     "rope_theta",
     "factor",
@@ -138,8 +139,11 @@ class ModelArgs:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type != "default" or "llama_4_scaling_beta" in scaling:
                 args.rope_scaling = scaling
-        if args.rope_scaling:  # null means the default, as transformers reads it
-            args.rope_scaling = {k: v for k, v in args.rope_scaling.items() if v is not None}
+        if args.rope_scaling:  # null means the default, as transformers reads it, but for
+            # these of YaRN, which transformers computes with: kept, for validate to refuse
+            args.rope_scaling = {
+                k: v for k, v in args.rope_scaling.items() if v is not None or k in YARN_POSITIVE
+            }
         args.validate()
         args.check_rotary_dims(rope or args.rope_scaling or {})
         return args
@@ -253,7 +257,7 @@ class ModelArgs:
             scaling = self.rope_scaling
             if not positive(scaling.get("factor")):
                 refuse("rope_scaling.factor", scaling.get("factor"), "a number > 0 with YaRN")
-            for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
+            for name in YARN_POSITIVE:
                 if name in scaling and not positive(scaling[name]):
                     refuse(f"rope_scaling.{name}", scaling[name], "a number > 0")
             for name in ("mscale", "mscale_all_dim"):
@@ -312,7 +316,8 @@ class ModelArgs:
             )
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
-                f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+                f"config.json field rope_scaling.rope_type {self.rope_type!r} is not supported; "
+                f"supported: {', '.join(ROPE_TYPES)}"
             )
         if self.rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
