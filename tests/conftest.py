@@ -30,8 +30,19 @@ def fuzz_seed() -> int:
     return int(os.environ.get(FUZZ_SEED_ENV) or random.SystemRandom().randrange(2**32))
 
 
-def pytest_report_header(config):
+def fuzz_seed_line() -> str:
     return f"fuzz seed {fuzz_seed()} (tests/test_fuzz.py's fresh examples: {FUZZ_SEED_ENV}=N)"
+
+
+def pytest_report_header(config):
+    return fuzz_seed_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed again after the results, where -q (which drops the header) still shows it."""
+    reports = [r for rs in terminalreporter.stats.values() for r in rs]
+    if any("_fresh" in getattr(r, "nodeid", "") for r in reports):
+        terminalreporter.write_line(fuzz_seed_line())
 
 
 # The tools' slow-BLAS note would be a second line on every tool's stderr where OpenBLAS is not

@@ -23,7 +23,9 @@ POSITIVE_FIELDS = (
     "max_position_embeddings",
     "moe_layer_freq",
 )
-YARN_POSITIVE = ("original_max_position_embeddings", "beta_fast", "beta_slow")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "auto")
+# Null is no default for these: transformers computes with them (and fails on null).
+NOT_NULL = ("original_max_position_embeddings", "beta_fast", "beta_slow")
 ROPE_NUMBERS = (
     "rope_theta",
     "factor",
@@ -139,11 +141,8 @@ class ModelArgs:
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type != "default" or "llama_4_scaling_beta" in scaling:
                 args.rope_scaling = scaling
-        if args.rope_scaling:  # null means the default, as transformers reads it, but for
-            # these of YaRN, which transformers computes with: kept, for validate to refuse
-            args.rope_scaling = {
-                k: v for k, v in args.rope_scaling.items() if v is not None or k in YARN_POSITIVE
-            }
+        if args.rope_scaling:  # null means the default, as transformers reads it
+            args.rope_scaling = {k: v for k, v in args.rope_scaling.items() if v is not None}
         args.validate()
         args.check_rotary_dims(rope or args.rope_scaling or {})
         return args
@@ -257,7 +256,7 @@ class ModelArgs:
             scaling = self.rope_scaling
             if not positive(scaling.get("factor")):
                 refuse("rope_scaling.factor", scaling.get("factor"), "a number > 0 with YaRN")
-            for name in YARN_POSITIVE:
+            for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
                 if name in scaling and not positive(scaling[name]):
                     refuse(f"rope_scaling.{name}", scaling[name], "a number > 0")
             for name in ("mscale", "mscale_all_dim"):
@@ -415,6 +414,11 @@ def check_types(config, nullable: tuple = ()):
     have the wrong JSON type, naming the field. `nullable`: fields the family derives when null."""
     if not isinstance(config, dict):
         raise ConfigError(f"config.json must hold a JSON object, not {json_type(config)}")
+    for key in ("dtype", "torch_dtype"):  # transformers reads them to load even the tokenizer
+        if config.get(key) is not None and config[key] not in DTYPE_NAMES:
+            raise ConfigError(
+                f"config.json field {key} must be a dtype such as bfloat16, not {config[key]!r}"
+            )
     for field in dataclasses.fields(ModelArgs):
         if field.name in nullable and config.get(field.name, 0) is None:
             continue
@@ -435,7 +439,10 @@ def check_types(config, nullable: tuple = ()):
             raise ConfigError(f"config.json field {key} must be an object, not {json_type(rope)}")
         for name in ROPE_NUMBERS:
             value = (rope or {}).get(name)
-            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            null = value is None and name in NOT_NULL and name in (rope or {})
+            if null or (
+                value is not None and (type(value) not in (int, float) or not math.isfinite(value))
+            ):
                 raise ConfigError(f"config.json field {key}.{name} must be a number, not {value!r}")
 
 
