@@ -62,7 +62,7 @@ def perplexity(
         )
     n_windows = (len(tokens) - 1) // context
     if n_windows < 1:
-        raise ValueError(f"need more than {context} tokens, got {len(tokens)}")
+        raise ValueError(f"need more than --context {context} tokens of text, got {len(tokens)}")
     if context % parts:
         raise ValueError(f"--parts {parts} does not divide --context {context}")
     data = mx.array(tokens[: n_windows * context + 1])

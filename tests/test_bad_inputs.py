@@ -220,7 +220,8 @@ CASES = {
         "prompt_beyond_context": (
             ("generate", "--model", "{model}", "--prompt", "x" * 600),
             None,
-            "the prompt is 6\\d\\d tokens and the model's context 512: no room",
+            "the prompt is 6\\d\\d tokens and the model's max_position_embeddings context 512: "
+            "no room",
         ),
         "perplexity_windows_beyond_context": (
             (*PPL[:-1], "{readme}", "--context", "513"),

@@ -183,6 +183,37 @@ def config_json_that_is_not_a_config_is_refused_naming_it(demo, capsys, text):
     assert code == 2 and "config.json" in err, err
 
 
+FOUND = {  # by the tests above, each a config.json change and what the refusal must name
+    "too few layers (the rest were dropped)": (
+        {"num_hidden_layers": 1},
+        "unexpected tensor model.layers.",
+    ),
+    "a null YaRN length": (
+        {
+            "rope_parameters": {
+                **CONFIG["rope_parameters"],
+                "original_max_position_embeddings": None,
+            }
+        },
+        "rope_parameters.original_max_position_embeddings",
+    ),
+    "a dtype transformers cannot read": ({"dtype": ""}, "field dtype"),
+    "an unsupported rope_type": (
+        {"rope_parameters": {**CONFIG["rope_parameters"], "rope_type": 1}},
+        "rope_type",
+    ),
+    "a context of one token": ({"max_position_embeddings": 1}, "max_position_embeddings"),
+}
+
+
+@pytest.mark.parametrize("change, named", FOUND.values(), ids=FOUND.keys())
+def test_configs_the_fuzzer_found_are_refused_naming_the_field(demo, capsys, change, named):
+    restore(demo)
+    (demo / "config.json").write_text(json.dumps({**CONFIG, **change}))
+    code, err = generate_runs(demo, capsys)
+    assert code == 2 and named in err, err
+
+
 # --- safetensors files ---
 
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U32", "BOOL", "XX"]
