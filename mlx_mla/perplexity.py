@@ -57,7 +57,7 @@ def perplexity(
         raise BadArgumentError(f"context and batch_size must be >= 1, not {context}, {batch_size}")
     if context > model.args.max_position_embeddings:
         raise ContextError(
-            f"windows of {context} tokens are beyond the model's context of "
+            f"--context {context}: windows of {context} tokens are beyond the model's context of "
             f"{model.args.max_position_embeddings}"
         )
     n_windows = (len(tokens) - 1) // context
