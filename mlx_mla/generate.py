@@ -83,7 +83,8 @@ def fit_context(context: int, used: int, max_tokens: int) -> int:
     room = context - used
     if room < 1:
         raise ContextError(
-            f"the prompt is {used} tokens and the model's context {context}: no room for a reply"
+            f"the prompt is {used} tokens and the model's max_position_embeddings context "
+            f"{context}: no room for a reply"
         )
     if max_tokens > room:
         print(

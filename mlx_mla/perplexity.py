@@ -57,12 +57,12 @@ def perplexity(
         raise BadArgumentError(f"context and batch_size must be >= 1, not {context}, {batch_size}")
     if context > model.args.max_position_embeddings:
         raise ContextError(
-            f"windows of {context} tokens are beyond the model's context of "
+            f"--context {context}: windows of {context} tokens are beyond the model's context of "
             f"{model.args.max_position_embeddings}"
         )
     n_windows = (len(tokens) - 1) // context
     if n_windows < 1:
-        raise ValueError(f"need more than {context} tokens, got {len(tokens)}")
+        raise ValueError(f"need more than --context {context} tokens of text, got {len(tokens)}")
     if context % parts:
         raise ValueError(f"--parts {parts} does not divide --context {context}")
     data = mx.array(tokens[: n_windows * context + 1])

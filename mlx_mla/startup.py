@@ -15,6 +15,9 @@ from pathlib import Path
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+# Tests: "imports" or "main" has a tool say `awaiting Ctrl-C` on stdout and wait for it, where its
+# imports begin or where cli.run takes over, so that a test sends it there and not after a guess.
+AWAIT_CTRL_C_ENV = "MLX_MLA_AWAIT_CTRL_C"
 
 
 def exit_interrupted(signum, frame):
@@ -34,6 +37,7 @@ def restore_interrupt():
     """Ctrl-C raises KeyboardInterrupt again (the tool's main handles it), if this module's
     import-time handler is the one installed."""
     if signal.getsignal(signal.SIGINT) is exit_interrupted:
+        await_ctrl_c("main")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -78,5 +82,12 @@ def terminated_in(data: bytes) -> bool:
     return signal.SIGTERM in data
 
 
+def await_ctrl_c(where: str):
+    if os.environ.get(AWAIT_CTRL_C_ENV) == where:
+        os.write(sys.stdout.fileno(), b"awaiting Ctrl-C\n")
+        signal.pause()
+
+
 if launched_as_tool() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, exit_interrupted)
+    await_ctrl_c("imports")

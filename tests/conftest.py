@@ -4,6 +4,7 @@ use."""
 import functools
 import json
 import os
+import random
 import selectors
 import string
 import subprocess
@@ -17,6 +18,31 @@ def reference():
     """torch and transformers, imported by the tests that build checkpoints with them (a test that
     needs neither runs without them)."""
     return pytest.importorskip("torch"), pytest.importorskip("transformers")
+
+
+FUZZ_SEED_ENV = "MLX_MLA_FUZZ_SEED"
+
+
+@functools.cache
+def fuzz_seed() -> int:
+    """The seed of tests/test_fuzz.py's fresh examples: MLX_MLA_FUZZ_SEED, or a new one each
+    session, printed in pytest's header."""
+    return int(os.environ.get(FUZZ_SEED_ENV) or random.SystemRandom().randrange(2**32))
+
+
+def fuzz_seed_line() -> str:
+    return f"fuzz seed {fuzz_seed()} (tests/test_fuzz.py's fresh examples: {FUZZ_SEED_ENV}=N)"
+
+
+def pytest_report_header(config):
+    return fuzz_seed_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed again after the results, where -q (which drops the header) still shows it."""
+    reports = [r for rs in terminalreporter.stats.values() for r in rs]
+    if any("_fresh" in getattr(r, "nodeid", "") for r in reports):
+        terminalreporter.write_line(fuzz_seed_line())
 
 
 # The tools' slow-BLAS note would be a second line on every tool's stderr where OpenBLAS is not
@@ -51,6 +77,34 @@ def read_line(process: subprocess.Popen, startups: float) -> str:
             if selector.select(timeout=0.5):
                 return process.stdout.readline()
     pytest.fail(f"no line from {process.args} within {time_limit(startups):.0f} s")
+
+
+def read_until(process: subprocess.Popen, marker: bytes, startups: float) -> bytes:
+    """A process's stdout up to and including `marker`, failing the test if it does not come
+    within time_limit(startups)."""
+    data, deadline = b"", time.monotonic() + time_limit(startups)
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while marker not in data and time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                chunk = os.read(process.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                data += chunk
+    if marker not in data:
+        seconds = time_limit(startups)
+        pytest.fail(f"{process.args} wrote {data!r}, no {marker!r}, in {seconds:.0f} s")
+    return data
+
+
+def wait_until(condition, startups: float, what: str):
+    """Poll `condition()` until it is true, failing the test if it is not within
+    time_limit(startups). A wait for a fact, never a sleep standing in for one."""
+    deadline = time.monotonic() + time_limit(startups)
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {time_limit(startups):.0f} s")
+        time.sleep(0.05)
 
 
 def read_bytes(process: subprocess.Popen, count: int, startups: float) -> bytes:

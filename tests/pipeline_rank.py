@@ -1,6 +1,7 @@
 """One rank of a pipeline test, run under mlx.launch: load this rank's part, generate greedily,
 and write what the rank saw to OUT/rank<r>.json. With FAULT, rank 1 stops taking part after two
-tokens ("stall"), and then also sends rank 0 the SIGTERM mlx.launch would send ("sigterm").
+tokens ("stall"), and then also sends rank 0 the SIGTERM mlx.launch would send ("sigterm"), once
+rank 0 is seen waiting for it.
 
 python pipeline_rank.py MODEL ATTENTION OUT PROMPT_IDS MAX_TOKENS [TIMEOUT [FAULT]]
 
@@ -19,12 +20,28 @@ import mlx.core as mx
 from mlx_mla.distributed import pipeline
 
 
+def waiting(pid: int, out: Path) -> bool:
+    """Whether rank 0 has its second token and its main thread sleeps (its collective's own
+    thread spins): all it can do without rank 1 is done."""
+    try:
+        tokens = int(Path(out, "rank0.tokens").read_text() or 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError):
+        return False
+    return tokens >= 2 and state == "S"
+
+
 def stall(out: Path, fault: str):
-    Path(out, "stalled").write_text(str(time.time()))
+    Path(out, "stalled").touch()
     if fault == "sigterm":
-        time.sleep(2)  # rank 0 is blocked in a collective by now
-        os.kill(int(Path(out, "rank0.pid").read_text()), signal.SIGTERM)
-    time.sleep(3600)
+        rank0 = int(Path(out, "rank0.pid").read_text())
+        seen = 0
+        while seen < 10:  # 10 looks in a row, 0.05 s apart: waiting on us
+            seen = seen + 1 if waiting(rank0, out) else 0
+            time.sleep(0.05)
+        os.kill(rank0, signal.SIGTERM)
+    while True:  # taking no further part; mlx.launch's SIGTERM ends this rank (its watchdog)
+        signal.pause()
 
 
 def main(model, attention, out, prompt, max_tokens, timeout="0", fault=None):
@@ -42,6 +59,8 @@ def main(model, attention, out, prompt, max_tokens, timeout="0", fault=None):
         stage, tokenizer, prompt, prompt_cache=cache, max_tokens=int(max_tokens)
     ):
         tokens.append(r.token)
+        if fault is not None and group.rank() == 0:
+            Path(out, "rank0.tokens").write_text(str(len(tokens)))
         if faulty and len(tokens) == 2:
             stall(out, fault)
     result = {

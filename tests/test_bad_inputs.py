@@ -9,18 +9,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from importlib import import_module
 from pathlib import Path
 
 import pytest
-from conftest import read_bytes, startup_seconds, time_limit
+from conftest import read_bytes, read_until, time_limit
 
 import mlx_mla
 import mlx_mla.convert
 from mlx_mla.chat import Chat
 from mlx_mla.generate import generate
 from mlx_mla.perplexity import heldout_tokens, perplexity
+from mlx_mla.startup import AWAIT_CTRL_C_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
@@ -220,7 +220,8 @@ CASES = {
         "prompt_beyond_context": (
             ("generate", "--model", "{model}", "--prompt", "x" * 600),
             None,
-            "the prompt is 6\\d\\d tokens and the model's context 512: no room",
+            "the prompt is 6\\d\\d tokens and the model's max_position_embeddings context 512: "
+            "no room",
         ),
         "perplexity_windows_beyond_context": (
             (*PPL[:-1], "{readme}", "--context", "513"),
@@ -384,7 +385,7 @@ def test_chat_skips_a_line_that_is_not_utf8_with_one_line_and_goes_on(model):
 # --- Ctrl-C and closed pipes: quiet, with the shell's codes (130 for SIGINT, 141 for SIGPIPE). ---
 
 
-def start(*args, **kwargs) -> subprocess.Popen:
+def start(*args, env=ENV, **kwargs) -> subprocess.Popen:
     """The tool as a terminal starts it: with Ctrl-C's default action even when these tests run
     in a background job (whose children inherit an ignored SIGINT)."""
     return subprocess.Popen(
@@ -392,7 +393,7 @@ def start(*args, **kwargs) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        env=ENV,
+        env=env,
         cwd=ROOT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
@@ -409,10 +410,13 @@ STARTING = {
 }
 
 
+@pytest.mark.parametrize("where", ["imports", "main"])
 @pytest.mark.parametrize("tool", STARTING)
-def test_ctrl_c_while_a_tool_starts_exits_130_quietly(tool):
-    proc = start(*STARTING[tool])
-    time.sleep(0.3 * startup_seconds())  # inside the imports, past Python's own start
+def test_ctrl_c_while_a_tool_starts_exits_130_quietly(tool, where):
+    """Ctrl-C where the slow imports begin, and where they are done and main is about to start:
+    the tool says when it is there (startup.AWAIT_CTRL_C_ENV) and waits for the signal."""
+    proc = start(*STARTING[tool], env={**ENV, AWAIT_CTRL_C_ENV: where})
+    read_until(proc, b"awaiting Ctrl-C\n", startups=15)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=time_limit(15))
     assert proc.returncode == 130, err.decode()

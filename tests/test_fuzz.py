@@ -1,39 +1,69 @@
 """Malformed input found by a fuzzer, not picked by hand: mutated config.json, safetensors files,
-prompt-cache files, CLI flag values and server request bodies. The property, for every input: the
-tool runs, or it refuses with one line and exit code 2 (HTTP 400 for the server), never a
-traceback, and no file is written or changed.
+prompt-cache files, CLI flag values and server request bodies. The properties, for every input:
+the tool runs, or it refuses with one line and exit code 2 (HTTP 400 for the server) naming what
+is wrong (the config field changed, the file, the flag), never a traceback, and no file is
+written or changed; a mutated config that runs loads exactly the checkpoint's tensors.
 
-Seeded and derandomized, with a small budget per target; MLX_MLA_FUZZ_EXAMPLES=500 (say) runs a
-longer search locally. A failure prints the smallest input hypothesis found."""
+Each property is two tests: `_fixed` on the same derandomized examples every run, `_fresh` on
+new ones drawn from the session's seed, which pytest's header prints (MLX_MLA_FUZZ_SEED=N draws
+them again). MLX_MLA_FUZZ_EXAMPLES=500 (say) runs a longer search. A failure prints the smallest
+input hypothesis found."""
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
-from conftest import read_line
-from hypothesis import HealthCheck, given, settings
+from conftest import fuzz_seed, read_line, time_limit
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from mlx.nn import QuantizedEmbedding, QuantizedLinear
+from mlx.utils import tree_flatten
+from mlx_lm.models.mla import QuantizedMultiLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from test_bad_inputs import run_main, snapshot
 
+import mlx_mla
 import mlx_mla.cache_prompt
 import mlx_mla.chat
 import mlx_mla.generate
 import mlx_mla.perplexity
 from mlx_mla.cli import DEFAULT_MODEL
 
-EXAMPLES = int(os.environ.get("MLX_MLA_FUZZ_EXAMPLES", "25"))
-FUZZ = settings(
+EXAMPLES = int(os.environ.get("MLX_MLA_FUZZ_EXAMPLES", "16"))
+FIXED = settings(
     max_examples=EXAMPLES,
     derandomize=True,
     database=None,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+FRESH = settings(FIXED, derandomize=False, max_examples=max(1, EXAMPLES // 2))
+
+
+def fuzz(**strategies):
+    """Make `check` (named as a test, less `test_`) the two tests test_<name>_fixed and
+    test_<name>_fresh, given `strategies`."""
+
+    def make(check):
+        globals()[f"test_{check.__name__}_fixed"] = FIXED(given(**strategies)(check))
+        globals()[f"test_{check.__name__}_fresh"] = seed(fuzz_seed())(
+            FRESH(given(**strategies)(check))
+        )
+        return check
+
+    return make
+
+
 DEMO = Path(DEFAULT_MODEL)
 CONFIG = json.loads((DEMO / "config.json").read_text())
+QUANTIZED = (QuantizedEmbedding, QuantizedLinear, QuantizedMultiLinear, QuantizedSwitchLinear)
+TENSORS = mx.load(str(DEMO / "model.safetensors"))
+TENSORS = {k: v for k, v in TENSORS.items() if not k.startswith("mtp.")}  # --draft mtp's
 
 # JSON values of every type, weighted to the edges of what a field could mean.
 NUMBERS = st.sampled_from([0, 1, 2, 3, 4, 7, 8, 16, 31, 32, 48, 64, 128, 255, 512, 2**31, 2**63])
@@ -84,8 +114,9 @@ def generate_runs(folder: Path, capsys, *flags):
 
 
 @st.composite
-def mutated_configs(draw) -> dict:
-    config = json.loads(json.dumps(CONFIG))
+def mutated_configs(draw) -> tuple[dict, list[str]]:
+    """The demo's config.json mutated, and the fields changed (a rope key by its own name)."""
+    config, changed = json.loads(json.dumps(CONFIG)), []
     for _ in range(draw(st.integers(1, 3))):
         action = draw(st.sampled_from(["delete", "set", "set", "rope", "contradict"]))
         key = draw(st.sampled_from(sorted(config)))
@@ -96,28 +127,91 @@ def mutated_configs(draw) -> dict:
         elif action == "rope":
             rope = config.get("rope_parameters")
             rope = dict(rope) if isinstance(rope, dict) else {}
-            rope[draw(st.sampled_from(ROPE_KEYS))] = draw(JSON_VALUES | st.sampled_from(["yarn"]))
-            config[draw(st.sampled_from(["rope_parameters", "rope_scaling"]))] = rope
+            rope_key = draw(st.sampled_from(ROPE_KEYS))
+            rope[rope_key] = draw(JSON_VALUES | st.sampled_from(["yarn"]))
+            key = draw(st.sampled_from(["rope_parameters", "rope_scaling"]))
+            config[key] = rope
+            changed.append("rope_type" if rope_key == "type" else rope_key)  # its old name
         else:  # a value of the right type that disagrees with the weights or other fields
             config[key] = draw(NUMBERS) if isinstance(CONFIG.get(key), int) else draw(JSON_VALUES)
-    return config
+        changed.append(key)
+    return config, changed
 
 
-@FUZZ
-@given(config=mutated_configs())
-def test_mutated_config_json_runs_or_is_refused_in_one_line(demo, capsys, config):
+def names_a_field_or_a_tensor(err: str, fields: list[str]) -> bool:
+    """Whether the error names a changed field (as the field, or in words as transformers'
+    messages do: "number of attention heads"), or the checkpoint's tensor that the changed config
+    disagrees with (the field's value is fine, the weights say otherwise)."""
+    spelt = fields + [f.replace("num_", "number of ").replace("_", " ") for f in fields]
+    named = any(re.search(rf"\b{re.escape(field)}\b", err) for field in spelt)
+    return named or re.search(r"\btensor (model|lm_head)\.\S+", err) is not None
+
+
+def loads_the_checkpoint(folder: Path):
+    """Every tensor of the checkpoint loaded as stored, none left out and none made up, read at
+    the checkpoint's own quantization."""
+    model = mlx_mla.load_model(folder)
+    parameters = dict(tree_flatten(model.parameters()))
+    assert parameters.keys() == TENSORS.keys()
+    for name, tensor in TENSORS.items():
+        assert parameters[name].dtype == tensor.dtype, name
+        assert mx.array_equal(parameters[name], tensor).item(), name
+    quantization = CONFIG["quantization"]
+    modes = {(m.bits, m.group_size) for _, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    assert modes == {(quantization["bits"], quantization["group_size"])}
+
+
+@fuzz(mutation=mutated_configs())
+def mutated_config_json_is_refused_naming_the_field_or_runs_on_the_checkpoint(
+    demo, capsys, mutation
+):
+    config, changed = mutation
     restore(demo)
     (demo / "config.json").write_text(json.dumps(config))
-    generate_runs(demo, capsys)
+    code, err = generate_runs(demo, capsys)
+    if code == 2:
+        assert names_a_field_or_a_tensor(err, changed), (changed, err)
+    else:
+        loads_the_checkpoint(demo)
 
 
-@FUZZ
-@given(text=st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode)))
-def test_config_json_that_is_not_a_config_is_refused_in_one_line(demo, capsys, text):
+@fuzz(text=st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode)))
+def config_json_that_is_not_a_config_is_refused_naming_it(demo, capsys, text):
     restore(demo)
     (demo / "config.json").write_bytes(text)
-    code, _ = generate_runs(demo, capsys)
-    assert code == 2
+    code, err = generate_runs(demo, capsys)
+    assert code == 2 and "config.json" in err, err
+
+
+FOUND = {  # by the tests above, each a config.json change and what the refusal must name
+    "too few layers (the rest were dropped)": (
+        {"num_hidden_layers": 1},
+        "unexpected tensor model.layers.",
+    ),
+    "a null YaRN length": (
+        {
+            "rope_parameters": {
+                **CONFIG["rope_parameters"],
+                "original_max_position_embeddings": None,
+            }
+        },
+        "rope_parameters.original_max_position_embeddings",
+    ),
+    "a dtype transformers cannot read": ({"dtype": ""}, "field dtype"),
+    "an unsupported rope_type": (
+        {"rope_parameters": {**CONFIG["rope_parameters"], "rope_type": 1}},
+        "rope_type",
+    ),
+    "a context of one token": ({"max_position_embeddings": 1}, "max_position_embeddings"),
+}
+
+
+@pytest.mark.parametrize("change, named", FOUND.values(), ids=FOUND.keys())
+def test_configs_the_fuzzer_found_are_refused_naming_the_field(demo, capsys, change, named):
+    restore(demo)
+    (demo / "config.json").write_text(json.dumps({**CONFIG, **change}))
+    code, err = generate_runs(demo, capsys)
+    assert code == 2 and named in err, err
 
 
 # --- safetensors files ---
@@ -167,12 +261,13 @@ def damaged_safetensors(draw, data: bytes) -> bytes:
 WEIGHTS = (DEMO / "model.safetensors").read_bytes()
 
 
-@FUZZ
-@given(data=st.data())
-def test_damaged_weights_are_refused_in_one_line(demo, capsys, data):
+@fuzz(data=st.data())
+def damaged_weights_are_refused_naming_the_file_or_the_tensor(demo, capsys, data):
     restore(demo)
     (demo / "model.safetensors").write_bytes(data.draw(damaged_safetensors(WEIGHTS)))
-    generate_runs(demo, capsys)
+    code, err = generate_runs(demo, capsys)
+    if code == 2:
+        assert "model.safetensors" in err or re.search(r"\btensor \S+", err), err
 
 
 # --- prompt-cache files ---
@@ -189,11 +284,8 @@ def prompt_cache_file(demo, tmp_path_factory) -> Path:
     return file
 
 
-@FUZZ
-@given(data=st.data())
-def test_damaged_prompt_cache_files_are_refused_in_one_line(
-    demo, prompt_cache_file, capsys, tmp_path_factory, data
-):
+@fuzz(data=st.data())
+def damaged_prompt_cache_files_are_refused_naming_the_file(demo, prompt_cache_file, capsys, data):
     restore(demo)
     original = prompt_cache_file.read_bytes()
     if data.draw(st.booleans()):
@@ -207,8 +299,10 @@ def test_damaged_prompt_cache_files_are_refused_in_one_line(
     file = prompt_cache_file.with_name("damaged.safetensors")
     file.write_bytes(damaged)
     before = snapshot(file.parent)
-    generate_runs(demo, capsys, "--prompt-cache-file", file)
+    code, err = generate_runs(demo, capsys, "--prompt-cache-file", file)
     assert snapshot(file.parent) == before
+    if code == 2:
+        assert file.name in err, err
 
 
 # --- CLI flag values ---
@@ -229,9 +323,8 @@ FLAG_VALUES = st.one_of(
 )
 
 
-@FUZZ
-@given(main=st.sampled_from(list(FLAGS)), data=st.data())
-def test_flag_values_run_or_are_refused_in_one_line(demo, capsys, tmp_path_factory, main, data):
+@fuzz(main=st.sampled_from(list(FLAGS)), data=st.data())
+def flag_values_run_or_are_refused_naming_the_flag(demo, capsys, tmp_path_factory, main, data):
     restore(demo)
     flags = data.draw(st.lists(st.sampled_from(FLAGS[main]), min_size=1, max_size=2, unique=True))
     values = [data.draw(FLAG_VALUES) for _ in flags]
@@ -245,7 +338,9 @@ def test_flag_values_run_or_are_refused_in_one_line(demo, capsys, tmp_path_facto
         code, err = run_main(main, argv, capsys)
         fails_well(code, err)
     else:
-        generate_runs(demo, capsys, *argv)
+        code, err = generate_runs(demo, capsys, *argv)
+    if code == 2:
+        assert any(flag in err for flag in flags), (flags, err)
 
 
 # --- server request bodies ---
@@ -297,7 +392,7 @@ def post(url: str, path: str, body: bytes) -> tuple[int, bytes]:
     import http.client
 
     host, port = url.split("//")[1].split("/")[0].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection = http.client.HTTPConnection(host, int(port), timeout=time_limit(10))
     connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     status, data = response.status, response.read()
@@ -305,12 +400,11 @@ def post(url: str, path: str, body: bytes) -> tuple[int, bytes]:
     return status, data
 
 
-@FUZZ
-@given(
+@fuzz(
     path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
     body=st.one_of(BODIES.map(lambda b: json.dumps(b).encode()), st.binary(max_size=40)),
 )
-def test_server_answers_a_mutated_body_or_refuses_it_with_400(server, path, body):
+def server_answers_a_mutated_body_or_refuses_it_with_400(server, path, body):
     process, url = server
     status, data = post(url, path, body)
     assert status in (200, 400), (status, data)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from conftest import time_limit
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_mla import memory
@@ -278,6 +279,7 @@ def test_cli_exits_2_without_traceback_on_a_missing_config():
         cwd=REPO,
         capture_output=True,
         text=True,
+        timeout=time_limit(10),
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

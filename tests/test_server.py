@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import read_line, time_limit
+from conftest import read_line, time_limit, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mlx-mla-demo"
 PROMPTS = ["ROMEO:", "JULIET:", "KING HENRY:", "First Citizen:", "HAMLET:", "MENENIUS:", "Nurse:"]
 PROMPTS.append("LADY CAPULET:")
+REQUEST_STARTUPS = 10  # a request to the demo model: far less than a start-up of the tool
 
 
 def start_server(log: Path, *flags):
@@ -49,14 +49,26 @@ def server(tmp_path_factory):
         process.wait()
 
 
+def openai_client(url: str):
+    return openai.OpenAI(
+        base_url=url, api_key="unused", max_retries=0, timeout=time_limit(REQUEST_STARTUPS)
+    )
+
+
+def stop(process):
+    """Ctrl-C, and the server's exit code once it has ended."""
+    process.send_signal(signal.SIGINT)
+    return process.wait(timeout=time_limit(5))
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server[1])
 
 
 def raw_request(url, method, path, body: bytes | None = None):
     host, port = url.split("//")[1].split("/")[0].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection = http.client.HTTPConnection(host, int(port), timeout=time_limit(REQUEST_STARTUPS))
     headers = {"Content-Type": "application/json"}
     connection.request(method, path, body=body, headers=headers)
     response = connection.getresponse()
@@ -71,7 +83,7 @@ def start_stream(url, max_tokens) -> socket.socket:
     body = json.dumps(
         {"model": MODEL, "prompt": "ROMEO:", "max_tokens": max_tokens, "stream": True}
     )
-    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock = socket.create_connection((host, int(port)), timeout=time_limit(REQUEST_STARTUPS))
     sock.sendall(
         f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
         f"Content-Type: application/json\r\n\r\n{body}".encode()
@@ -200,11 +212,11 @@ def test_null_fields_mean_the_defaults(server):
     assert status == 200 and data.rstrip().endswith(b"data: [DONE]")
 
 
-def test_prompt_longer_than_the_context_is_refused_at_once(client):
-    start = time.perf_counter()
-    with pytest.raises(openai.BadRequestError, match="context"):
+def test_prompt_longer_than_the_context_is_refused_before_it_is_queued(client):
+    """The message is the request handler's, written before a request reaches the generation
+    thread: nothing of the prompt is computed."""
+    with pytest.raises(openai.BadRequestError, match=r"the prompt has \d+ tokens and the model's"):
         client.completions.create(model=MODEL, prompt="ROMEO: " * 4000, max_tokens=4)
-    assert time.perf_counter() - start < 10
 
 
 def test_unknown_model_gets_404(client):
@@ -216,7 +228,7 @@ def test_client_disconnecting_mid_stream_leaves_the_server_serving(server, clien
     _, url, log = server
     start_stream(url, 500).close()
     assert complete(client, "JULIET:", 4)
-    assert "disconnected" in log.read_text()
+    wait_until(lambda: "disconnected" in log.read_text(), 5, "the leaving client noted in the log")
 
 
 def test_server_is_alive_after_bad_requests(server, client):
@@ -230,7 +242,7 @@ def test_mha_server_answers_like_mla_and_keeps_its_caches_within_the_byte_budget
         tmp_path / "mha.log", "--attention", "mha", "--prompt-cache-bytes", str(budget)
     )
     try:
-        mha = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        mha = openai_client(url)
         assert complete(mha, "ROMEO:", 12) == complete(client, "ROMEO:", 12)
         for prompt in PROMPTS:
             complete(mha, prompt + " " + prompt, 12)
@@ -238,8 +250,7 @@ def test_mha_server_answers_like_mla_and_keeps_its_caches_within_the_byte_budget
         cache = json.loads(data)["prompt_cache"]
         assert 0 < cache["bytes"] <= budget and 0 < cache["sequences"] < len(PROMPTS)
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=time_limit(5))
+        stop(process)
 
 
 def test_quantized_latent_cache_server_reuses_conversations_and_answers_concurrent_requests(
@@ -247,7 +258,7 @@ def test_quantized_latent_cache_server_reuses_conversations_and_answers_concurre
 ):
     process, url = start_server(tmp_path / "kv4.log", "--kv-bits", "4")
     try:
-        kv4 = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        kv4 = openai_client(url)
         first, second = two_turns(kv4, "ROMEO:", "JULIET:", first_tokens=16)
         assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
         prompts = PROMPTS[:4]
@@ -255,16 +266,19 @@ def test_quantized_latent_cache_server_reuses_conversations_and_answers_concurre
             concurrent = list(pool.map(lambda p: complete(kv4, p, 10), prompts))
         assert concurrent == [complete(kv4, p, 10) for p in prompts]
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=time_limit(5))
+        stop(process)
 
 
-def test_ctrl_c_while_busy_stops_the_server_quietly(server, client):
-    process, url, log = server
-    with start_stream(url, 900):  # generating now
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=time_limit(5))
-    assert process.returncode == 0
+def test_ctrl_c_while_busy_stops_the_server_quietly(tmp_path):
+    """On a server of its own: the module's shared one serves the other tests in any order."""
+    log = tmp_path / "busy.log"
+    process, url = start_server(log)
+    try:
+        with start_stream(url, 900):  # the first bytes of the reply came: generating now
+            assert stop(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
     assert "Traceback" not in log.read_text()
 
 
@@ -276,7 +290,7 @@ def test_bad_flags_exit_2_with_one_line():
             capture_output=True,
             text=True,
             env=env,
-            timeout=60,
+            timeout=time_limit(10),
         )
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -286,23 +300,20 @@ def test_conversations_on_disk_are_continued_after_a_restart(tmp_path):
     prompt = "ROMEO:\nBut soft, what light through yonder window breaks?\n" * 3
     process, url = start_server(tmp_path / "first.log", "--prompt-cache-dir", str(folder))
     try:
-        first = complete(openai.OpenAI(base_url=url, api_key="unused", max_retries=0), prompt)
+        first = complete(openai_client(url), prompt)
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-    assert process.returncode == 0 and list(folder.glob("*.safetensors"))
+        assert stop(process) == 0
+    assert list(folder.glob("*.safetensors"))
     process, url = start_server(tmp_path / "second.log", "--prompt-cache-dir", str(folder))
     try:
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
-        r = client.completions.create(
+        r = openai_client(url).completions.create(
             model=MODEL, prompt=prompt + first, max_tokens=4, temperature=0
         )
         assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 2
         status, data = raw_request(url, "GET", "/health")
         assert json.loads(data)["prompt_cache"]["disk"]["sequences"] >= 1
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        stop(process)
 
 
 def test_unwritable_prompt_cache_folder_exits_2_with_one_line(tmp_path):
@@ -313,7 +324,7 @@ def test_unwritable_prompt_cache_folder_exits_2_with_one_line(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=time_limit(10),
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot write" in r.stderr

@@ -1,10 +1,10 @@
 """Soak: many requests of random lengths at once, clients leaving mid-stream and bad requests
 mixed in, against one server on loopback with kv bits and small memory and disk budgets. Nothing
 crashes, every good request is answered, the caches stay within their budgets and the server's
-resident memory stops growing.
+resident memory stops growing from the first half of the requests to the second.
 
-The default run is short; the long form (a few hundred requests):
-SOAK_REQUESTS=400 SOAK_SECONDS=1200 python -m pytest -q tests/test_soak.py
+A count of requests, not of seconds: a busy machine takes longer over the same test. The default
+run is short; the long form: SOAK_REQUESTS=400 python -m pytest -q tests/test_soak.py
 """
 
 import http.client
@@ -15,15 +15,21 @@ import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from time import monotonic
+
+from conftest import time_limit
 
 from tests.test_server import BAD_REQUESTS, MODEL, PROMPTS, start_server
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", 40))
-SECONDS = float(os.environ.get("SOAK_SECONDS", 30))  # no new request after this
 CLIENTS = 8
 MEMORY_BUDGET = 300_000  # bytes: a handful of conversations of the demo model at 4 bits
 DISK_BUDGET = 2_000_000
+
+
+def request_limit() -> float:
+    """One request's time-out: eight clients share the server, so a request may wait for the
+    seven before it."""
+    return time_limit(CLIENTS * 10)
 
 
 def rss(pid: int) -> int:
@@ -34,7 +40,7 @@ def rss(pid: int) -> int:
 
 
 def post(port: int, path: str, body: dict) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=request_limit())
     connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
     status, data = response.status, response.read()
@@ -59,7 +65,7 @@ def leaves(port: int, rng: random.Random) -> None:
     """A streamed completion whose client leaves after a few bytes."""
     body = json.dumps({"model": MODEL, "prompt": rng.choice(PROMPTS), "max_tokens": 300})
     body = body.replace("}", ', "stream": true}')
-    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=request_limit()) as sock:
         sock.sendall(
             f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
             f"Content-Type: application/json\r\n\r\n{body}".encode()
@@ -85,39 +91,30 @@ def test_soak_answers_every_good_request_within_budgets_and_memory_levels_off(tm
     rng = random.Random(0)
     kinds = rng.choices([good, leaves, bad], weights=[6, 2, 2], k=REQUESTS)
     seeds = [rng.randrange(2**32) for _ in kinds]
-    deadline = monotonic() + SECONDS
-    samples = {}
 
     def run(i):
-        if monotonic() > deadline:
-            return "skipped"
-        problem = kinds[i](port, random.Random(seeds[i]))
-        if i in (REQUESTS // 2, REQUESTS - 1):
-            samples[i] = rss(process.pid)
-        return problem
+        return kinds[i](port, random.Random(seeds[i]))
 
     try:
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            results = list(pool.map(run, range(REQUESTS)))
+        with ThreadPoolExecutor(CLIENTS) as pool:  # each half runs to its end before the sample
+            problems = [p for p in pool.map(run, range(REQUESTS // 2)) if p]
+            middle = rss(process.pid)
+            problems += [p for p in pool.map(run, range(REQUESTS // 2, REQUESTS)) if p]
+            end = rss(process.pid)
         assert process.poll() is None, "the server died"
-        problems = [r for r in results if r not in (None, "skipped")]
         assert not problems, problems
-        done = results.count(None)
-        assert done >= min(REQUESTS, 12), f"only {done} requests in {SECONDS} s"
-        print(f"{done} of {REQUESTS} requests sent in {SECONDS:.0f} s, all answered")
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        print(f"{REQUESTS} requests, all answered")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=request_limit())
         connection.request("GET", "/health")
         health = json.loads(connection.getresponse().read())
         cache = health["prompt_cache"]
         assert health["status"] == "ok" and cache["bytes"] <= MEMORY_BUDGET
         assert cache["disk"]["bytes"] <= DISK_BUDGET
-        if len(samples) == 2:
-            middle, end = samples[REQUESTS // 2], samples[REQUESTS - 1]
-            print(f"RSS: {middle / 2**20:.0f} MiB half way, {end / 2**20:.0f} MiB at the end")
-            assert end <= 1.2 * middle + 64 * 2**20
+        print(f"RSS: {middle / 2**20:.0f} MiB half way, {end / 2**20:.0f} MiB at the end")
+        assert end <= 1.2 * middle + 64 * 2**20
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+        process.wait(timeout=time_limit(10))
     assert process.returncode == 0
     assert "Traceback" not in (tmp_path / "soak.log").read_text()
     files = [f for f in folder.iterdir() if not f.name.startswith(".")]

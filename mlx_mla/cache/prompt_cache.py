@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
@@ -129,6 +130,11 @@ def load(file: str | Path, expected: dict[str, str]) -> tuple[list, dict[str, st
             else:
                 ours = expected[key]
             raise PromptCacheError(f"{file} was made with {name} {theirs}, not {ours}")
+    if metadata["kv_bits"] == "none":  # a float cache: a damaged file can hold integers
+        for c in cache:
+            for _, array in tree_flatten(c.state):
+                if isinstance(array, mx.array) and not mx.issubdtype(array.dtype, mx.floating):
+                    raise PromptCacheError(f"{file} holds a {array.dtype} cache, not floats")
     if str(cache[0].offset) != metadata.get("tokens"):
         raise PromptCacheError(
             f"{file} says it holds {metadata.get('tokens')} tokens but holds {cache[0].offset}"

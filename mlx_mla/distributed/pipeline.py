@@ -241,10 +241,10 @@ class Watchdog:
     MLX collective (which releases the GIL but never returns to Python, where signal handlers
     run): when mlx.launch sends SIGTERM because another rank ended, when mlx.launch itself is
     gone (killed, it leaves its ranks running), and, once `progress` arms it, when `timeout`
-    seconds pass without another `progress` (0: never)."""
+    seconds pass without another `progress` (0: never) by `clock` (a test's own clock)."""
 
-    def __init__(self, rank: int, timeout: float):
-        self.rank, self.timeout, self.deadline = rank, timeout, None
+    def __init__(self, rank: int, timeout: float, clock=time.monotonic):
+        self.rank, self.timeout, self.deadline, self.clock = rank, timeout, None, clock
         self.launcher = os.getppid()
         self.wakeup, self.signals = socket.socketpair()
         self.signals.setblocking(False)
@@ -253,7 +253,7 @@ class Watchdog:
 
     def progress(self):
         if self.timeout:
-            self.deadline = time.monotonic() + self.timeout
+            self.deadline = self.clock() + self.timeout
 
     def pause(self):
         self.deadline = None
@@ -265,7 +265,8 @@ class Watchdog:
                 self.end(f"error: rank {self.rank} stopped: another rank ended")
             if os.getppid() != self.launcher:
                 self.end(f"error: rank {self.rank} stopped: its launcher ended")
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            deadline, now = self.deadline, self.clock()  # `pause` may clear it meanwhile
+            if deadline is not None and now > deadline:
                 self.end(
                     f"error: rank {self.rank}: no progress from the pipeline for "
                     f"{self.timeout:g} s (a rank hangs or the network is down); stopping"

@@ -23,6 +23,9 @@ POSITIVE_FIELDS = (
     "max_position_embeddings",
     "moe_layer_freq",
 )
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "auto")
+# Null is no default for these: transformers computes with them (and fails on null).
+NOT_NULL = ("original_max_position_embeddings", "beta_fast", "beta_slow")
 ROPE_NUMBERS = (
     "rope_theta",
     "factor",
@@ -315,7 +318,8 @@ class ModelArgs:
             )
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
-                f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+                f"config.json field rope_scaling.rope_type {self.rope_type!r} is not supported; "
+                f"supported: {', '.join(ROPE_TYPES)}"
             )
         if self.rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
@@ -413,6 +417,11 @@ def check_types(config, nullable: tuple = ()):
     have the wrong JSON type, naming the field. `nullable`: fields the family derives when null."""
     if not isinstance(config, dict):
         raise ConfigError(f"config.json must hold a JSON object, not {json_type(config)}")
+    for key in ("dtype", "torch_dtype"):  # transformers reads them to load even the tokenizer
+        if config.get(key) is not None and config[key] not in DTYPE_NAMES:
+            raise ConfigError(
+                f"config.json field {key} must be a dtype such as bfloat16, not {config[key]!r}"
+            )
     for field in dataclasses.fields(ModelArgs):
         if field.name in nullable and config.get(field.name, 0) is None:
             continue
@@ -433,7 +442,10 @@ def check_types(config, nullable: tuple = ()):
             raise ConfigError(f"config.json field {key} must be an object, not {json_type(rope)}")
         for name in ROPE_NUMBERS:
             value = (rope or {}).get(name)
-            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            null = value is None and name in NOT_NULL and name in (rope or {})
+            if null or (
+                value is not None and (type(value) not in (int, float) or not math.isfinite(value))
+            ):
                 raise ConfigError(f"config.json field {key}.{name} must be a number, not {value!r}")
 
 

@@ -278,14 +278,18 @@ def share_with_mtp(weights: dict, args: ModelArgs):
 
 def mtp_name(key: str, args: ModelArgs, mtp: bool) -> str | None:
     """With `mtp`, `model.layers.{N + i}.x` -> `mtp.{i}.x` for the N decoder layers' MTP layers;
-    None for a tensor of an MTP layer that is not loaded (any, without `mtp`)."""
+    None for a tensor of an MTP layer that is not loaded (any, without `mtp`). A layer past the
+    MTP layers keeps its name, for check_weights to refuse (a num_hidden_layers that is too small
+    would otherwise drop the layers past it)."""
     if key.startswith("mtp."):
         return key if mtp else None
     layer = LAYER_KEY.match(key)
     if not layer or int(layer[1]) < args.num_hidden_layers:
         return key
     i = int(layer[1]) - args.num_hidden_layers
-    return f"mtp.{i}.{key[layer.end() :]}" if mtp and i < args.num_nextn_predict_layers else None
+    if i >= args.num_nextn_predict_layers:
+        return key
+    return f"mtp.{i}.{key[layer.end() :]}" if mtp else None
 
 
 def dequantize_fp8(name: str, w: mx.array, scale_inv: mx.array, block: tuple[int, int]):
