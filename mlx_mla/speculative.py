@@ -72,6 +72,25 @@ class SpeculativeStats:
     steps: int = 0
     tokens: int = 0
     lengths: dict = field(default_factory=dict)  # draft length -> steps
+    # per draft position i: drafts verified there (those before it kept), and drafts kept
+    tried_at: list = field(default_factory=list)
+    kept_at: list = field(default_factory=list)
+
+    def record(self, k: int, accepted: int):
+        self.steps += 1
+        self.drafted += k
+        self.accepted += accepted
+        self.lengths[k] = self.lengths.get(k, 0) + 1
+        for i in range(min(k, accepted + 1)):
+            if i == len(self.tried_at):
+                self.tried_at.append(0)
+                self.kept_at.append(0)
+            self.tried_at[i] += 1
+            self.kept_at[i] += i < accepted
+
+    def acceptance_at(self) -> list[float]:
+        """a_i: the share of drafts kept at position i among those verified there."""
+        return [kept / tried for kept, tried in zip(self.kept_at, self.tried_at, strict=True)]
 
     def line(self) -> str:
         rate = f"{100 * self.accepted / self.drafted:.1f}%" if self.drafted else "n/a"
@@ -259,7 +278,7 @@ class ModelDrafter(CachedDrafter):
 class MTPDrafter(CachedDrafter):
     """The main model's MTP layer. Its cache entry at position i is the pair (h_i, t_{i+1}): the
     main model's hidden state there and the token after it. Chained drafts feed the layer's own
-    output in place of h, as vLLM does for more than one MTP token."""
+    output after its shared_head.norm in place of h, as SGLang and vLLM do."""
 
     name = "mtp"
 
@@ -482,9 +501,8 @@ def speculative_generate_step(
                 y, logprobs, h = step
                 drafter.extend([y], h)
                 emitted += 1
-                stats.steps += 1
+                stats.record(0, 0)
                 stats.tokens += 1
-                stats.lengths[0] = stats.lengths.get(0, 0) + 1
                 yield y, logprobs - mx.logsumexp(logprobs, keepdims=True), False
                 if emitted == max_tokens:
                     return
@@ -503,10 +521,7 @@ def speculative_generate_step(
         new = drafts[:accepted] + [y]
         drafter.extend(new, h[:, : accepted + 1])  # h was evaluated with the verdict
         length.record(k, accepted, time.perf_counter() - tic)
-        stats.steps += 1
-        stats.drafted += k
-        stats.accepted += accepted
-        stats.lengths[k] = stats.lengths.get(k, 0) + 1
+        stats.record(k, accepted)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for i, token in enumerate(new):
             emitted += 1

@@ -39,13 +39,16 @@ KV_GROUP = 32
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def torch_models():
+    return {name: make_torch_model(cfg, seed=1) for name, cfg in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def folders(torch_models, tmp_path_factory):
     """{family: checkpoint folder with a complete random MTP layer (original layout)}."""
     return {
-        name: write_checkpoint(
-            make_torch_model(cfg, seed=1), tmp_path_factory.mktemp(name), "original"
-        )
-        for name, cfg in FAMILIES.items()
+        name: write_checkpoint(model, tmp_path_factory.mktemp(name), "original")
+        for name, model in torch_models.items()
     }
 
 
@@ -109,6 +112,101 @@ def test_greedy_speculative_tokens_equal_plain_decoding(
     assert ours == plain_tokens(model, 24, kv_bits)
     # random drafters are mostly wrong: the caches were rolled back
     assert stats.drafted > stats.accepted
+
+
+def reference_mtp_layer(torch_model, folder):
+    """DeepSeek-V3's MTP forward as vLLM's deepseek_mtp.py computes it, in torch, from the MTP
+    tensors of the checkpoint file: hidden (L, D) at positions 0..L-1 and the tokens after each
+    -> (the state after shared_head.norm, the logits), each (L, ...):
+        x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]), one decoder layer (transformers' class
+        of the model's last layer), then shared_head.norm and shared_head.head.
+    vLLM also zeroes the embedding at position 0, which SGLang and DeepSeek-V3's report do not."""
+    from safetensors.torch import load_file
+
+    config = torch_model.config
+    prefix = f"model.layers.{config.num_hidden_layers}."
+    tensors = {
+        k.removeprefix(prefix): v for k, v in load_file(folder / "model-mtp.safetensors").items()
+    }
+    block = type(torch_model.model.layers[-1])(config, config.num_hidden_layers - 1).eval()
+    state = {k: v for k, v in tensors.items() if k in block.state_dict()}
+    experts = range(config.n_routed_experts)
+    state["mlp.experts.gate_up_proj"] = torch.stack(
+        [
+            torch.cat([tensors[f"mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up")])
+            for e in experts
+        ]
+    )
+    state["mlp.experts.down_proj"] = torch.stack(
+        [tensors[f"mlp.experts.{e}.down_proj.weight"] for e in experts]
+    )
+    block.load_state_dict(state, strict=True)
+    embed = tensors.get("embed_tokens.weight", torch_model.model.embed_tokens.weight)
+    head = tensors.get("shared_head.head.weight", torch_model.lm_head.weight)
+
+    def rms_norm(x, name):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+        return tensors[f"{name}.weight"] * x
+
+    def forward(hidden, tokens):
+        e = rms_norm(embed[torch.tensor(tokens)], "enorm")
+        x = torch.cat([e, rms_norm(hidden, "hnorm")], -1) @ tensors["eh_proj.weight"].T
+        x, positions = x[None], torch.arange(len(tokens))[None]
+        mask = torch.full((len(tokens),) * 2, -torch.inf).triu(1)[None, None]
+        rope = torch_model.model.rotary_emb(x, positions)
+        h = block(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        normed = rms_norm(h[0], "shared_head.norm")
+        return normed, h[0], normed @ head.T
+
+    return forward
+
+
+def reference_mtp_drafts(torch_model, folder, prompt, k, feed="normed"):
+    """Logits (k, vocab) of k greedy MTP drafts after `prompt`, each chained step fed the state
+    `feed` ("normed": after shared_head.norm; "pre-norm": before it) at the last position; every
+    step runs the whole sequence again, without a cache."""
+    mtp = reference_mtp_layer(torch_model, folder)
+    with torch.no_grad():
+        hidden = torch_model.model(torch.tensor([prompt])).last_hidden_state[0]  # final-norm
+        tokens = prompt[1:] + [torch_model.lm_head(hidden[-1]).argmax().item()]
+        logits = []
+        for _ in range(k):
+            normed, pre_norm, out = mtp(hidden, tokens)
+            logits.append(out[-1])
+            hidden = torch.cat([hidden, (normed if feed == "normed" else pre_norm)[-1:]])
+            tokens.append(out[-1].argmax().item())
+    return torch.stack(logits).numpy()
+
+
+class RecordingSampling(speculative.Sampling):
+    """Greedy sampling that keeps every logits row it picks from."""
+
+    def pick(self, logits):
+        self.seen = getattr(self, "seen", []) + [logits]
+        return super().pick(logits)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mtp_drafts_equal_a_torch_reference_of_vllms_mtp_forward(
+    torch_models, folders, models, family, k
+):
+    """Chained MTP drafts feed the state after shared_head.norm back, as SGLang and vLLM do:
+    draft logits within 1e-4 of an independent torch forward; the pre-norm chaining is not."""
+    model, prompt = models(family), PROMPT[:14]
+    h = model.model(mx.array(prompt)[None])
+    drafter = speculative.MTPDrafter(model)
+    drafter.begin(prompt[:1])
+    drafter.extend(prompt[1:] + [model.logits(h[:, -1]).argmax(-1).item()], h)
+    drafter.catch_up()
+    sampling = RecordingSampling()
+    drafter.draft(k, sampling)
+    ours = np.array(mx.concatenate(sampling.seen))
+    expected = reference_mtp_drafts(torch_models[family], folders[family], prompt, k)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    if k > 1:
+        old = reference_mtp_drafts(torch_models[family], folders[family], prompt, k, "pre-norm")
+        assert np.abs(old[1:] - expected[1:]).max() > 1e-2
 
 
 def reference_cache(model, emitted, kv_bits):
