@@ -367,20 +367,30 @@ def verify(logits: mx.array, drafts: mx.array, draft_probs, sampling: Sampling):
     else:
         q = mx.stack(draft_probs).reshape(k, -1)
     rows = mx.arange(k)
-    keep = mx.random.uniform(shape=(k,)) * q[rows, d] <= p[rows, d]
-    residual = mx.maximum(p[:k] - q, 0)
-    mx.eval(keep, p, residual, d)
+    keep = keeps(mx.random.uniform(shape=(k,)), p[rows, d], q[rows, d])
+    rest = residual(p[:k], q)
+    mx.eval(keep, p, rest, d)
     keep, drafts = keep.tolist(), d.tolist()
     n = 0
     while n < k and keep[n]:
         n += 1
-    if n == k:
+    if n == k:  # every draft kept: the bonus token, from the main model's last distribution
         return n, mx.random.categorical(mx.log(p[k])).item(), drafts
-    rest = residual[n]
+    rest = rest[n]
     total = rest.sum()
     if total.item() <= 0:  # p equals q here: any sample of p is right
         rest = p[n]
     return n, mx.random.categorical(mx.log(rest)).item(), drafts
+
+
+def keeps(u: mx.array, p_d: mx.array, q_d: mx.array) -> mx.array:
+    """Rejection sampling's test, (k,): draft d is kept when u q(d) <= p(d), u uniform in [0, 1)."""
+    return u * q_d <= p_d
+
+
+def residual(p: mx.array, q: mx.array) -> mx.array:
+    """What a rejected draft is replaced by a sample of: max(p - q, 0), (k, vocab), unnormalised."""
+    return mx.maximum(p - q, 0)
 
 
 def cache_slots(cache) -> int:
@@ -434,10 +444,11 @@ def speculative_generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     stats: SpeculativeStats | None = None,
+    clock=time.perf_counter,
 ):
     """Yield (token, logprobs, from_draft) as mlx-lm's speculative_generate_step does, with any
     drafter, every cache of this project, and a draft length that adapts between `draft_min` and
-    `num_draft_tokens` (held there when they are equal)."""
+    `num_draft_tokens` (held there when they are equal) to the step times `clock` measures."""
     sampling = sampling or Sampling()
     stats = stats if stats is not None else SpeculativeStats()
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
@@ -456,7 +467,7 @@ def speculative_generate_step(
         """Plain decoding from y, each step's forward built while the one before runs (as
         mlx-lm's generate_step does): yields the token, its logits and the hidden state before
         it, and last the seconds spent here."""
-        seconds, tic = 0.0, time.perf_counter()
+        seconds, tic = 0.0, clock()
         upcoming = plain_step(mx.array(y))
         mx.async_eval(upcoming)
         for i in range(steps):
@@ -465,10 +476,10 @@ def speculative_generate_step(
                 upcoming = plain_step(token)
                 mx.async_eval(upcoming)
             token = token.item()
-            seconds += time.perf_counter() - tic
+            seconds += clock() - tic
             yield token, logits[0], h
-            tic = time.perf_counter()
-        yield seconds + time.perf_counter() - tic
+            tic = clock()
+        yield seconds + clock() - tic
 
     tokens = prompt.tolist()
     drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
@@ -507,7 +518,7 @@ def speculative_generate_step(
                 if emitted == max_tokens:
                     return
             continue
-        tic = time.perf_counter()
+        tic = clock()
         drafts, draft_probs = drafter.draft(k, sampling)
         k = drafts.size
         slots = [cache_slots(c) for c in cache]
@@ -520,7 +531,7 @@ def speculative_generate_step(
         drafter.rollback()
         new = drafts[:accepted] + [y]
         drafter.extend(new, h[:, : accepted + 1])  # h was evaluated with the verdict
-        length.record(k, accepted, time.perf_counter() - tic)
+        length.record(k, accepted, clock() - tic)
         stats.record(k, accepted)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for i, token in enumerate(new):

@@ -73,3 +73,28 @@ def test_a_dtype_that_is_not_a_name_sums_the_cache_in_bfloat16():
     """Found by tests/test_fuzz.py: a list as config.json's dtype was a TypeError."""
     assert fit.cache_dtype({"dtype": ["float32"]}) == "bfloat16"
     assert fit.cache_dtype({"torch_dtype": "float32"}) == "float32"
+
+
+@pytest.mark.parametrize("draft", [["--draft", "mtp"], ["--draft-model", str(DEMO)]])
+def test_the_drafters_weights_and_cache_are_counted(monkeypatch, capsys, draft):
+    """--draft mtp adds the MTP layer's stored bytes and one layer's float cache; --draft-model
+    the draft model's weights and float cache: memory for exactly that runs, a byte less does
+    not, and the refusal names the drafter's share."""
+    import mlx.core as mx
+
+    tokens = len("Hi") + 8  # generate's bound: prompt bytes plus --max-tokens
+    if draft[0] == "--draft":
+        tensors = mx.load(str(DEMO / "model.safetensors"))
+        weights = sum(v.nbytes for k, v in tensors.items() if k.startswith("mtp."))
+        cache = fit.cache_bytes(CONFIG, "mla", tokens) // CONFIG["num_hidden_layers"]
+    else:
+        weights, cache = fit.weight_bytes(DEMO, CONFIG), fit.cache_bytes(CONFIG, "mla", tokens)
+    drafter = weights + cache
+    assert weights > 0 and cache > 0
+    monkeypatch.setenv(fit.AVAILABLE_MEMORY_ENV, str(needed(tokens) + drafter - 1))
+    code, err = run_main(mlx_mla.generate.main, GENERATE[:3] + ["8", *draft], capsys)
+    assert_one_line_error(code, err)
+    assert f"the drafter's {memory.format_bytes(drafter)} included" in err
+    monkeypatch.setenv(fit.AVAILABLE_MEMORY_ENV, str(needed(tokens) + drafter))
+    code, err = run_main(mlx_mla.generate.main, GENERATE[:3] + ["8", *draft], capsys)
+    assert code == 0, err

@@ -255,13 +255,13 @@ def test_dsa_drafting_gives_plain_tokens_and_rolls_index_keys_back(tmp_path, kv_
         assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
 
 
-def tiny_model(seed):
-    """A 6-token vocabulary with an MTP layer: small enough to know every distribution exactly."""
+def tiny_model(seed, vocab=4, hidden=32):
+    """A 4-token vocabulary with an MTP layer: small enough to know every distribution exactly."""
     args = ModelArgs.from_dict(
         dict(
             model_type="deepseek_v3",
-            vocab_size=6,
-            hidden_size=32,
+            vocab_size=vocab,
+            hidden_size=hidden,
             intermediate_size=48,
             moe_intermediate_size=16,
             num_hidden_layers=2,
@@ -302,49 +302,139 @@ def chi2_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
     return torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)).item()
 
 
-@pytest.mark.parametrize("drafter", ["mtp", "ngram"])
-def test_sampled_tokens_follow_the_main_models_distribution(drafter):
-    """Two tokens sampled at temperature 1 after a prompt, 1,500 times: the first from the prefill,
-    the second from a verify step with two drafts. Their joint counts must fit p(t1) p(t2 | t1)."""
-    model = tiny_model(seed=3)
-    prompt = [2, 0, 2, 1, 2, 2, 2, 3, 2, 4, 2, 5, 2]  # every (2, t) pair: n-gram lookup drafts
-    sampling = speculative.Sampling(temp=1.0)
-    p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
-    p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
-    joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
-    counts = np.zeros(36)
+# A Markov chain over 4 tokens stands in for the main model and the drafter: row a holds the
+# logits of the token after a. Their distributions differ, so drafts are kept and rejected.
+CHAIN = np.random.default_rng(5).normal(size=(2, 4, 4)) * np.array([1.6, 1.2])[:, None, None]
+MAIN_LOGITS, DRAFT_LOGITS = CHAIN[0], CHAIN[0] + CHAIN[1]
+SAMPLINGS = {  # (settings, drafts sampled from q; else a point mass, as n-gram lookup's)
+    "temp 1": (dict(temp=1.0), True),
+    "temp 0.6, top-p 0.8": (dict(temp=0.6, top_p=0.8), True),
+    "temp 1.4, top-k 3, point-mass drafts": (dict(temp=1.4, top_k=3), False),
+    "temp 0.8, min-p 0.25": (dict(temp=0.8, min_p=0.25), True),
+}
+
+
+def filtered_probs(logits: np.ndarray, temp, top_p=0.0, min_p=0.0, top_k=0) -> np.ndarray:
+    """mlx-lm's sampling distribution per row, in numpy: top-p keeps the tokens with less than
+    top_p of the mass above them, min-p those with at least min_p x the most likely's
+    probability, top-k the k most likely; the kept logits are divided by temp."""
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    keep = np.ones_like(p, dtype=bool)
+    if 0 < top_p < 1:
+        above = (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)
+        assert np.abs(above - top_p).min() > 0.02  # no token near the edge
+        keep &= above < top_p
+    if min_p:
+        keep &= p >= min_p * p.max(-1, keepdims=True)
+    if top_k:
+        keep &= (-p).argsort(-1).argsort(-1) < top_k
+    assert not (top_p or min_p or top_k) or not keep.all()  # a filter removes something
+    out = np.where(keep, np.exp((logits - logits.max(-1, keepdims=True)) / temp), 0)
+    return out / out.sum(-1, keepdims=True)
+
+
+def chain_samples(sampling, sampled_drafts, n=3000, k=2, length=3, start=0, seed=7):
+    """`n` runs of speculative decoding on the chain, each from `start` until `length` tokens are
+    out: k chained drafts (from the draft chain, or its most likely token), our `verify` against
+    the main chain's logits at the k + 1 positions. Counts of the first `length` tokens, the
+    steps, and the steps whose drafts were all kept (the bonus token)."""
+    q = np.array(sampling.probs(mx.array(DRAFT_LOGITS, dtype=mx.float32)), dtype=np.float64)
+    q /= q.sum(-1, keepdims=True)
+    main = mx.array(MAIN_LOGITS, dtype=mx.float32)
+    rng = np.random.default_rng(seed)
+    mx.random.seed(seed)
+    counts, steps, bonus = np.zeros(4**length), 0, 0
+    for _ in range(n):
+        text = [start]
+        while len(text) <= length:
+            drafts = []
+            for _ in range(k):
+                last = drafts[-1] if drafts else text[-1]
+                drafts.append(int(rng.choice(4, p=q[last]) if sampled_drafts else q[last].argmax()))
+            probs = [mx.array(q[t]) for t in [text[-1], *drafts[:-1]]] if sampled_drafts else None
+            logits = main[mx.array([text[-1], *drafts])]
+            accepted, token, _ = speculative.verify(logits, mx.array(drafts), probs, sampling)
+            text += drafts[:accepted] + [token]
+            steps += 1
+            bonus += accepted == k
+        counts[np.ravel_multi_index(text[1 : length + 1], (4,) * length)] += 1
+    return counts, steps, bonus
+
+
+@pytest.mark.parametrize("name", list(SAMPLINGS))
+def test_verify_samples_follow_the_main_distribution_with_chained_drafts_and_the_bonus(name):
+    """3,000 runs of 3 tokens with 2 chained drafts a step: the joint counts fit the main
+    chain's distribution under the same temperature, top-p, top-k and min-p."""
+    settings, sampled_drafts = SAMPLINGS[name]
+    sampling = speculative.Sampling(**settings)
+    counts, steps, bonus = chain_samples(sampling, sampled_drafts)
+    assert 0 < bonus < steps  # drafts were kept, all of them (the bonus token), and rejected
+    assert chi2_p_value(counts, joint_of(filtered_probs(MAIN_LOGITS, **settings))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("residual", lambda p, q: p),  # a rejected draft replaced by a sample of p
+        ("keeps", lambda u, p_d, q_d: mx.ones(u.shape, mx.bool_)),  # every draft accepted
+    ],
+    ids=["residual is p", "every draft kept"],
+)
+def test_verify_with_a_wrong_rule_is_caught(monkeypatch, mutation):
+    """The test above can fail: our verify with one part of the rule replaced, the same runs."""
+    monkeypatch.setattr(speculative, *mutation)
+    settings, sampled_drafts = SAMPLINGS["temp 1"]
+    counts, _, _ = chain_samples(speculative.Sampling(**settings), sampled_drafts)
+    assert chi2_p_value(counts, joint_of(filtered_probs(MAIN_LOGITS, **settings))) < 1e-3
+
+
+def joint_of(probs: np.ndarray, length=3, start=0) -> np.ndarray:
+    """p(t_1 .. t_length) of the chain from `start` with transition rows `probs`, flattened as
+    np.ravel_multi_index orders them."""
+    joint = probs[start]
+    for _ in range(length - 1):
+        joint = joint[..., None] * probs  # [..., a, b] = p(..., a) p(b | a)
+    return joint.reshape(-1)
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "draft-model"])
+def test_sampled_tokens_through_the_loop_follow_the_main_model(drafter):
+    """700 runs of the loop for 4 tokens at temperature 0.8 with top-k 3, 2 chained drafts a
+    step (the MTP layer, or a draft model of half the hidden size): the first token from the
+    prefill, then drafts, rejections and the bonus token. The joint counts of the 4 tokens fit
+    the main model's distribution, p(t1) p(t2 | t1) p(t3 | t1 t2) p(t4 | t1 t2 t3)."""
+    model, prompt, settings = tiny_model(seed=3), [2, 0, 2, 1, 2, 3, 2], dict(temp=0.8, top_k=3)
+    other = tiny_model(seed=4, hidden=16) if drafter == "draft-model" else None
+    draft = speculative.make_drafter(model, "mtp" if other is None else None, other)
+    rest = np.array(np.unravel_index(np.arange(64), (4,) * 3)).T  # every (t1, t2, t3)
+    inputs = mx.concatenate(
+        [mx.broadcast_to(mx.array(prompt), (64, len(prompt))), mx.array(rest)], 1
+    )
+    logits = np.array(model(inputs)[:, -4:], dtype=np.float64)  # (64, 4 positions, vocab)
+    p = filtered_probs(logits.reshape(-1, 4), **settings).reshape(64, 4, 4)
+    joint = np.zeros(256)
+    for i, (t1, t2, t3, t4) in enumerate(np.ndindex(4, 4, 4, 4)):
+        r = 16 * t1 + 4 * t2 + t3
+        joint[i] = p[0, 0, t1] * p[16 * t1, 1, t2] * p[16 * t1 + 4 * t2, 2, t3] * p[r, 3, t4]
+    counts = np.zeros(256)
     stats = speculative.SpeculativeStats()
     mx.random.seed(11)
-    for _ in range(1500):
+    for _ in range(700):
         steps = speculative.speculative_generate_step(
             mx.array(prompt),
             model,
-            speculative.make_drafter(model, drafter),
+            draft,
             num_draft_tokens=2,
             draft_min=2,
-            max_tokens=3,
-            sampling=sampling,
+            max_tokens=4,
+            sampling=speculative.Sampling(**settings),
             stats=stats,
         )
-        t1, t2 = [t for t, _, _ in steps][:2]
-        counts[6 * t1 + t2] += 1
-    assert 0 < stats.accepted < stats.drafted  # both branches of the acceptance test ran
-    assert chi2_p_value(counts, joint / joint.sum()) > 1e-3
-
-
-def test_sampling_with_a_wrong_rule_is_caught():
-    """The test above can fail: emitting the draft whenever it is proposed skews the counts."""
-    model = tiny_model(seed=3)
-    prompt = [2, 0, 2, 1, 2, 2, 2, 3, 2, 4, 2, 5, 2]  # every (2, t) pair: n-gram lookup drafts
-    p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
-    p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
-    joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
-    q = mx.softmax(model.mtp[0].shared_head.head.weight.sum(-1))  # any other distribution
-    mx.random.seed(11)
-    t1 = mx.random.categorical(mx.log(p1), num_samples=1500)
-    t2 = mx.random.categorical(mx.log(q), num_samples=1500)
-    counts = np.bincount(np.array(6 * t1 + t2), minlength=36).astype(np.float64)
-    assert chi2_p_value(counts, joint / joint.sum()) < 1e-3
+        counts[np.ravel_multi_index([t for t, _, _ in steps], (4,) * 4)] += 1
+    assert stats.lengths.get(2) and 0 < stats.kept_at[1] < stats.tried_at[1]  # chained drafts
+    assert 0 < stats.accepted < stats.drafted
+    assert chi2_p_value(counts, joint) > 1e-3
 
 
 def test_adaptive_draft_length_falls_to_plain_decoding_when_drafts_are_rejected(models):
@@ -356,6 +446,52 @@ def test_adaptive_draft_length_falls_to_plain_decoding_when_drafts_are_rejected(
     assert ours == plain_tokens(model, 80)
     assert stats.accepted == 0
     assert stats.lengths.get(0, 0) >= 0.7 * stats.steps, stats.lengths
+
+
+class CostedModel:
+    """A model whose forwards advance a virtual clock by `step + per_token x tokens`: the loop's
+    timing, from facts chosen by the test instead of the machine's load."""
+
+    def __init__(self, model, clock: list, step: float, per_token: float):
+        self.inner, self.clock, self.cost = model, clock, (step, per_token)
+        self.args, self.mtp, self.logits = model.args, model.mtp, model.logits
+        self.make_cache = model.make_cache
+
+    def charge(self, inputs):
+        self.clock[0] += self.cost[0] + self.cost[1] * inputs.shape[1]
+
+    def model(self, inputs, cache=None):
+        self.charge(inputs)
+        return self.inner.model(inputs, cache=cache)
+
+    def __call__(self, inputs, cache=None):
+        self.charge(inputs)
+        return self.inner(inputs, cache=cache)
+
+
+@pytest.mark.parametrize("verify_per_token, pays", [(0.05, True), (1.0, False)])
+def test_adaptive_draft_length_under_an_injected_clock(models, verify_per_token, pays):
+    """Drafts always right (the model drafts for itself, at 0.1 of a step each). A verify forward
+    of k + 1 tokens costing 1 + 0.05 k steps: drafting pays and the longest length is chosen;
+    costing k + 1 steps (no cheaper than decoding them one at a time): plain decoding is."""
+    model = models("v3")
+    clock = [0.0]
+    main = CostedModel(model, clock, 1.0 - verify_per_token, verify_per_token)
+    drafter = speculative.ModelDrafter(CostedModel(model, clock, 0.1, 0.0))
+    stats = speculative.SpeculativeStats()
+    steps = speculative.speculative_generate_step(
+        mx.array(PROMPT),
+        main,
+        drafter,
+        num_draft_tokens=3,
+        max_tokens=80,
+        stats=stats,
+        clock=lambda: clock[0],
+    )
+    assert [t for t, _, _ in steps] == plain_tokens(model, 80)
+    assert stats.accepted == stats.drafted
+    chosen = max(stats.lengths, key=stats.lengths.get)
+    assert chosen == (3 if pays else 0), stats.lengths
 
 
 def test_draft_length_model_prefers_drafting_when_it_pays():
