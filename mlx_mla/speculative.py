@@ -128,14 +128,14 @@ class DraftLength:
         return total
 
     def step_seconds(self, k: int) -> float:
-        if k in self.seconds:
-            return self.seconds[k]
         plain = self.seconds.get(0)
+        if k in self.seconds:  # no cheaper than a plain step (a stall can make plain's look slow)
+            return max(self.seconds[k], plain or 0.0)
         if plain is None:
             return 1.0 + 0.5 * k
         # Unmeasured: interpolate the cost per drafted token from the measured lengths.
         per_draft = [(s - plain) / j for j, s in self.seconds.items() if j]
-        return plain + k * (min(per_draft) if per_draft else 0.5 * plain)
+        return plain + k * (max(min(per_draft), 0.0) if per_draft else 0.5 * plain)
 
     def choose(self, room: int) -> int:
         most = min(self.most, room)
@@ -146,25 +146,22 @@ class DraftLength:
             rate = self.expected_tokens(k) / self.step_seconds(k)
             if rate > best_rate:
                 best, best_rate = k, rate
-        if best == 0 and most > 0 and self.plain_steps >= self.wait:
-            self.plain_steps = 0
-            return 1
-        return best
+        return 1 if best == 0 and self.plain_steps >= self.wait else best
 
-    def plain_run(self) -> int:
-        """Plain steps to take, k = 0 having been chosen, before a draft is tried again."""
-        steps = max(self.wait - self.plain_steps, 1)
-        self.plain_steps = self.wait
-        return steps
+    def plain_step(self):
+        """A step of plain decoding was taken (k = 0 chosen): a 1-token draft comes nearer."""
+        self.plain_steps += 1
 
     def record(self, k: int, accepted: int, seconds: float):
+        if k:
+            self.plain_steps = 0
         old = self.seconds.get(k)
         self.seconds[k] = seconds if old is None else old + self.decay * (seconds - old)
         for i in range(min(k, accepted + 1)):  # the kept drafts, and the first rejected one
             self.kept[i] = (1 - self.decay) * self.kept[i] + (i < accepted)
             self.tried[i] = (1 - self.decay) * self.tried[i] + 1
         if k and 0 in self.seconds:  # tried again soon only while drafting looks worth it
-            pays = self.expected_tokens(k) / self.seconds[k] >= 1 / self.seconds[0]
+            pays = self.expected_tokens(k) / self.step_seconds(k) > 1 / self.seconds[0]
             self.wait = 4 if pays else min(2 * self.wait, 64)
 
 
@@ -463,23 +460,25 @@ def speculative_generate_step(
         logits = model.logits(h[:, -1])
         return h, logits, sampling.pick(logits)[0]
 
-    def plain_run(y: int, steps: int):
-        """Plain decoding from y, each step's forward built while the one before runs (as
-        mlx-lm's generate_step does): yields the token, its logits and the hidden state before
-        it, and last the seconds spent here."""
-        seconds, tic = 0.0, clock()
+    def plain_run(y: int, more):
+        """Plain decoding from y while `more()` says the next step is plain too, each step's
+        forward built while the one before runs, as mlx-lm's generate_step does: yields the
+        token, its logits, the hidden state before it and the seconds it took."""
+        tic = clock()
         upcoming = plain_step(mx.array(y))
         mx.async_eval(upcoming)
-        for i in range(steps):
+        while True:
             h, logits, token = upcoming
-            if i + 1 < steps:
+            again = more()
+            if again:
                 upcoming = plain_step(token)
                 mx.async_eval(upcoming)
             token = token.item()
-            seconds += clock() - tic
-            yield token, logits[0], h
+            toc = clock()
+            yield token, logits[0], h, toc - tic
+            if not again:
+                return
             tic = clock()
-        yield seconds + clock() - tic
 
     tokens = prompt.tolist()
     drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
@@ -499,25 +498,31 @@ def speculative_generate_step(
     emitted = 1
     yield y, (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0], False
 
+    def room(emitted: int) -> int:
+        """Drafts the next step can take: all but the token the step adds itself."""
+        return max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens
+
+    def plain_next() -> bool:
+        """Is the step after the token being emitted plain decoding too?"""
+        after = emitted + 1
+        return (max_tokens < 0 or after < max_tokens) and length.choose(room(after)) == 0
+
     while max_tokens < 0 or emitted < max_tokens:
-        room = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens
-        k = length.choose(room)
+        k = length.choose(room(emitted))
         if k == 0:
-            steps = length.plain_run()
-            steps = min(steps, max_tokens - emitted) if max_tokens >= 0 else steps
-            for step in plain_run(y, steps):
-                if isinstance(step, float):
-                    length.record(0, 0, step / steps)
-                    break
-                y, logprobs, h = step
+            seconds = []
+            for token, logprobs, h, step_seconds in plain_run(y, plain_next):
+                y = token
+                length.plain_step()
+                seconds.append(step_seconds)
                 drafter.extend([y], h)
                 emitted += 1
                 stats.record(0, 0)
                 stats.tokens += 1
                 yield y, logprobs - mx.logsumexp(logprobs, keepdims=True), False
-                if emitted == max_tokens:
-                    return
+            length.record(0, 0, sum(seconds) / len(seconds))  # the run's mean: its steps overlap
             continue
+        drafter.catch_up()  # what plain decoding left it, fed outside the drafting's time
         tic = clock()
         drafts, draft_probs = drafter.draft(k, sampling)
         k = drafts.size
