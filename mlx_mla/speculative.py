@@ -9,7 +9,10 @@ tokens follow the main model's distribution (under the same temperature, top-p, 
 Drafters, one protocol: `begin(first)` with the text's first token; `extend(tokens, hidden)` with
 the tokens that became final and the main model's hidden states at the positions before each;
 `catch_up()` after the prompt, so a drafter with a cache reads it during the prefill; `draft(k,
-sampling)`; `rollback()` after each verify step.
+sampling)`; `rollback()` after each verify step. A drafter continues across calls on the same
+prompt cache (a chat's next turn): `length` tokens seen, `resume(first, cached)` in place of
+`begin`; `snapshot()` / `restore(snapshot, cache)` keep its state beside a saved copy of that
+cache (a server's conversation cache).
 - `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
 - `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
 - `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
@@ -185,6 +188,26 @@ class NgramDrafter:
                     self.index[n][tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def resume(self, first: list[int], cached: int, hidden=None):
+        """Continue after the main cache's `cached` tokens with `first` (a token past them, which
+        never reached the cache, goes)."""
+        del self.tokens[cached:]
+        self.extend(first)
+
+    def snapshot(self):
+        index = {n: dict(index) for n, index in self.index.items()}
+        return (list(self.tokens), index), getattr(self, "follows", (None, None))
+
+    def restore(self, snapshot, cache: list):
+        """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
+        (tokens, index), follows = snapshot
+        self.tokens, self.index = list(tokens), {n: dict(i) for n, i in index.items()}
+        self.follows = (cache, follows[1])
+
     def draft(self, k: int, sampling: Sampling):
         for n in NGRAM_SIZES:
             start = self.index[n].get(tuple(self.tokens[-n:]))
@@ -210,11 +233,34 @@ class CachedDrafter:
     def begin(self, first: list[int]):
         self.cache = self.make_cache()
         self.chained = 0
+        self.length = len(first)
 
     def extend(self, tokens: list[int], hidden=None):
         self.add(tokens, hidden)
+        self.length += len(tokens)
         if self.waiting() > self.step:
             self.catch_up()
+
+    def resume(self, first: list[int], cached: int, hidden=None):
+        """Continue after the main cache's `cached` tokens with `first`, `hidden` the main
+        model's state at the last of them (None: unknown). The newest token is pending, never
+        fed: when the main cache did not take it either (a stopped reply), `first` replaces it."""
+        if self.length > cached:
+            self.replace_newest(first)
+        else:
+            self.extend(first, hidden)
+
+    def snapshot(self):
+        caches = [(type(c), c.state) for c in self.cache]
+        return caches, self.pending_state(), self.length, getattr(self, "follows", (None, None))
+
+    def restore(self, snapshot, cache: list):
+        """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
+        caches, pending, self.length, follows = snapshot
+        self.follows = (cache, follows[1])
+        self.cache = [cls.from_state(state) for cls, state in caches]
+        self.chained = 0
+        self.restore_pending(pending)
 
     def catch_up(self):
         """Feed what waits but the newest entry (the next draft starts from its logits)."""
@@ -259,6 +305,15 @@ class ModelDrafter(CachedDrafter):
     def add(self, tokens, hidden):
         self.pending.extend(tokens)
 
+    def replace_newest(self, first):
+        self.pending[-1:] = first
+
+    def pending_state(self):
+        return list(self.pending)
+
+    def restore_pending(self, pending):
+        self.pending = list(pending)
+
     def waiting(self) -> int:
         return len(self.pending)
 
@@ -292,9 +347,22 @@ class MTPDrafter(CachedDrafter):
         self.hidden, self.tokens = [], []
 
     def add(self, tokens, hidden):
-        """tokens (n,) and the main model's hidden states (1, n, D) at the positions before each."""
+        """tokens (n,) and the main model's hidden states (1, n, D) at the positions before each
+        (None: not known, zeros stand in)."""
+        if hidden is None:
+            hidden = mx.zeros((1, len(tokens), self.model.args.hidden_size))
         self.tokens.extend(tokens)
         self.hidden.append(hidden)
+
+    def replace_newest(self, first):
+        self.tokens[-1:] = first
+
+    def pending_state(self):
+        return list(self.tokens), list(self.hidden)
+
+    def restore_pending(self, pending):
+        tokens, hidden = pending
+        self.tokens, self.hidden = list(tokens), list(hidden)
 
     def waiting(self) -> int:
         return len(self.tokens)
@@ -480,8 +548,22 @@ def speculative_generate_step(
                 return
             tic = clock()
 
+    def finish(y: int):
+        """Feed the last token, as mlx-lm's generate_step leaves the cache (a chat's next turn
+        goes on from it); the drafter keeps its hidden state for the token after it."""
+        h = model.model(mx.array([[y]]), cache=cache)
+        quantize()
+        mx.async_eval(h)
+        drafter.follows = (cache, h)
+
     tokens = prompt.tolist()
-    drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
+    cached = cache[0].offset
+    follows, hidden = getattr(drafter, "follows", (None, None))
+    if cached and follows is cache and drafter.length - cached in (0, 1):
+        drafter.resume(tokens[:1], cached, hidden)  # the conversation goes on: so does the drafter
+    else:
+        drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
+    drafter.follows = (cache, None)
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
     # last one, so that a quantised cache holds what plain decoding's does.
     starts = [*range(0, len(tokens) - 1, prefill_step_size), len(tokens) - 1]
@@ -496,6 +578,8 @@ def speculative_generate_step(
     drafter.extend([y], h[:, -1:])
     drafter.catch_up()  # the drafter reads the prompt now, as part of its prefill
     emitted = 1
+    if emitted == max_tokens:
+        finish(y)
     yield y, (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0], False
 
     def room(emitted: int) -> int:
@@ -519,6 +603,8 @@ def speculative_generate_step(
                 emitted += 1
                 stats.record(0, 0)
                 stats.tokens += 1
+                if emitted == max_tokens:
+                    finish(y)
                 yield y, logprobs - mx.logsumexp(logprobs, keepdims=True), False
             length.record(0, 0, sum(seconds) / len(seconds))  # the run's mean: its steps overlap
             continue
@@ -542,6 +628,8 @@ def speculative_generate_step(
         for i, token in enumerate(new):
             emitted += 1
             stats.tokens += 1
+            if emitted == max_tokens and i == accepted:  # room leaves no draft past the end
+                finish(token)
             yield token, logprobs[i], i < accepted
             if emitted == max_tokens:
                 return

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import CONFIGS, DSA_CONFIGS, make_torch_model, save_tokenizer, write_checkpoint
-from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
+from mlx_lm.generate import generate_step
 
 from mlx_mla import speculative
 from mlx_mla.convert import convert
@@ -210,12 +210,19 @@ def test_mtp_drafts_equal_a_torch_reference_of_vllms_mtp_forward(
 
 
 def reference_cache(model, emitted, kv_bits):
-    """The cache plain decoding leaves: the prompt but its last token in one forward, then that
-    token and each emitted one but the last, one at a time."""
+    """The cache mlx-lm's generate_step leaves after the same tokens: the prompt and every emitted
+    token (it feeds the last one before yielding it)."""
     cache = model.make_cache()
-    for tokens in [PROMPT[:-1]] + [[t] for t in PROMPT[-1:] + emitted[:-1]]:
-        model(mx.array(tokens)[None], cache=cache)
-        maybe_quantize_kv_cache(cache, 0, KV_GROUP, kv_bits)
+    steps = generate_step(
+        mx.array(PROMPT),
+        model,
+        max_tokens=len(emitted),
+        prompt_cache=cache,
+        kv_bits=kv_bits,
+        kv_group_size=KV_GROUP,
+        quantized_kv_start=0,
+    )
+    assert [t for t, _ in steps] == emitted
     mx.eval([c.state for c in cache])
     return cache
 
@@ -231,7 +238,7 @@ def test_rolled_back_caches_have_plain_decodings_offset_and_nbytes(models, atten
     )
     expected = reference_cache(model, emitted, kv_bits)
     assert [type(c) for c in cache] == [type(c) for c in expected]
-    assert [c.offset for c in cache] == [c.offset for c in expected] == [len(PROMPT) + n - 1] * 3
+    assert [c.offset for c in cache] == [c.offset for c in expected] == [len(PROMPT) + n] * 3
     assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
 
 
@@ -708,3 +715,100 @@ def test_drafting_continues_a_prompt_cache_file_as_plain_decoding_does(folders, 
     text = plain.stdout.split("\n==========")[0]
     assert text and drafted.stdout.split("\n==========")[0] == text
     assert "Speculative:" in drafted.stdout
+
+
+def draft_logits(drafter, k=2):
+    """The logits a drafter's next k greedy drafts come from (its state left as it was)."""
+    sampling = RecordingSampling()
+    drafter.draft(k, sampling)
+    drafter.rollback()
+    return np.array(mx.concatenate(sampling.seen))
+
+
+def turn(model, drafter, prompt, cache, n=10):
+    steps = speculative.speculative_generate_step(
+        mx.array(prompt),
+        model,
+        drafter,
+        num_draft_tokens=2,
+        draft_min=2,
+        max_tokens=n,
+        prompt_cache=cache,
+    )
+    return [t for t, _, _ in steps]
+
+
+@pytest.mark.parametrize("name", ["mtp", "ngram", "draft-model"])
+def test_the_drafter_goes_on_across_turns_as_over_one_long_prompt(models, name):
+    """A chat's second turn on the same cache: plain decoding's greedy tokens, and a drafter in
+    the state of one that read the whole conversation as one prompt (the same text and length;
+    draft logits within 1e-4)."""
+    model, other = models("v3"), models("glm")
+
+    def make():
+        return speculative.make_drafter(
+            model, None if name == "draft-model" else name, other if name == "draft-model" else None
+        )
+
+    first, second = PROMPT[:12], PROMPT[12:]
+    drafter, cache = make(), model.make_cache()
+    reply = turn(model, drafter, first, cache)
+    plain = model.make_cache()
+    assert reply == [
+        t for t, _ in generate_step(mx.array(first), model, max_tokens=10, prompt_cache=plain)
+    ]
+    again = turn(model, drafter, second, cache)
+    assert again == [
+        t for t, _ in generate_step(mx.array(second), model, max_tokens=10, prompt_cache=plain)
+    ]
+    assert drafter.length == cache[0].offset  # every token of both turns, as plain decoding's
+    whole, fresh = first + reply + second, make()
+    assert turn(model, fresh, whole, model.make_cache()) == again
+    assert fresh.length == drafter.length
+    if name == "ngram":
+        assert fresh.tokens == drafter.tokens
+    else:
+        assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
+        np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mtp", "ngram"])
+def test_a_drafter_snapshot_goes_on_beside_a_copy_of_the_cache(models, name):
+    """A server keeps a conversation's cache: snapshot() with a copy of it, restore() beside the
+    copy later (another conversation in between), and the next turn drafts as if uninterrupted."""
+    model = models("v3")
+    drafter, cache = speculative.make_drafter(model, name), model.make_cache()
+    turn(model, drafter, PROMPT[:12], cache)
+    saved = [type(c).from_state(c.state) for c in cache], drafter.snapshot()
+    expected = turn(model, drafter, PROMPT[12:], cache)
+    expected_logits = None if name == "ngram" else draft_logits(drafter)
+    turn(model, drafter, PROMPT[3:9], model.make_cache())  # another conversation
+    copy, snapshot = saved
+    drafter.restore(snapshot, copy)
+    assert turn(model, drafter, PROMPT[12:], copy) == expected
+    assert drafter.length == copy[0].offset
+    if name == "mtp":
+        np.testing.assert_allclose(draft_logits(drafter), expected_logits, atol=1e-5)
+
+
+def test_a_drafted_chat_answers_every_turn_as_the_plain_chat_does(folders):
+    """Two turns on one conversation cache: --draft mtp and --draft ngram give the plain chat's
+    greedy replies on both (the drafter goes on across turns; the cache holds what plain
+    decoding's does)."""
+
+    def chat(*flags):
+        result = subprocess.run(
+            [sys.executable, "-m", "mlx_mla.chat", "--model", str(folders["v3"]), *flags]
+            + ["--max-tokens", "12"],
+            input="abcabcab\nbcabca\n",
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    plain = chat()
+    assert plain.count(">> ") == 3
+    assert chat("--draft", "mtp") == chat("--draft", "ngram") == plain
