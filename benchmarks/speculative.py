@@ -48,6 +48,7 @@ def setup_arg_parser():
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--num-draft-tokens", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--methods", help="Comma-separated method names (default: all)")
     parser.add_argument("--out", default=common.DEFAULT_OUT)
     return parser
 
@@ -115,18 +116,20 @@ def mlx_lm(draft_model, k):
 def timed(method, model, prompt, n, temp) -> dict:
     mx.random.seed(SEED)
     steps, stats = method(model, prompt, n, temp)
-    start = drafted = kept = 0
+    start = cpu = drafted = kept = 0
     tokens = []
     for token, _, from_draft in steps:
         if not tokens:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         tokens.append(token)
         kept += bool(from_draft)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     if stats is not None:
         drafted, kept = stats.drafted, stats.accepted
     return {
         "tokens_per_s": (len(tokens) - 1) / seconds,
+        "cpu_ms_per_token": 1e3 * cpu / (len(tokens) - 1),
         "tokens": tokens,
         "drafted": drafted if stats is not None else None,
         "accepted": kept,
@@ -140,9 +143,11 @@ def run(args) -> dict:
     k = args.num_draft_tokens
     methods = {"plain": plain}
     if model.mtp:
+        methods["mtp k=0"] = ours(speculative.MTPDrafter(model), 0)
         methods["mtp"] = ours(speculative.MTPDrafter(model), k)
         methods[f"mtp k={k}"] = ours(speculative.MTPDrafter(model), k, k)
     methods |= {
+        "ngram k=0": ours(speculative.NgramDrafter(), 0),
         "ngram": ours(speculative.NgramDrafter(), k),
         f"ngram k={k}": ours(speculative.NgramDrafter(), k, k),
     }
@@ -153,6 +158,8 @@ def run(args) -> dict:
         methods[f"draft {name}"] = ours(speculative.ModelDrafter(draft), k)
         methods[f"draft {name} k={k}"] = ours(speculative.ModelDrafter(draft), k, k)
         methods[f"mlx-lm draft {name} k={k}"] = mlx_lm(draft, k)
+    if args.methods:
+        methods = {name: methods[name] for name in args.methods.split(",")}
     cases = [(p, t) for p in prompts(tokenizer, args.text_file) for t in TEMPS]
     prompt_ids = prompts(tokenizer, args.text_file)
     rows = {}
@@ -174,6 +181,7 @@ def run(args) -> dict:
                 "temp": temp,
                 "method": name,
                 "tokens_per_s": statistics.median(tps),
+                "cpu_ms_per_token": statistics.median(r["cpu_ms_per_token"] for r in results),
                 "speedup": statistics.median(tps) / base,
                 "drafted": first["drafted"],
                 "accepted": first["accepted"],
@@ -199,6 +207,7 @@ def report(result) -> str:
             "method",
             "tok/s",
             "x plain",
+            "cpu ms/tok",
             "drafted",
             "accepted",
             "tok/step",
@@ -218,6 +227,7 @@ def report(result) -> str:
                 r["method"],
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['speedup']:.2f}",
+                f"{r['cpu_ms_per_token']:.2f}",
                 common.maybe(r["drafted"], str),
                 rate,
                 common.maybe(r["tokens_per_step"], "{:.2f}".format),

@@ -43,7 +43,7 @@ class Chat:
         **sampling,
     ):
         self.model = model
-        self.drafter = drafter  # speculative decoding when set; it starts afresh each turn
+        self.drafter = drafter  # speculative decoding when set; it goes on from turn to turn
         self.draft_options = {"num_draft_tokens": num_draft_tokens, "draft_min": draft_min}
         self.file_metadata = file_metadata  # what /save records and /load checks
         self.cache_options = cache_options or {}

@@ -65,6 +65,27 @@ def weight_bytes(path: Path, config: dict, mtp: bool = False) -> int:
     return total
 
 
+def drafter_bytes(args, config: dict, tokens: int) -> int:
+    """What the drafter `--draft mtp` / `--draft-model` adds: its weights (the MTP layer's as
+    stored), and its float cache of `tokens` tokens (the loop quantises the main model's cache
+    alone); 0 for n-gram lookup."""
+    from .model.loading import read_config
+
+    if getattr(args, "draft", None) == "mtp" and config.get("num_nextn_predict_layers"):
+        path = Path(args.model).expanduser()
+        mtp_weights = weight_bytes(path, config, mtp=True) - weight_bytes(path, config)
+        one_layer = cache_bytes(config, args.attention, tokens) or 0
+        return mtp_weights + one_layer // config["num_hidden_layers"]
+    draft = getattr(args, "draft_model", None)
+    if draft and Path(draft).expanduser().is_dir() and getattr(args, "draft", None) is None:
+        path = Path(draft).expanduser()
+        draft_config = read_config(path)
+        return weight_bytes(path, draft_config) + (
+            cache_bytes(draft_config, args.attention, tokens) or 0
+        )
+    return 0
+
+
 def cache_bytes(
     config, attention, tokens, kv_bits=None, kv_group_size=DEFAULT_KV_GROUP_SIZE
 ) -> int | None:
@@ -84,15 +105,16 @@ def check_fit(
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     available: tuple[int, str] | None = None,
-    mtp: bool = False,
+    drafter: int = 0,
 ):
     """Raise a FitError, in one line with the numbers and what would fit, when the weights plus a
-    cache of `tokens` tokens need more than the backend can use."""
+    cache of `tokens` tokens (plus `drafter` bytes, counted with the weights) need more than the
+    backend can use."""
     available = available or available_memory()
     if available is None:
         return
     free, source = available
-    weights = weight_bytes(path, config, mtp)
+    weights = weight_bytes(path, config) + drafter
     cache = cache_bytes(config, attention, tokens, kv_bits, kv_group_size) or 0
     if weights + cache <= free:
         return
@@ -111,9 +133,11 @@ def check_fit(
             fixes.append(f"a context of {shorter} tokens")
     machines = math.ceil((weights + cache) / free)
     fixes.append(f"--pipeline over {machines} machines like this one")
+    drafted = f", the drafter's {size(drafter)} included" if drafter else ""
     raise FitError(
-        f"the model needs {size(weights + cache)} (weights {size(weights)} + {attention} cache "
-        f"for {tokens} tokens {size(cache)}), more than the {size(free)} available ({source}); "
+        f"the model needs {size(weights + cache)} (weights {size(weights)}{drafted} + "
+        f"{attention} cache for {tokens} tokens {size(cache)}), more than the {size(free)} "
+        f"available ({source}); "
         f"would fit: {', '.join(fixes)}; {NO_FIT_CHECK} loads it anyway"
     )
 
@@ -143,6 +167,6 @@ def check_tool_fit(args, tokens: int) -> dict | None:
         weight_bytes(path, config)
     except Exception:  # any damaged header: loading names the file and what is wrong with it
         return config
-    mtp = getattr(args, "draft", None) == "mtp"
-    check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size, mtp=mtp)
+    drafter = drafter_bytes(args, config, tokens)
+    check_fit(path, config, args.attention, tokens, args.kv_bits, args.kv_group_size, None, drafter)
     return config

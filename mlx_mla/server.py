@@ -335,7 +335,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
 def hold(model, cache: list, n: int, last: list[int]):
     """Leave `cache` holding n tokens, the last reply token included, as mlx-lm's generate_step
     leaves it: the prompt cache stores it under the prompt and every reply token. (The
-    speculative loop holds one token fewer, or more where it stopped within accepted drafts.)"""
+    speculative loop holds more where it stopped within accepted drafts.)"""
     extra = cache[0].offset - n
     if extra > 0:
         for c in cache:

@@ -9,7 +9,10 @@ tokens follow the main model's distribution (under the same temperature, top-p, 
 Drafters, one protocol: `begin(first)` with the text's first token; `extend(tokens, hidden)` with
 the tokens that became final and the main model's hidden states at the positions before each;
 `catch_up()` after the prompt, so a drafter with a cache reads it during the prefill; `draft(k,
-sampling)`; `rollback()` after each verify step.
+sampling)`; `rollback()` after each verify step. A drafter continues across calls on the same
+prompt cache (a chat's next turn): `length` tokens seen, `resume(first, cached)` in place of
+`begin`; `snapshot()` / `restore(snapshot, cache)` keep its state beside a saved copy of that
+cache (a server's conversation cache).
 - `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
 - `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
 - `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
@@ -73,6 +76,25 @@ class SpeculativeStats:
     steps: int = 0
     tokens: int = 0
     lengths: dict = field(default_factory=dict)  # draft length -> steps
+    # per draft position i: drafts verified there (those before it kept), and drafts kept
+    tried_at: list = field(default_factory=list)
+    kept_at: list = field(default_factory=list)
+
+    def record(self, k: int, accepted: int):
+        self.steps += 1
+        self.drafted += k
+        self.accepted += accepted
+        self.lengths[k] = self.lengths.get(k, 0) + 1
+        for i in range(min(k, accepted + 1)):
+            if i == len(self.tried_at):
+                self.tried_at.append(0)
+                self.kept_at.append(0)
+            self.tried_at[i] += 1
+            self.kept_at[i] += i < accepted
+
+    def acceptance_at(self) -> list[float]:
+        """a_i: the share of drafts kept at position i among those verified there."""
+        return [kept / tried for kept, tried in zip(self.kept_at, self.tried_at, strict=True)]
 
     def line(self) -> str:
         rate = f"{100 * self.accepted / self.drafted:.1f}%" if self.drafted else "n/a"
@@ -110,14 +132,14 @@ class DraftLength:
         return total
 
     def step_seconds(self, k: int) -> float:
-        if k in self.seconds:
-            return self.seconds[k]
         plain = self.seconds.get(0)
+        if k in self.seconds:  # no cheaper than a plain step (a stall can make plain's look slow)
+            return max(self.seconds[k], plain or 0.0)
         if plain is None:
             return 1.0 + 0.5 * k
         # Unmeasured: interpolate the cost per drafted token from the measured lengths.
         per_draft = [(s - plain) / j for j, s in self.seconds.items() if j]
-        return plain + k * (min(per_draft) if per_draft else 0.5 * plain)
+        return plain + k * (max(min(per_draft), 0.0) if per_draft else 0.5 * plain)
 
     def choose(self, room: int) -> int:
         most = min(self.most, room)
@@ -128,25 +150,22 @@ class DraftLength:
             rate = self.expected_tokens(k) / self.step_seconds(k)
             if rate > best_rate:
                 best, best_rate = k, rate
-        if best == 0 and most > 0 and self.plain_steps >= self.wait:
-            self.plain_steps = 0
-            return 1
-        return best
+        return 1 if best == 0 and self.plain_steps >= self.wait else best
 
-    def plain_run(self) -> int:
-        """Plain steps to take, k = 0 having been chosen, before a draft is tried again."""
-        steps = max(self.wait - self.plain_steps, 1)
-        self.plain_steps = self.wait
-        return steps
+    def plain_step(self):
+        """A step of plain decoding was taken (k = 0 chosen): a 1-token draft comes nearer."""
+        self.plain_steps += 1
 
     def record(self, k: int, accepted: int, seconds: float):
+        if k:
+            self.plain_steps = 0
         old = self.seconds.get(k)
         self.seconds[k] = seconds if old is None else old + self.decay * (seconds - old)
         for i in range(min(k, accepted + 1)):  # the kept drafts, and the first rejected one
             self.kept[i] = (1 - self.decay) * self.kept[i] + (i < accepted)
             self.tried[i] = (1 - self.decay) * self.tried[i] + 1
         if k and 0 in self.seconds:  # tried again soon only while drafting looks worth it
-            pays = self.expected_tokens(k) / self.seconds[k] >= 1 / self.seconds[0]
+            pays = self.expected_tokens(k) / self.step_seconds(k) > 1 / self.seconds[0]
             self.wait = 4 if pays else min(2 * self.wait, 64)
 
 
@@ -169,6 +188,26 @@ class NgramDrafter:
                 if end >= n:
                     self.index[n][tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def resume(self, first: list[int], cached: int, hidden=None):
+        """Continue after the main cache's `cached` tokens with `first` (a token past them, which
+        never reached the cache, goes)."""
+        del self.tokens[cached:]
+        self.extend(first)
+
+    def snapshot(self):
+        index = {n: dict(index) for n, index in self.index.items()}
+        return (list(self.tokens), index), getattr(self, "follows", (None, None))
+
+    def restore(self, snapshot, cache: list):
+        """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
+        (tokens, index), follows = snapshot
+        self.tokens, self.index = list(tokens), {n: dict(i) for n, i in index.items()}
+        self.follows = (cache, follows[1])
 
     def draft(self, k: int, sampling: Sampling):
         for n in NGRAM_SIZES:
@@ -195,11 +234,34 @@ class CachedDrafter:
     def begin(self, first: list[int]):
         self.cache = self.make_cache()
         self.chained = 0
+        self.length = len(first)
 
     def extend(self, tokens: list[int], hidden=None):
         self.add(tokens, hidden)
+        self.length += len(tokens)
         if self.waiting() > self.step:
             self.catch_up()
+
+    def resume(self, first: list[int], cached: int, hidden=None):
+        """Continue after the main cache's `cached` tokens with `first`, `hidden` the main
+        model's state at the last of them (None: unknown). The newest token is pending, never
+        fed: when the main cache did not take it either (a stopped reply), `first` replaces it."""
+        if self.length > cached:
+            self.replace_newest(first)
+        else:
+            self.extend(first, hidden)
+
+    def snapshot(self):
+        caches = [(type(c), c.state) for c in self.cache]
+        return caches, self.pending_state(), self.length, getattr(self, "follows", (None, None))
+
+    def restore(self, snapshot, cache: list):
+        """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
+        caches, pending, self.length, follows = snapshot
+        self.follows = (cache, follows[1])
+        self.cache = [cls.from_state(state) for cls, state in caches]
+        self.chained = 0
+        self.restore_pending(pending)
 
     def catch_up(self):
         """Feed what waits but the newest entry (the next draft starts from its logits)."""
@@ -244,6 +306,15 @@ class ModelDrafter(CachedDrafter):
     def add(self, tokens, hidden):
         self.pending.extend(tokens)
 
+    def replace_newest(self, first):
+        self.pending[-1:] = first
+
+    def pending_state(self):
+        return list(self.pending)
+
+    def restore_pending(self, pending):
+        self.pending = list(pending)
+
     def waiting(self) -> int:
         return len(self.pending)
 
@@ -260,7 +331,7 @@ class ModelDrafter(CachedDrafter):
 class MTPDrafter(CachedDrafter):
     """The main model's MTP layer. Its cache entry at position i is the pair (h_i, t_{i+1}): the
     main model's hidden state there and the token after it. Chained drafts feed the layer's own
-    output in place of h, as vLLM does for more than one MTP token."""
+    output after its shared_head.norm in place of h, as SGLang and vLLM do."""
 
     name = "mtp"
 
@@ -277,9 +348,22 @@ class MTPDrafter(CachedDrafter):
         self.hidden, self.tokens = [], []
 
     def add(self, tokens, hidden):
-        """tokens (n,) and the main model's hidden states (1, n, D) at the positions before each."""
+        """tokens (n,) and the main model's hidden states (1, n, D) at the positions before each
+        (None: not known, zeros stand in)."""
+        if hidden is None:
+            hidden = mx.zeros((1, len(tokens), self.model.args.hidden_size))
         self.tokens.extend(tokens)
         self.hidden.append(hidden)
+
+    def replace_newest(self, first):
+        self.tokens[-1:] = first
+
+    def pending_state(self):
+        return list(self.tokens), list(self.hidden)
+
+    def restore_pending(self, pending):
+        tokens, hidden = pending
+        self.tokens, self.hidden = list(tokens), list(hidden)
 
     def waiting(self) -> int:
         return len(self.tokens)
@@ -349,20 +433,30 @@ def verify(logits: mx.array, drafts: mx.array, draft_probs, sampling: Sampling):
     else:
         q = mx.stack(draft_probs).reshape(k, -1)
     rows = mx.arange(k)
-    keep = mx.random.uniform(shape=(k,)) * q[rows, d] <= p[rows, d]
-    residual = mx.maximum(p[:k] - q, 0)
-    mx.eval(keep, p, residual, d)
+    keep = keeps(mx.random.uniform(shape=(k,)), p[rows, d], q[rows, d])
+    rest = residual(p[:k], q)
+    mx.eval(keep, p, rest, d)
     keep, drafts = keep.tolist(), d.tolist()
     n = 0
     while n < k and keep[n]:
         n += 1
-    if n == k:
+    if n == k:  # every draft kept: the bonus token, from the main model's last distribution
         return n, mx.random.categorical(mx.log(p[k])).item(), drafts
-    rest = residual[n]
+    rest = rest[n]
     total = rest.sum()
     if total.item() <= 0:  # p equals q here: any sample of p is right
         rest = p[n]
     return n, mx.random.categorical(mx.log(rest)).item(), drafts
+
+
+def keeps(u: mx.array, p_d: mx.array, q_d: mx.array) -> mx.array:
+    """Rejection sampling's test, (k,): draft d is kept when u q(d) <= p(d), u uniform in [0, 1)."""
+    return u * q_d <= p_d
+
+
+def residual(p: mx.array, q: mx.array) -> mx.array:
+    """What a rejected draft is replaced by a sample of: max(p - q, 0), (k, vocab), unnormalised."""
+    return mx.maximum(p - q, 0)
 
 
 def roll_back(cache: list, n: int, slots: list[int]):
@@ -392,10 +486,11 @@ def speculative_generate_step(
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     quantized_kv_start: int = 0,
     stats: SpeculativeStats | None = None,
+    clock=time.perf_counter,
 ):
     """Yield (token, logprobs, from_draft) as mlx-lm's speculative_generate_step does, with any
     drafter, every cache of this project, and a draft length that adapts between `draft_min` and
-    `num_draft_tokens` (held there when they are equal)."""
+    `num_draft_tokens` (held there when they are equal) to the step times `clock` measures."""
     sampling = sampling or Sampling()
     stats = stats if stats is not None else SpeculativeStats()
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
@@ -410,26 +505,42 @@ def speculative_generate_step(
         logits = model.logits(h[:, -1])
         return h, logits, sampling.pick(logits)[0]
 
-    def plain_run(y: int, steps: int):
-        """Plain decoding from y, each step's forward built while the one before runs (as
-        mlx-lm's generate_step does): yields the token, its logits and the hidden state before
-        it, and last the seconds spent here."""
-        seconds, tic = 0.0, time.perf_counter()
+    def plain_run(y: int, more):
+        """Plain decoding from y while `more()` says the next step is plain too, each step's
+        forward built while the one before runs, as mlx-lm's generate_step does: yields the
+        token, its logits, the hidden state before it and the seconds it took."""
+        tic = clock()
         upcoming = plain_step(mx.array(y))
         mx.async_eval(upcoming)
-        for i in range(steps):
+        while True:
             h, logits, token = upcoming
-            if i + 1 < steps:
+            again = more()
+            if again:
                 upcoming = plain_step(token)
                 mx.async_eval(upcoming)
             token = token.item()
-            seconds += time.perf_counter() - tic
-            yield token, logits[0], h
-            tic = time.perf_counter()
-        yield seconds + time.perf_counter() - tic
+            toc = clock()
+            yield token, logits[0], h, toc - tic
+            if not again:
+                return
+            tic = clock()
+
+    def finish(y: int):
+        """Feed the last token, as mlx-lm's generate_step leaves the cache (a chat's next turn
+        goes on from it); the drafter keeps its hidden state for the token after it."""
+        h = model.model(mx.array([[y]]), cache=cache)
+        quantize()
+        mx.async_eval(h)
+        drafter.follows = (cache, h)
 
     tokens = prompt.tolist()
-    drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
+    cached = cache[0].offset
+    follows, hidden = getattr(drafter, "follows", (None, None))
+    if cached and follows is cache and drafter.length - cached in (0, 1):
+        drafter.resume(tokens[:1], cached, hidden)  # the conversation goes on: so does the drafter
+    else:
+        drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
+    drafter.follows = (cache, None)
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
     # last one, so that a quantised cache holds what plain decoding's does.
     starts = [*range(0, len(tokens) - 1, prefill_step_size), len(tokens) - 1]
@@ -444,29 +555,38 @@ def speculative_generate_step(
     drafter.extend([y], h[:, -1:])
     drafter.catch_up()  # the drafter reads the prompt now, as part of its prefill
     emitted = 1
+    if emitted == max_tokens:
+        finish(y)
     yield y, (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0], False
 
+    def room(emitted: int) -> int:
+        """Drafts the next step can take: all but the token the step adds itself."""
+        return max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens
+
+    def plain_next() -> bool:
+        """Is the step after the token being emitted plain decoding too?"""
+        after = emitted + 1
+        return (max_tokens < 0 or after < max_tokens) and length.choose(room(after)) == 0
+
     while max_tokens < 0 or emitted < max_tokens:
-        room = max_tokens - emitted - 1 if max_tokens >= 0 else num_draft_tokens
-        k = length.choose(room)
+        k = length.choose(room(emitted))
         if k == 0:
-            steps = length.plain_run()
-            steps = min(steps, max_tokens - emitted) if max_tokens >= 0 else steps
-            for step in plain_run(y, steps):
-                if isinstance(step, float):
-                    length.record(0, 0, step / steps)
-                    break
-                y, logprobs, h = step
+            seconds = []
+            for token, logprobs, h, step_seconds in plain_run(y, plain_next):
+                y = token
+                length.plain_step()
+                seconds.append(step_seconds)
                 drafter.extend([y], h)
                 emitted += 1
-                stats.steps += 1
+                stats.record(0, 0)
                 stats.tokens += 1
-                stats.lengths[0] = stats.lengths.get(0, 0) + 1
-                yield y, logprobs - mx.logsumexp(logprobs, keepdims=True), False
                 if emitted == max_tokens:
-                    return
+                    finish(y)
+                yield y, logprobs - mx.logsumexp(logprobs, keepdims=True), False
+            length.record(0, 0, sum(seconds) / len(seconds))  # the run's mean: its steps overlap
             continue
-        tic = time.perf_counter()
+        drafter.catch_up()  # what plain decoding left it, fed outside the drafting's time
+        tic = clock()
         drafts, draft_probs = drafter.draft(k, sampling)
         k = drafts.size
         slots = [c.slots() for c in cache]
@@ -479,15 +599,14 @@ def speculative_generate_step(
         drafter.rollback()
         new = drafts[:accepted] + [y]
         drafter.extend(new, h[:, : accepted + 1])  # h was evaluated with the verdict
-        length.record(k, accepted, time.perf_counter() - tic)
-        stats.steps += 1
-        stats.drafted += k
-        stats.accepted += accepted
-        stats.lengths[k] = stats.lengths.get(k, 0) + 1
+        length.record(k, accepted, clock() - tic)
+        stats.record(k, accepted)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for i, token in enumerate(new):
             emitted += 1
             stats.tokens += 1
+            if emitted == max_tokens and i == accepted:  # room leaves no draft past the end
+                finish(token)
             yield token, logprobs[i], i < accepted
             if emitted == max_tokens:
                 return

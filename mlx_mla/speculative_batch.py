@@ -53,7 +53,6 @@ class DraftingBatch(GenerationBatch):
         self.length, self.clock = length, clock
         self.drafters = [None] * len(self.uids)  # a row's NgramDrafter, made at its first draft
         self.stats = [row_stats(s) for s in self.samplers or [None] * len(self.uids)]
-        self.plain_left = 0  # plain steps to take before drafting is tried again
         return self
 
     def extend(self, batch):
@@ -71,12 +70,11 @@ class DraftingBatch(GenerationBatch):
     def next(self) -> list:
         if not self.uids:
             return []
-        if self.plain_left == 0 and not any(self.logits_processors):
+        if not any(self.logits_processors):
             k = self.length.choose(self.length.most)
             if k:
                 return self.draft_step(k)
-            self.plain_left = self.length.plain_run()
-        self.plain_left = max(self.plain_left - 1, 0)
+            self.length.plain_step()  # k = 0 chosen: a 1-token draft comes nearer
         return self.plain_step()
 
     def plain_step(self) -> list:

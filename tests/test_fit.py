@@ -186,3 +186,33 @@ def test_weights_of_an_mlx_lm_folder_are_the_bytes_loaded(tmp_path, conversion):
         assert {q["bits"] for q in config["quantization"].values() if isinstance(q, dict)} == {3, 6}
     loaded = loaded_bytes(mlx_mla.load_model(folder))
     assert fit.weight_bytes(folder, config) == loaded
+
+
+def needed(tokens: int) -> int:
+    """The demo model's weights and float cache, as the test above checks them by hand."""
+    return fit.weight_bytes(DEMO, CONFIG) + fit.cache_bytes(CONFIG, "mla", tokens)
+
+
+@pytest.mark.parametrize("draft", [["--draft", "mtp"], ["--draft-model", str(DEMO)]])
+def test_the_drafters_weights_and_cache_are_counted(monkeypatch, capsys, draft):
+    """--draft mtp adds the MTP layer's stored bytes and one layer's float cache; --draft-model
+    the draft model's weights and float cache: memory for exactly that runs, a byte less does
+    not, and the refusal names the drafter's share."""
+    import mlx.core as mx
+
+    tokens = len("Hi") + 8  # generate's bound: prompt bytes plus --max-tokens
+    if draft[0] == "--draft":
+        tensors = mx.load(str(DEMO / "model.safetensors"))
+        weights = sum(v.nbytes for k, v in tensors.items() if k.startswith("mtp."))
+        cache = fit.cache_bytes(CONFIG, "mla", tokens) // CONFIG["num_hidden_layers"]
+    else:
+        weights, cache = fit.weight_bytes(DEMO, CONFIG), fit.cache_bytes(CONFIG, "mla", tokens)
+    drafter = weights + cache
+    assert weights > 0 and cache > 0
+    monkeypatch.setenv(fit.AVAILABLE_MEMORY_ENV, str(needed(tokens) + drafter - 1))
+    code, err = run_main(mlx_mla.generate.main, GENERATE[:3] + ["8", *draft], capsys)
+    assert_one_line_error(code, err)
+    assert f"the drafter's {memory.format_bytes(drafter)} included" in err
+    monkeypatch.setenv(fit.AVAILABLE_MEMORY_ENV, str(needed(tokens) + drafter))
+    code, err = run_main(mlx_mla.generate.main, GENERATE[:3] + ["8", *draft], capsys)
+    assert code == 0, err

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import CONFIGS, DSA_CONFIGS, make_torch_model, save_tokenizer, write_checkpoint
-from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
+from mlx_lm.generate import generate_step
 
 from mlx_mla import speculative
 from mlx_mla.convert import convert
@@ -39,13 +39,16 @@ KV_GROUP = 32
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def torch_models():
+    return {name: make_torch_model(cfg, seed=1) for name, cfg in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def folders(torch_models, tmp_path_factory):
     """{family: checkpoint folder with a complete random MTP layer (original layout)}."""
     return {
-        name: write_checkpoint(
-            make_torch_model(cfg, seed=1), tmp_path_factory.mktemp(name), "original"
-        )
-        for name, cfg in FAMILIES.items()
+        name: write_checkpoint(model, tmp_path_factory.mktemp(name), "original")
+        for name, model in torch_models.items()
     }
 
 
@@ -111,13 +114,115 @@ def test_greedy_speculative_tokens_equal_plain_decoding(
     assert stats.drafted > stats.accepted
 
 
+def reference_mtp_layer(torch_model, folder):
+    """DeepSeek-V3's MTP forward as vLLM's deepseek_mtp.py computes it, in torch, from the MTP
+    tensors of the checkpoint file: hidden (L, D) at positions 0..L-1 and the tokens after each
+    -> (the state after shared_head.norm, the logits), each (L, ...):
+        x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]), one decoder layer (transformers' class
+        of the model's last layer), then shared_head.norm and shared_head.head.
+    vLLM also zeroes the embedding at position 0, which SGLang and DeepSeek-V3's report do not."""
+    from safetensors.torch import load_file
+
+    config = torch_model.config
+    prefix = f"model.layers.{config.num_hidden_layers}."
+    tensors = {
+        k.removeprefix(prefix): v for k, v in load_file(folder / "model-mtp.safetensors").items()
+    }
+    block = type(torch_model.model.layers[-1])(config, config.num_hidden_layers - 1).eval()
+    state = {k: v for k, v in tensors.items() if k in block.state_dict()}
+    experts = range(config.n_routed_experts)
+    state["mlp.experts.gate_up_proj"] = torch.stack(
+        [
+            torch.cat([tensors[f"mlp.experts.{e}.{w}_proj.weight"] for w in ("gate", "up")])
+            for e in experts
+        ]
+    )
+    state["mlp.experts.down_proj"] = torch.stack(
+        [tensors[f"mlp.experts.{e}.down_proj.weight"] for e in experts]
+    )
+    block.load_state_dict(state, strict=True)
+    embed = tensors.get("embed_tokens.weight", torch_model.model.embed_tokens.weight)
+    head = tensors.get("shared_head.head.weight", torch_model.lm_head.weight)
+
+    def rms_norm(x, name):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+        return tensors[f"{name}.weight"] * x
+
+    def forward(hidden, tokens):
+        e = rms_norm(embed[torch.tensor(tokens)], "enorm")
+        x = torch.cat([e, rms_norm(hidden, "hnorm")], -1) @ tensors["eh_proj.weight"].T
+        x, positions = x[None], torch.arange(len(tokens))[None]
+        mask = torch.full((len(tokens),) * 2, -torch.inf).triu(1)[None, None]
+        rope = torch_model.model.rotary_emb(x, positions)
+        h = block(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        normed = rms_norm(h[0], "shared_head.norm")
+        return normed, h[0], normed @ head.T
+
+    return forward
+
+
+def reference_mtp_drafts(torch_model, folder, prompt, k, feed="normed"):
+    """Logits (k, vocab) of k greedy MTP drafts after `prompt`, each chained step fed the state
+    `feed` ("normed": after shared_head.norm; "pre-norm": before it) at the last position; every
+    step runs the whole sequence again, without a cache."""
+    mtp = reference_mtp_layer(torch_model, folder)
+    with torch.no_grad():
+        hidden = torch_model.model(torch.tensor([prompt])).last_hidden_state[0]  # final-norm
+        tokens = prompt[1:] + [torch_model.lm_head(hidden[-1]).argmax().item()]
+        logits = []
+        for _ in range(k):
+            normed, pre_norm, out = mtp(hidden, tokens)
+            logits.append(out[-1])
+            hidden = torch.cat([hidden, (normed if feed == "normed" else pre_norm)[-1:]])
+            tokens.append(out[-1].argmax().item())
+    return torch.stack(logits).numpy()
+
+
+class RecordingSampling(speculative.Sampling):
+    """Greedy sampling that keeps every logits row it picks from."""
+
+    def pick(self, logits):
+        self.seen = getattr(self, "seen", []) + [logits]
+        return super().pick(logits)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mtp_drafts_equal_a_torch_reference_of_vllms_mtp_forward(
+    torch_models, folders, models, family, k
+):
+    """Chained MTP drafts feed the state after shared_head.norm back, as SGLang and vLLM do:
+    draft logits within 1e-4 of an independent torch forward; the pre-norm chaining is not."""
+    model, prompt = models(family), PROMPT[:14]
+    h = model.model(mx.array(prompt)[None])
+    drafter = speculative.MTPDrafter(model)
+    drafter.begin(prompt[:1])
+    drafter.extend(prompt[1:] + [model.logits(h[:, -1]).argmax(-1).item()], h)
+    drafter.catch_up()
+    sampling = RecordingSampling()
+    drafter.draft(k, sampling)
+    ours = np.array(mx.concatenate(sampling.seen))
+    expected = reference_mtp_drafts(torch_models[family], folders[family], prompt, k)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    if k > 1:
+        old = reference_mtp_drafts(torch_models[family], folders[family], prompt, k, "pre-norm")
+        assert np.abs(old[1:] - expected[1:]).max() > 1e-2
+
+
 def reference_cache(model, emitted, kv_bits):
-    """The cache plain decoding leaves: the prompt but its last token in one forward, then that
-    token and each emitted one but the last, one at a time."""
+    """The cache mlx-lm's generate_step leaves after the same tokens: the prompt and every emitted
+    token (it feeds the last one before yielding it)."""
     cache = model.make_cache()
-    for tokens in [PROMPT[:-1]] + [[t] for t in PROMPT[-1:] + emitted[:-1]]:
-        model(mx.array(tokens)[None], cache=cache)
-        maybe_quantize_kv_cache(cache, 0, KV_GROUP, kv_bits)
+    steps = generate_step(
+        mx.array(PROMPT),
+        model,
+        max_tokens=len(emitted),
+        prompt_cache=cache,
+        kv_bits=kv_bits,
+        kv_group_size=KV_GROUP,
+        quantized_kv_start=0,
+    )
+    assert [t for t, _ in steps] == emitted
     mx.eval([c.state for c in cache])
     return cache
 
@@ -133,7 +238,7 @@ def test_rolled_back_caches_have_plain_decodings_offset_and_nbytes(models, atten
     )
     expected = reference_cache(model, emitted, kv_bits)
     assert [type(c) for c in cache] == [type(c) for c in expected]
-    assert [c.offset for c in cache] == [c.offset for c in expected] == [len(PROMPT) + n - 1] * 3
+    assert [c.offset for c in cache] == [c.offset for c in expected] == [len(PROMPT) + n] * 3
     assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
 
 
@@ -157,13 +262,13 @@ def test_dsa_drafting_gives_plain_tokens_and_rolls_index_keys_back(tmp_path, kv_
         assert [c.nbytes for c in cache] == [c.nbytes for c in expected]
 
 
-def tiny_model(seed):
-    """A 6-token vocabulary with an MTP layer: small enough to know every distribution exactly."""
+def tiny_model(seed, vocab=4, hidden=32):
+    """A 4-token vocabulary with an MTP layer: small enough to know every distribution exactly."""
     args = ModelArgs.from_dict(
         dict(
             model_type="deepseek_v3",
-            vocab_size=6,
-            hidden_size=32,
+            vocab_size=vocab,
+            hidden_size=hidden,
             intermediate_size=48,
             moe_intermediate_size=16,
             num_hidden_layers=2,
@@ -204,49 +309,139 @@ def chi2_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
     return torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)).item()
 
 
-@pytest.mark.parametrize("drafter", ["mtp", "ngram"])
-def test_sampled_tokens_follow_the_main_models_distribution(drafter):
-    """Two tokens sampled at temperature 1 after a prompt, 1,500 times: the first from the prefill,
-    the second from a verify step with two drafts. Their joint counts must fit p(t1) p(t2 | t1)."""
-    model = tiny_model(seed=3)
-    prompt = [2, 0, 2, 1, 2, 2, 2, 3, 2, 4, 2, 5, 2]  # every (2, t) pair: n-gram lookup drafts
-    sampling = speculative.Sampling(temp=1.0)
-    p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
-    p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
-    joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
-    counts = np.zeros(36)
+# A Markov chain over 4 tokens stands in for the main model and the drafter: row a holds the
+# logits of the token after a. Their distributions differ, so drafts are kept and rejected.
+CHAIN = np.random.default_rng(5).normal(size=(2, 4, 4)) * np.array([1.6, 1.2])[:, None, None]
+MAIN_LOGITS, DRAFT_LOGITS = CHAIN[0], CHAIN[0] + CHAIN[1]
+SAMPLINGS = {  # (settings, drafts sampled from q; else a point mass, as n-gram lookup's)
+    "temp 1": (dict(temp=1.0), True),
+    "temp 0.6, top-p 0.8": (dict(temp=0.6, top_p=0.8), True),
+    "temp 1.4, top-k 3, point-mass drafts": (dict(temp=1.4, top_k=3), False),
+    "temp 0.8, min-p 0.25": (dict(temp=0.8, min_p=0.25), True),
+}
+
+
+def filtered_probs(logits: np.ndarray, temp, top_p=0.0, min_p=0.0, top_k=0) -> np.ndarray:
+    """mlx-lm's sampling distribution per row, in numpy: top-p keeps the tokens with less than
+    top_p of the mass above them, min-p those with at least min_p x the most likely's
+    probability, top-k the k most likely; the kept logits are divided by temp."""
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    keep = np.ones_like(p, dtype=bool)
+    if 0 < top_p < 1:
+        above = (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)
+        assert np.abs(above - top_p).min() > 0.02  # no token near the edge
+        keep &= above < top_p
+    if min_p:
+        keep &= p >= min_p * p.max(-1, keepdims=True)
+    if top_k:
+        keep &= (-p).argsort(-1).argsort(-1) < top_k
+    assert not (top_p or min_p or top_k) or not keep.all()  # a filter removes something
+    out = np.where(keep, np.exp((logits - logits.max(-1, keepdims=True)) / temp), 0)
+    return out / out.sum(-1, keepdims=True)
+
+
+def chain_samples(sampling, sampled_drafts, n=3000, k=2, length=3, start=0, seed=7):
+    """`n` runs of speculative decoding on the chain, each from `start` until `length` tokens are
+    out: k chained drafts (from the draft chain, or its most likely token), our `verify` against
+    the main chain's logits at the k + 1 positions. Counts of the first `length` tokens, the
+    steps, and the steps whose drafts were all kept (the bonus token)."""
+    q = np.array(sampling.probs(mx.array(DRAFT_LOGITS, dtype=mx.float32)), dtype=np.float64)
+    q /= q.sum(-1, keepdims=True)
+    main = mx.array(MAIN_LOGITS, dtype=mx.float32)
+    rng = np.random.default_rng(seed)
+    mx.random.seed(seed)
+    counts, steps, bonus = np.zeros(4**length), 0, 0
+    for _ in range(n):
+        text = [start]
+        while len(text) <= length:
+            drafts = []
+            for _ in range(k):
+                last = drafts[-1] if drafts else text[-1]
+                drafts.append(int(rng.choice(4, p=q[last]) if sampled_drafts else q[last].argmax()))
+            probs = [mx.array(q[t]) for t in [text[-1], *drafts[:-1]]] if sampled_drafts else None
+            logits = main[mx.array([text[-1], *drafts])]
+            accepted, token, _ = speculative.verify(logits, mx.array(drafts), probs, sampling)
+            text += drafts[:accepted] + [token]
+            steps += 1
+            bonus += accepted == k
+        counts[np.ravel_multi_index(text[1 : length + 1], (4,) * length)] += 1
+    return counts, steps, bonus
+
+
+@pytest.mark.parametrize("name", list(SAMPLINGS))
+def test_verify_samples_follow_the_main_distribution_with_chained_drafts_and_the_bonus(name):
+    """3,000 runs of 3 tokens with 2 chained drafts a step: the joint counts fit the main
+    chain's distribution under the same temperature, top-p, top-k and min-p."""
+    settings, sampled_drafts = SAMPLINGS[name]
+    sampling = speculative.Sampling(**settings)
+    counts, steps, bonus = chain_samples(sampling, sampled_drafts)
+    assert 0 < bonus < steps  # drafts were kept, all of them (the bonus token), and rejected
+    assert chi2_p_value(counts, joint_of(filtered_probs(MAIN_LOGITS, **settings))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("residual", lambda p, q: p),  # a rejected draft replaced by a sample of p
+        ("keeps", lambda u, p_d, q_d: mx.ones(u.shape, mx.bool_)),  # every draft accepted
+    ],
+    ids=["residual is p", "every draft kept"],
+)
+def test_verify_with_a_wrong_rule_is_caught(monkeypatch, mutation):
+    """The test above can fail: our verify with one part of the rule replaced, the same runs."""
+    monkeypatch.setattr(speculative, *mutation)
+    settings, sampled_drafts = SAMPLINGS["temp 1"]
+    counts, _, _ = chain_samples(speculative.Sampling(**settings), sampled_drafts)
+    assert chi2_p_value(counts, joint_of(filtered_probs(MAIN_LOGITS, **settings))) < 1e-3
+
+
+def joint_of(probs: np.ndarray, length=3, start=0) -> np.ndarray:
+    """p(t_1 .. t_length) of the chain from `start` with transition rows `probs`, flattened as
+    np.ravel_multi_index orders them."""
+    joint = probs[start]
+    for _ in range(length - 1):
+        joint = joint[..., None] * probs  # [..., a, b] = p(..., a) p(b | a)
+    return joint.reshape(-1)
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "draft-model"])
+def test_sampled_tokens_through_the_loop_follow_the_main_model(drafter):
+    """700 runs of the loop for 4 tokens at temperature 0.8 with top-k 3, 2 chained drafts a
+    step (the MTP layer, or a draft model of half the hidden size): the first token from the
+    prefill, then drafts, rejections and the bonus token. The joint counts of the 4 tokens fit
+    the main model's distribution, p(t1) p(t2 | t1) p(t3 | t1 t2) p(t4 | t1 t2 t3)."""
+    model, prompt, settings = tiny_model(seed=3), [2, 0, 2, 1, 2, 3, 2], dict(temp=0.8, top_k=3)
+    other = tiny_model(seed=4, hidden=16) if drafter == "draft-model" else None
+    draft = speculative.make_drafter(model, "mtp" if other is None else None, other)
+    rest = np.array(np.unravel_index(np.arange(64), (4,) * 3)).T  # every (t1, t2, t3)
+    inputs = mx.concatenate(
+        [mx.broadcast_to(mx.array(prompt), (64, len(prompt))), mx.array(rest)], 1
+    )
+    logits = np.array(model(inputs)[:, -4:], dtype=np.float64)  # (64, 4 positions, vocab)
+    p = filtered_probs(logits.reshape(-1, 4), **settings).reshape(64, 4, 4)
+    joint = np.zeros(256)
+    for i, (t1, t2, t3, t4) in enumerate(np.ndindex(4, 4, 4, 4)):
+        r = 16 * t1 + 4 * t2 + t3
+        joint[i] = p[0, 0, t1] * p[16 * t1, 1, t2] * p[16 * t1 + 4 * t2, 2, t3] * p[r, 3, t4]
+    counts = np.zeros(256)
     stats = speculative.SpeculativeStats()
     mx.random.seed(11)
-    for _ in range(1500):
+    for _ in range(700):
         steps = speculative.speculative_generate_step(
             mx.array(prompt),
             model,
-            speculative.make_drafter(model, drafter),
+            draft,
             num_draft_tokens=2,
             draft_min=2,
-            max_tokens=3,
-            sampling=sampling,
+            max_tokens=4,
+            sampling=speculative.Sampling(**settings),
             stats=stats,
         )
-        t1, t2 = [t for t, _, _ in steps][:2]
-        counts[6 * t1 + t2] += 1
-    assert 0 < stats.accepted < stats.drafted  # both branches of the acceptance test ran
-    assert chi2_p_value(counts, joint / joint.sum()) > 1e-3
-
-
-def test_sampling_with_a_wrong_rule_is_caught():
-    """The test above can fail: emitting the draft whenever it is proposed skews the counts."""
-    model = tiny_model(seed=3)
-    prompt = [2, 0, 2, 1, 2, 2, 2, 3, 2, 4, 2, 5, 2]  # every (2, t) pair: n-gram lookup drafts
-    p1 = mx.softmax(model(mx.array(prompt)[None])[0, -1], precise=True)
-    p2 = mx.stack([mx.softmax(model(mx.array(prompt + [t])[None])[0, -1]) for t in range(6)])
-    joint = np.array((p1[:, None] * p2).reshape(-1), dtype=np.float64)
-    q = mx.softmax(model.mtp[0].shared_head.head.weight.sum(-1))  # any other distribution
-    mx.random.seed(11)
-    t1 = mx.random.categorical(mx.log(p1), num_samples=1500)
-    t2 = mx.random.categorical(mx.log(q), num_samples=1500)
-    counts = np.bincount(np.array(6 * t1 + t2), minlength=36).astype(np.float64)
-    assert chi2_p_value(counts, joint / joint.sum()) < 1e-3
+        counts[np.ravel_multi_index([t for t, _, _ in steps], (4,) * 4)] += 1
+    assert stats.lengths.get(2) and 0 < stats.kept_at[1] < stats.tried_at[1]  # chained drafts
+    assert 0 < stats.accepted < stats.drafted
+    assert chi2_p_value(counts, joint) > 1e-3
 
 
 def test_adaptive_draft_length_falls_to_plain_decoding_when_drafts_are_rejected(models):
@@ -260,6 +455,52 @@ def test_adaptive_draft_length_falls_to_plain_decoding_when_drafts_are_rejected(
     assert stats.lengths.get(0, 0) >= 0.7 * stats.steps, stats.lengths
 
 
+class CostedModel:
+    """A model whose forwards advance a virtual clock by `step + per_token x tokens`: the loop's
+    timing, from facts chosen by the test instead of the machine's load."""
+
+    def __init__(self, model, clock: list, step: float, per_token: float):
+        self.inner, self.clock, self.cost = model, clock, (step, per_token)
+        self.args, self.mtp, self.logits = model.args, model.mtp, model.logits
+        self.make_cache = model.make_cache
+
+    def charge(self, inputs):
+        self.clock[0] += self.cost[0] + self.cost[1] * inputs.shape[1]
+
+    def model(self, inputs, cache=None):
+        self.charge(inputs)
+        return self.inner.model(inputs, cache=cache)
+
+    def __call__(self, inputs, cache=None):
+        self.charge(inputs)
+        return self.inner(inputs, cache=cache)
+
+
+@pytest.mark.parametrize("verify_per_token, pays", [(0.05, True), (1.0, False)])
+def test_adaptive_draft_length_under_an_injected_clock(models, verify_per_token, pays):
+    """Drafts always right (the model drafts for itself, at 0.1 of a step each). A verify forward
+    of k + 1 tokens costing 1 + 0.05 k steps: drafting pays and the longest length is chosen;
+    costing k + 1 steps (no cheaper than decoding them one at a time): plain decoding is."""
+    model = models("v3")
+    clock = [0.0]
+    main = CostedModel(model, clock, 1.0 - verify_per_token, verify_per_token)
+    drafter = speculative.ModelDrafter(CostedModel(model, clock, 0.1, 0.0))
+    stats = speculative.SpeculativeStats()
+    steps = speculative.speculative_generate_step(
+        mx.array(PROMPT),
+        main,
+        drafter,
+        num_draft_tokens=3,
+        max_tokens=80,
+        stats=stats,
+        clock=lambda: clock[0],
+    )
+    assert [t for t, _, _ in steps] == plain_tokens(model, 80)
+    assert stats.accepted == stats.drafted
+    chosen = max(stats.lengths, key=stats.lengths.get)
+    assert chosen == (3 if pays else 0), stats.lengths
+
+
 def test_draft_length_model_prefers_drafting_when_it_pays():
     length = speculative.DraftLength(4)
     for _ in range(20):
@@ -268,7 +509,15 @@ def test_draft_length_model_prefers_drafting_when_it_pays():
     assert length.choose(10) >= 2
     for _ in range(20):
         length.record(2, 0, 1.2)
-    assert length.choose(10) == 0
+    chosen = []
+    for _ in range(80):  # plain decoding, a 1-token draft tried ever more rarely
+        chosen.append(length.choose(10))
+        if chosen[-1]:
+            length.record(chosen[-1], 0, 1.1)
+        else:
+            length.plain_step()
+            length.record(0, 0, 1.0)
+    assert chosen.count(0) >= 75 and max(chosen) == 1, chosen
 
 
 def test_converted_quantized_mtp_layer_loads_and_drafts(folders, tmp_path):
@@ -466,3 +715,100 @@ def test_drafting_continues_a_prompt_cache_file_as_plain_decoding_does(folders, 
     text = plain.stdout.split("\n==========")[0]
     assert text and drafted.stdout.split("\n==========")[0] == text
     assert "Speculative:" in drafted.stdout
+
+
+def draft_logits(drafter, k=2):
+    """The logits a drafter's next k greedy drafts come from (its state left as it was)."""
+    sampling = RecordingSampling()
+    drafter.draft(k, sampling)
+    drafter.rollback()
+    return np.array(mx.concatenate(sampling.seen))
+
+
+def turn(model, drafter, prompt, cache, n=10):
+    steps = speculative.speculative_generate_step(
+        mx.array(prompt),
+        model,
+        drafter,
+        num_draft_tokens=2,
+        draft_min=2,
+        max_tokens=n,
+        prompt_cache=cache,
+    )
+    return [t for t, _, _ in steps]
+
+
+@pytest.mark.parametrize("name", ["mtp", "ngram", "draft-model"])
+def test_the_drafter_goes_on_across_turns_as_over_one_long_prompt(models, name):
+    """A chat's second turn on the same cache: plain decoding's greedy tokens, and a drafter in
+    the state of one that read the whole conversation as one prompt (the same text and length;
+    draft logits within 1e-4)."""
+    model, other = models("v3"), models("glm")
+
+    def make():
+        return speculative.make_drafter(
+            model, None if name == "draft-model" else name, other if name == "draft-model" else None
+        )
+
+    first, second = PROMPT[:12], PROMPT[12:]
+    drafter, cache = make(), model.make_cache()
+    reply = turn(model, drafter, first, cache)
+    plain = model.make_cache()
+    assert reply == [
+        t for t, _ in generate_step(mx.array(first), model, max_tokens=10, prompt_cache=plain)
+    ]
+    again = turn(model, drafter, second, cache)
+    assert again == [
+        t for t, _ in generate_step(mx.array(second), model, max_tokens=10, prompt_cache=plain)
+    ]
+    assert drafter.length == cache[0].offset  # every token of both turns, as plain decoding's
+    whole, fresh = first + reply + second, make()
+    assert turn(model, fresh, whole, model.make_cache()) == again
+    assert fresh.length == drafter.length
+    if name == "ngram":
+        assert fresh.tokens == drafter.tokens
+    else:
+        assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
+        np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mtp", "ngram"])
+def test_a_drafter_snapshot_goes_on_beside_a_copy_of_the_cache(models, name):
+    """A server keeps a conversation's cache: snapshot() with a copy of it, restore() beside the
+    copy later (another conversation in between), and the next turn drafts as if uninterrupted."""
+    model = models("v3")
+    drafter, cache = speculative.make_drafter(model, name), model.make_cache()
+    turn(model, drafter, PROMPT[:12], cache)
+    saved = [type(c).from_state(c.state) for c in cache], drafter.snapshot()
+    expected = turn(model, drafter, PROMPT[12:], cache)
+    expected_logits = None if name == "ngram" else draft_logits(drafter)
+    turn(model, drafter, PROMPT[3:9], model.make_cache())  # another conversation
+    copy, snapshot = saved
+    drafter.restore(snapshot, copy)
+    assert turn(model, drafter, PROMPT[12:], copy) == expected
+    assert drafter.length == copy[0].offset
+    if name == "mtp":
+        np.testing.assert_allclose(draft_logits(drafter), expected_logits, atol=1e-5)
+
+
+def test_a_drafted_chat_answers_every_turn_as_the_plain_chat_does(folders):
+    """Two turns on one conversation cache: --draft mtp and --draft ngram give the plain chat's
+    greedy replies on both (the drafter goes on across turns; the cache holds what plain
+    decoding's does)."""
+
+    def chat(*flags):
+        result = subprocess.run(
+            [sys.executable, "-m", "mlx_mla.chat", "--model", str(folders["v3"]), *flags]
+            + ["--max-tokens", "12"],
+            input="abcabcab\nbcabca\n",
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    plain = chat()
+    assert plain.count(">> ") == 3
+    assert chat("--draft", "mtp") == chat("--draft", "ngram") == plain

@@ -63,12 +63,13 @@ class MTPLayer(DecoderLayer):
 
     def __call__(self, hidden: mx.array, tokens: mx.array, cache=None):
         """hidden (B, L, D) at positions p..p+L-1, tokens (B, L) at p+1..p+L -> the layer's
-        output (B, L, D), which a chained draft feeds back as `hidden`, and the logits of the
-        tokens at p+2..p+L+1, (B, L, vocab)."""
+        output after shared_head.norm (B, L, D), which a chained draft feeds back as `hidden`
+        (as SGLang's deepseek_nextn and vLLM's deepseek_mtp do), and the logits of the tokens at
+        p+2..p+L+1, (B, L, vocab)."""
         x = mx.concatenate([self.enorm(self.embed_tokens(tokens)), self.hnorm(hidden)], axis=-1)
         x = self.eh_proj(x)
-        h = super().__call__(x, create_attention_mask(x, cache), cache)
-        return h, self.shared_head.head(self.shared_head.norm(h))
+        h = self.shared_head.norm(super().__call__(x, create_attention_mask(x, cache), cache))
+        return h, self.shared_head.head(h)
 
 
 class DecoderModel(nn.Module):
