@@ -607,8 +607,11 @@ class HTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
+        client = f"{client_address[0]}:{client_address[1]}"
         if isinstance(error, ConnectionError):
-            logging.info(f"client {client_address[0]}:{client_address[1]} disconnected")
+            logging.info(f"client {client} disconnected")
+        elif getattr(getattr(self, "response_generator", None), "_stop_asked", False):
+            logging.info(f"the request of {client} ended with the server: {error}")  # Ctrl-C
         else:
             super().handle_error(request, client_address)
 

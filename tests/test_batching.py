@@ -54,9 +54,10 @@ def prefilled(model, bits, tokens):
     return cache
 
 
-def one_at_a_time(model, bits, prompts, history):
+def one_at_a_time(model, bits, prompts, history, max_tokens=MAX_TOKENS):
+    """Each prompt's greedy reply by mlx-lm's generate_step, the first after `history` cached."""
     replies = []
-    for i, (tokens, n) in enumerate(zip(prompts, MAX_TOKENS, strict=True)):
+    for i, (tokens, n) in enumerate(zip(prompts, max_tokens, strict=True)):
         cache = prefilled(model, bits, history) if i == 0 else new_cache(model, bits)
         steps = generate_step(mx.array(tokens), model, max_tokens=n, prompt_cache=cache)
         replies.append([t for t, _ in steps])

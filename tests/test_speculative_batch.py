@@ -9,9 +9,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import greedy_sampler, make_sampler
+from test_batching import new_cache, one_at_a_time, prefilled
 
 from mlx_mla import load
-from mlx_mla.cache.latent import quantized_cache
 from mlx_mla.cli import DEFAULT_MODEL
 from mlx_mla.speculative_batch import DraftingBatchGenerator, Undrafted
 
@@ -27,31 +27,11 @@ MAX_TOKENS = [20, 9, 24, 13, 17]  # rows leave the batch at different steps
 HISTORY = "MENENIUS:\nWhat work's, my countrymen, in hand? Where go you\n"
 KINDS = {"mla float": ("mla", None), "mla kv-bits 4": ("mla", 4)}
 KINDS |= {"mha float": ("mha", None), "mha kv-bits 8": ("mha", 8)}
-GROUP_SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def models():
     return {a: load(DEFAULT_MODEL, attention=a) for a in ("mla", "mha")}
-
-
-def new_cache(model, bits):
-    return model.make_cache() if bits is None else quantized_cache(model, GROUP_SIZE, bits)
-
-
-def prefilled(model, bits, tokens):
-    cache = new_cache(model, bits)
-    mx.eval(model(mx.array([tokens]), cache=cache))
-    return cache
-
-
-def one_at_a_time(model, bits, prompts, history):
-    replies = []
-    for i, (tokens, n) in enumerate(zip(prompts, MAX_TOKENS, strict=True)):
-        cache = prefilled(model, bits, history) if i == 0 else new_cache(model, bits)
-        steps = generate_step(mx.array(tokens), model, max_tokens=n, prompt_cache=cache)
-        replies.append([t for t, _ in steps])
-    return replies
 
 
 def drafted(model, bits, prompts, history):
@@ -99,7 +79,7 @@ def test_drafted_batch_greedy_replies_equal_one_at_a_time_plain_decoding(models,
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     history = tokenizer.encode(HISTORY)
     replies, answered_per_step = drafted(model, bits, prompts, history)
-    assert replies == one_at_a_time(model, bits, prompts, history)
+    assert replies == one_at_a_time(model, bits, prompts, history, MAX_TOKENS)
     # drafts were kept: some step answered more tokens than the batch has rows
     assert max(answered_per_step) > len(PROMPTS)
 
