@@ -12,7 +12,14 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import CONFIGS, DSA_CONFIGS, make_torch_model, save_tokenizer, write_checkpoint
+from conftest import (
+    CONFIGS,
+    DSA_CONFIGS,
+    make_torch_model,
+    save_tokenizer,
+    time_limit,
+    write_checkpoint,
+)
 from mlx_lm.generate import generate_step
 
 from mlx_mla import speculative
@@ -540,12 +547,12 @@ def test_drop_mtp_leaves_the_layer_out_and_says_so_in_config(folders, tmp_path):
     assert load_model(kept, mtp=True).mtp
 
 
-def run(*args, timeout=180):
+def run(*args, timeout=None):
     return subprocess.run(
         [sys.executable, "-m", "mlx_mla.generate", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout or time_limit(40),
         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
     )
 
@@ -623,14 +630,16 @@ def test_server_drafts_one_request_at_a_time_with_plain_greedy_answers_and_logs_
         log = tmp_path / f"server{len(answers)}.log"
         process, url = start_server(log, *flags)
         try:
-            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+            client = openai.OpenAI(
+                base_url=url, api_key="unused", max_retries=0, timeout=time_limit(30)
+            )
             reply = client.completions.create(
                 model="mlx-mla-demo", prompt=prompt, max_tokens=30, temperature=0
             )
             answers.append(reply.choices[0].text)
         finally:
             process.kill()
-            process.wait(timeout=30)
+            process.wait(timeout=time_limit(10))
     assert answers[0] == answers[1] and answers[0]
     assert re.search(r"Speculative: \d+ drafted, \d+ accepted", log.read_text())
 
@@ -651,7 +660,7 @@ def test_chat_stats_show_the_drafting(folders):
         input="abcabcabc\n/stats\n",
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=time_limit(40),
         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
     )
     assert result.returncode == 0, result.stderr
@@ -696,7 +705,7 @@ def test_drafting_continues_a_prompt_cache_file_as_plain_decoding_does(folders, 
         ],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=time_limit(40),
     )
     assert made.returncode == 0, made.stderr
     common = (
@@ -803,7 +812,7 @@ def test_a_drafted_chat_answers_every_turn_as_the_plain_chat_does(folders):
             input="abcabcab\nbcabca\n",
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=time_limit(40),
             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
         )
         assert result.returncode == 0, result.stderr
