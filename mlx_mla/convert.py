@@ -8,6 +8,7 @@ unless --dtype says otherwise) tensor by tensor on the way. The output is built 
 folder beside --mlx-path and renamed into place only when complete.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.utils import MODEL_REMAPPING
 from tqdm import tqdm
 
 from . import cli, startup
@@ -227,6 +229,14 @@ def model_card(hf_path, mlx_path: Path, flags: str, plan: dict, left_float: list
     return "\n".join(lines)
 
 
+def mlx_lm_model_type(model_type: str) -> str:
+    """The model_type the output folder names: ours where mlx-lm loads it (one of its modules or
+    remappings), else the family's mlx-lm module (transformers' "youtu" is mlx-lm's youtu_llm)."""
+    if model_type in MODEL_REMAPPING or importlib.util.find_spec(f"mlx_lm.models.{model_type}"):
+        return model_type
+    return FAMILIES[model_type].mlx_lm or model_type
+
+
 def command_flags(dtype, quantize, q_bits, q_group_size, quant_recipe) -> str:
     flags = [f"--dtype {dtype}"] if dtype else []
     if quant_recipe:
@@ -280,6 +290,7 @@ def convert(
     if not mtp and args.num_nextn_predict_layers:
         config["num_nextn_predict_layers"] = 0  # what the folder holds: --draft mtp is refused
     keep_kv_b = FAMILIES[args.model_type].mlx_lm_keeps_kv_b
+    config["model_type"] = mlx_lm_model_type(config["model_type"])
     weights = sanitize_by_layer(weights, args, mtp, split_kv_b=not keep_kv_b)
     skeleton = Model(args, mtp=mtp)
     if keep_kv_b:

@@ -597,7 +597,7 @@ def ranks_report(
     costs = stages.config_costs(config, DTYPE_BYTES[dtype], weight_bits, group_size)
     per_layer = bytes_per_token(config, attention, dtype) // layers
     longest = max(contexts)
-    split = stages.split_layers(costs, ranks, per_layer * longest)
+    split = stages.split_layers(costs, ranks, per_layer * longest, stages.stage_starts(config))
     rows = [["rank", "layers", "weights", *(f"cache @{t:,}" for t in contexts), "total"]]
     for rank in range(ranks):
         run = stages.layer_range(split, rank)

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_mla
 from mlx_mla.convert import convert as our_convert
-from mlx_mla.model.loading import upcast_experts_for_cpu
+from mlx_mla.model.loading import read_config, upcast_experts_for_cpu
 
 mlx_lm_convert = pytest.importorskip("mlx_lm.convert")
 import mlx_lm.utils  # noqa: E402  (after the skip: the tests need mlx-lm's converter)
@@ -336,7 +336,6 @@ def mtp_source(tmp_path_factory):
 def test_our_conversion_loads_in_mlx_lm_with_our_logits(
     folders, monkeypatch, tmp_path, family, conversion
 ):
-    use_mlx_lm_aliases(monkeypatch)
     src = folders(family, "float32").parent / f"hf-{family}"
     out = our_folder(src, conversion, tmp_path / "ours")
     assert mlx_lm_gives_our_logits(out) <= TOLERANCE
@@ -352,9 +351,18 @@ def test_our_conversion_loads_in_mlx_lm_with_our_logits(
 def test_every_our_conversion_loads_in_mlx_lm_with_our_logits(
     folders, monkeypatch, tmp_path, family, conversion
 ):
-    use_mlx_lm_aliases(monkeypatch)
     src = folders(family, "float32").parent / f"hf-{family}"
     assert mlx_lm_gives_our_logits(our_folder(src, conversion, tmp_path / "ours")) <= TOLERANCE
+
+
+def test_our_conversion_of_a_transformers_youtu_names_the_model_type_plain_mlx_lm_loads(tmp_path):
+    """transformers saves Youtu-LLM as model_type "youtu", which mlx-lm does not know (its module
+    is youtu_llm): our folder names youtu_llm, and mlx-lm loads it with our logits, no alias."""
+    src = hf_checkpoint("youtu", tmp_path / "hf-youtu")
+    assert read_config(src)["model_type"] == "youtu"
+    out = our_convert(src, tmp_path / "ours", quantize=True, q_bits=4, q_group_size=64)
+    assert read_config(out)["model_type"] == "youtu_llm"
+    assert mlx_lm_gives_our_logits(out) <= TOLERANCE
 
 
 def test_our_conversion_keeps_the_mtp_layer_where_mlx_lm_does_not_read_it(mtp_source, tmp_path):

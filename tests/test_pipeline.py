@@ -39,6 +39,7 @@ import mlx_mla
 from mlx_mla import ModelArgs
 from mlx_mla.convert import convert
 from mlx_mla.distributed import pipeline, stages
+from mlx_mla.errors import BadArgumentError
 from mlx_mla.model.loading import read_config, weight_files
 
 LAYERS = 4
@@ -690,3 +691,24 @@ def test_every_family_over_two_ranks_gives_the_single_process_logits_and_seeded_
     assert len(set(single)) > 1  # sampled, not a repeated token
     for rank in range(2):
         assert json.loads((out / f"sampled{rank}.json").read_text()) == single
+
+
+def test_no_stage_starts_on_a_shared_dsa_layer_planned_or_given_by_hand(tmp_path):
+    """GLM-5's "shared" layers reuse the top-k of the layer before them in the same forward: the
+    planner skips them as stage starts even where the balanced split falls on one, and a hand
+    split that starts a rank on one is refused in one line before any rank loads."""
+    config = {**BASE, **DSA_CONFIGS["glm5_shared"]}  # layers: full, shared, full, shared
+    starts = stages.stage_starts(config)
+    assert starts == [True, False, True, False]
+    costs = stages.Costs([10, 10, 10, 10], embed=0, norm=0, head=0)
+    assert stages.split_layers(costs, 2) == [2, 2]  # unconstrained: also starts on layer 2
+    costs = stages.Costs([30, 10, 10, 10], embed=0, norm=0, head=0)
+    assert stages.split_layers(costs, 2) == [3, 1]  # the balanced split starts layer 1 (shared)
+    assert stages.split_layers(costs, 2, starts=starts) == [2, 2]
+    with pytest.raises(BadArgumentError, match="cannot split 4 layers over 3 ranks.*shared"):
+        stages.split_layers(costs, 3, starts=starts)
+    with pytest.raises(BadArgumentError, match="rank 0 on layer 3, a shared DSA layer"):
+        stages.check_split([1, 3], 2, 4, starts)
+    assert stages.check_split([2, 2], 2, 4, starts) == [2, 2]
+    folder = mlx_checkpoint(tmp_path / "glm5", DSA_CONFIGS["glm5_shared"])
+    assert pipeline.plan(folder, read_config(folder), 2) == [2, 2]

@@ -133,7 +133,7 @@ def plan(path: Path, config: dict, ranks: int, attention: str = "mla", context=N
     context = context or args.max_position_embeddings
     per_token = memory.bytes_per_token(config, attention, memory.cache_dtype(config))
     per_layer = per_token // args.num_hidden_layers
-    return stages.split_layers(costs, ranks, per_layer * context)
+    return stages.split_layers(costs, ranks, per_layer * context, stages.stage_starts(config))
 
 
 def load_stage(path_or_hub_id, args: ModelArgs, attention: str, layers: range, group) -> Stage:
@@ -203,7 +203,8 @@ def load(
     split = broadcast(group, None if error else split)
     try:
         if split is not None and error is None:
-            stages.check_split(split, group.size(), args.num_hidden_layers)
+            starts = stages.stage_starts(config)
+            stages.check_split(split, group.size(), args.num_hidden_layers, starts)
             layers = stages.layer_range(split, group.rank())
             stage = load_stage(path_or_hub_id, args, attention, layers, group)
             tokenizer = tokenizer_of(path, config, trust_remote_code)

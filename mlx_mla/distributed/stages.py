@@ -158,12 +158,24 @@ def stage_bytes(costs: Costs, cache_per_layer: int, start: int, end: int, n_stag
     return total
 
 
-def split_layers(costs: Costs, ranks: int, cache_per_layer: int = 0) -> list[int]:
+def stage_starts(config: dict) -> list[bool]:
+    """Per layer of a config.json, whether a stage may start on it: not on GLM-5's "shared" DSA
+    layers, which reuse the top-k of the layer before them in the same forward pass."""
+    config = families.resolve(config)
+    dense = config.get("index_topk") is None
+    return [dense or families.has_indexer(config, i) for i in range(config["num_hidden_layers"])]
+
+
+def split_layers(
+    costs: Costs, ranks: int, cache_per_layer: int = 0, starts: list[bool] | None = None
+) -> list[int]:
     """Layer counts per rank (rank 0 first, it runs the last layers) that minimise the largest
-    rank's weights + cache, each rank getting at least one layer."""
+    rank's weights + cache, each rank getting at least one layer and starting on a layer
+    `starts` allows (every layer when None)."""
     n = len(costs.layers)
-    if not 1 <= ranks <= n:
-        raise BadArgumentError(f"cannot split {n} layers over {ranks} ranks")
+    starts = starts or [True] * n
+    if not 1 <= ranks <= sum(starts[1:]) + 1:
+        raise BadArgumentError(f"cannot split {n} layers over {ranks} ranks{shared_note(starts)}")
     inf = float("inf")
     # best[s][b]: smallest largest-stage bytes for layers [0, b) in stages 0..s (layer order)
     best = [[inf] * (n + 1) for _ in range(ranks)]
@@ -172,7 +184,7 @@ def split_layers(costs: Costs, ranks: int, cache_per_layer: int = 0) -> list[int
         best[0][b] = stage_bytes(costs, cache_per_layer, 0, b, ranks, 0)
     for s in range(1, ranks):
         for b in range(s + 1, n + 1):
-            for a in range(s, b):
+            for a in (a for a in range(s, b) if starts[a]):
                 worst = max(best[s - 1][a], stage_bytes(costs, cache_per_layer, a, b, ranks, s))
                 if worst < best[s][b]:
                     best[s][b], cut[s][b] = worst, a
@@ -184,15 +196,29 @@ def split_layers(costs: Costs, ranks: int, cache_per_layer: int = 0) -> list[int
     return [hi - lo for hi, lo in zip(bounds, bounds[1:], strict=False)]  # rank 0 (last) first
 
 
-def check_split(split: list[int], ranks: int, num_layers: int) -> list[int]:
+def shared_note(starts: list[bool]) -> str:
+    shared = [i for i, ok in enumerate(starts) if not ok]
+    return f" (no stage can start on a shared DSA layer: {shared})" if shared else ""
+
+
+def check_split(
+    split: list[int], ranks: int, num_layers: int, starts: list[bool] | None = None
+) -> list[int]:
     """A split given by hand (`--pipeline-stages 14,13`): one positive count per rank, in all
-    the model's layers."""
+    the model's layers, each stage starting on a layer `starts` allows."""
     if len(split) != ranks:
         raise BadArgumentError(f"the stages {split} are {len(split)} for {ranks} ranks")
     if any(s < 1 for s in split) or sum(split) != num_layers:
         raise BadArgumentError(
             f"the stages {split} must be positive and sum to {num_layers} layers"
         )
+    for rank in range(ranks):
+        first = layer_range(split, rank).start
+        if starts is not None and not starts[first]:
+            raise BadArgumentError(
+                f"the stages {split} start rank {rank} on layer {first}, a shared DSA layer that "
+                "reuses the top-k of the layer before it: start each stage on a 'full' layer"
+            )
     return split
 
 

@@ -208,10 +208,7 @@ class ModelArgs:
     def has_indexer(self, layer_idx: int) -> bool:
         """DSA: whether the layer runs its own indexer (GLM-5's "shared" layers reuse the top-k
         of the last layer that did; an MTP layer past them runs its own)."""
-        if self.index_topk is None:
-            return False
-        types = self.indexer_types
-        return types is None or layer_idx >= len(types) or types[layer_idx] == "full"
+        return families.has_indexer(vars(self), layer_idx)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """GLM's mlp_layer_types when given, else first_k_dense_replace and moe_layer_freq."""

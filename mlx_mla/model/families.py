@@ -224,6 +224,15 @@ def is_moe_layer(config: dict, layer: int) -> bool:
     return layer >= first_dense and layer % freq == 0
 
 
+def has_indexer(config: dict, layer: int) -> bool:
+    """From a resolved config: whether DSA's layer runs its own indexer (GLM-5's "shared" layers
+    reuse the top-k of the last layer that did; an MTP layer past them runs its own)."""
+    if config.get("index_topk") is None:
+        return False
+    types = config.get("indexer_types")
+    return types is None or layer >= len(types) or types[layer] == "full"
+
+
 def has_router_bias(config: dict) -> bool:
     """Whether a resolved config's router holds e_score_correction_bias (float32, one per expert):
     noaux_tc with sigmoid scores (DeepSeek-V3, Kimi-K2, GLM); Mistral 4's softmax has none."""
