@@ -16,6 +16,7 @@ mlx-lm's model of a family is the module its entry in mlx_mla.model.families nam
 """
 
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -614,6 +615,14 @@ def run_benchmark(name: str, args, quick: dict, run, report, plot) -> None:
             setattr(args, key, value)
     result = run(args)
     print(report(result))
-    path = write_json(args.out, name, result)
+    write_outputs(args.out, name, result, plot)
+
+
+def write_outputs(out: str, name: str, result: dict, plot) -> None:
+    """The JSON, and the PNG beside it where matplotlib is installed (the `bench` extra)."""
+    path = write_json(out, name, result)
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"wrote {path}; no PNG: matplotlib is not installed (pip install -e '.[bench]')")
+        return
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

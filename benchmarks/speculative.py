@@ -260,9 +260,7 @@ def main():
     args = setup_arg_parser().parse_args()
     result = run(args)
     print(report(result))
-    path = common.write_json(args.out, "speculative", result)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    common.write_outputs(args.out, "speculative", result, plot)
 
 
 if __name__ == "__main__":
