@@ -382,3 +382,21 @@ def step(generator):
         "_BaseCache",
     }
     assert "_state_machine_cache" not in pinned()
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["quantized", "float"])
+@pytest.mark.parametrize(
+    "kind", ["LatentCache", "ExpandedKVCache", "IndexedLatentCache", "IndexedKVCache"]
+)
+def test_mlx_lm_kv_bits_would_leave_our_quantized_caches_as_they_are(kind, quantized):
+    """The server hands mlx-lm no kv_bits, as its caches come quantized: mlx-lm's quantizing
+    (generate_step's, with --kv-bits) would change nothing of them, and a float cache it would."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    from mlx_mla.cache import latent
+
+    cache = getattr(latent, kind)()
+    cache = [cache.to_quantized(group_size=32, bits=4) if quantized else cache]
+    before = cache[0]
+    maybe_quantize_kv_cache(cache, 0, 32, 4)
+    assert (cache[0] is before) == quantized
