@@ -14,7 +14,7 @@ from mlx_mla.model import decoder
 
 MARKER = "~"
 marker_ids = []  # the token ids that "~" adds, found once the tokenizer is loaded
-load, forward = server.ModelProvider._load, decoder.DecoderModel.__call__
+load, forward = server.ModelProvider.load_model, decoder.DecoderModel.__call__
 
 
 def load_then_fail_on_the_marker(self, *args, **kwargs):
@@ -36,5 +36,5 @@ def failing_forward(self, inputs, cache=None, input_embeddings=None):
 
 
 if __name__ == "__main__":
-    server.ModelProvider._load = load_then_fail_on_the_marker
+    server.ModelProvider.load_model = load_then_fail_on_the_marker
     server.main(sys.argv[1:])
