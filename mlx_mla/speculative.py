@@ -203,7 +203,7 @@ class NgramDrafter:
 
     def snapshot(self):
         index = {n: dict(index) for n, index in self.index.items()}
-        return (list(self.tokens), index), getattr(self, "follows", (None, None))
+        return (list(self.tokens), index), (None, getattr(self, "follows", (None, None))[1])
 
     def restore(self, snapshot, cache: list):
         """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
@@ -266,7 +266,11 @@ class CachedDrafter:
 
     def snapshot(self):
         caches = [(type(c), c.state) for c in self.cache]
-        return caches, self.pending_state(), self.length, getattr(self, "follows", (None, None))
+        follows = (
+            None,
+            getattr(self, "follows", (None, None))[1],
+        )  # the hidden state, not the cache
+        return caches, self.pending_state(), self.length, follows
 
     def restore(self, snapshot, cache: list):
         """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""

@@ -145,11 +145,13 @@ def save(
         first.unlink(missing_ok=True)
 
 
-def load(file: str | Path, expected: dict[str, str], drafter=None) -> tuple[list, dict[str, str]]:
+def load(
+    file: str | Path, expected: dict[str, str], drafter=None, strict: bool = True
+) -> tuple[list, dict[str, str]]:
     """The cache saved in `file` and its metadata, after checking that it was made with the
     model, attention path and kv settings of `expected` (from `describe`). A `drafter` goes on
     from the state saved beside the cache, if the file holds one (else it starts afresh: see
-    `drafter_note`); another drafter's state is refused."""
+    `drafter_note`); another drafter's state is refused, or with `strict` off passed over."""
     file = Path(file)
     if not file.is_file():
         raise PromptCacheError(f"no such prompt-cache file: {file}")
@@ -183,14 +185,16 @@ def load(file: str | Path, expected: dict[str, str], drafter=None) -> tuple[list
             f"{file} says it holds {metadata.get('tokens')} tokens but holds {cache[0].offset}"
         )
     if drafter is not None and metadata.get("drafter", "none") != "none":
-        restore_drafter(file, cache, metadata, expected, drafter)
+        restore_drafter(file, cache, metadata, expected, drafter, strict)
     return cache, metadata
 
 
-def restore_drafter(file: Path, cache: list, metadata: dict[str, str], expected, drafter):
+def restore_drafter(file: Path, cache: list, metadata, expected, drafter, strict: bool = True):
     """Give `drafter` the state saved in `file` beside `cache`, if it is this drafter's."""
     theirs = (metadata["drafter"], metadata.get("drafter_model", "none"))
     ours = (expected.get("drafter", "none"), expected.get("drafter_model", "none"))
+    if theirs != ours and not strict:
+        return
     if theirs != ours:
         raise PromptCacheError(
             f"{file} holds the state of drafter {drafter_name(metadata)}, not "
