@@ -6,15 +6,17 @@ rolls every cache back by trimming. Greedy output is the main model's token for 
 sampling, drafts are accepted by the rejection sampling of Leviathan et al. (2023), so the emitted
 tokens follow the main model's distribution (under the same temperature, top-p, min-p and top-k).
 
-Drafters, one protocol: `begin(first)` with the text's first token; `extend(tokens, hidden)` with
-the tokens that became final and the main model's hidden states at the positions before each;
-`catch_up()` after the prompt, so a drafter with a cache reads it during the prefill; `draft(k,
-sampling)`; `rollback()` after each verify step. A drafter continues across calls on the same
-prompt cache (a chat's next turn): `length` tokens seen, `resume(first, cached)` in place of
-`begin`; `snapshot()` / `restore(snapshot, cache)` keep its state beside a saved copy of that
-cache (a server's conversation cache), and `state()` / `from_state(state, cache)` as arrays and
-numbers beside a prompt-cache file's (cache/prompt_cache.py); `prefill` leaves a cache and a
-drafter as a turn that ended with the prompt would (what `mlx_mla.cache_prompt --draft` saves).
+Drafters, one protocol: `begin(first, start)` with the text's first token (after the `start`
+tokens the cache holds already, which a drafter starting afresh does not see); `extend(tokens,
+hidden)` with the tokens that became final and the main model's hidden states at the positions
+before each; `catch_up()` after the prompt, so a drafter with a cache reads it during the
+prefill; `draft(k, sampling)`; `rollback()` after each verify step. A drafter continues across
+calls on the same prompt cache (a chat's next turn): `length` the text's tokens (from the cache's
+first), `resume(first, cached)` in place of `begin`; `snapshot()` / `restore(snapshot, cache)`
+keep its state beside a saved copy of that cache (a server's conversation cache), and `state()`
+/ `from_state(state, cache)` as arrays and numbers beside a prompt-cache file's
+(cache/prompt_cache.py); `prefill` leaves a cache and a drafter as a turn that ended with the
+prompt would (what `mlx_mla.cache_prompt --draft` saves).
 - `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
 - `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
 - `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
@@ -178,8 +180,8 @@ class NgramDrafter:
 
     name = "ngram"
 
-    def begin(self, first: list[int]):
-        self.tokens = []
+    def begin(self, first: list[int], start: int = 0):
+        self.tokens, self.start = [], start
         self.index = {n: {} for n in NGRAM_SIZES}  # n -> {n-gram: where its continuation starts}
         self.extend(first)
 
@@ -193,32 +195,33 @@ class NgramDrafter:
 
     @property
     def length(self) -> int:
-        return len(self.tokens)
+        return self.start + len(self.tokens)
 
     def resume(self, first: list[int], cached: int, hidden=None):
         """Continue after the main cache's `cached` tokens with `first` (a token past them, which
         never reached the cache, goes)."""
-        del self.tokens[cached:]
+        del self.tokens[cached - self.start :]
         self.extend(first)
 
     def snapshot(self):
         index = {n: dict(index) for n, index in self.index.items()}
-        return (list(self.tokens), index), (None, getattr(self, "follows", (None, None))[1])
+        follows = (None, getattr(self, "follows", (None, None))[1])
+        return (list(self.tokens), index, self.start), follows
 
     def restore(self, snapshot, cache: list):
         """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
-        (tokens, index), follows = snapshot
+        (tokens, index, self.start), follows = snapshot
         self.tokens, self.index = list(tokens), {n: dict(i) for n, i in index.items()}
         self.follows = (cache, follows[1])
 
     def state(self) -> dict:
         """What a prompt-cache file keeps: the text's tokens (the index is rebuilt from them)."""
-        return {"tokens": mx.array(self.tokens, dtype=mx.int32)}
+        return {"tokens": mx.array(self.tokens, dtype=mx.int32), "start": self.start}
 
     def from_state(self, state: dict, cache: list):
         """Go on from `state` beside `cache`, the main cache saved with it."""
         tokens = state["tokens"].tolist()
-        self.begin(tokens[:1])
+        self.begin(tokens[:1], state["start"])
         self.extend(tokens[1:])
         self.follows = (cache, None)
 
@@ -244,10 +247,10 @@ class CachedDrafter:
 
     step = 512
 
-    def begin(self, first: list[int]):
+    def begin(self, first: list[int], start: int = 0):
         self.cache = self.make_cache()
         self.chained = 0
-        self.length = len(first)
+        self.length = start + len(first)  # tokens of the text, counted from the cache's first
 
     def extend(self, tokens: list[int], hidden=None):
         self.add(tokens, hidden)
@@ -338,8 +341,8 @@ class ModelDrafter(CachedDrafter):
     def make_cache(self):
         return self.model.make_cache()
 
-    def begin(self, first: list[int]):
-        super().begin(first)
+    def begin(self, first: list[int], start: int = 0):
+        super().begin(first, start)
         self.pending = list(first)
 
     def add(self, tokens, hidden):
@@ -388,8 +391,8 @@ class MTPDrafter(CachedDrafter):
     def make_cache(self):
         return self.model.make_cache(self.model.mtp[:1])
 
-    def begin(self, first: list[int]):
-        super().begin(first)
+    def begin(self, first: list[int], start: int = 0):
+        super().begin(first, start)
         self.hidden, self.tokens = [], []
 
     def add(self, tokens, hidden):
@@ -624,7 +627,7 @@ def speculative_generate_step(
     if cached and follows(drafter, cache):  # the conversation goes on: so does the drafter
         drafter.resume(tokens[:1], cached, drafter.follows[1])
     else:
-        drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
+        drafter.begin(tokens[:1], cached)  # each later token comes with the hidden state before it
     drafter.follows = (cache, None)
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
     # last one, so that a quantised cache holds what plain decoding's does.

@@ -177,9 +177,11 @@ def test_the_next_turn_of_a_drafted_conversation_drafts_on_from_its_snapshot(
     np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
 
 
-def test_a_turn_from_a_trimmed_longer_conversation_drafts_afresh(mtp_model):
+def test_a_turn_from_a_trimmed_longer_conversation_drafts_afresh_and_is_kept(mtp_model):
     """A request that leaves a stored drafted conversation part way (a regenerated reply) gets
-    the cache trimmed to the common part and a drafter that starts afresh: plain greedy tokens."""
+    the cache trimmed to the common part and a drafter that starts afresh: plain greedy tokens.
+    That drafter counts the tokens from the cache's first, so its snapshot is kept for the next
+    turn too."""
     model, drafter = mtp_model, speculative.MTPDrafter(mtp_model)
     conversations = ConversationCache(model.make_cache, 1 << 40, drafter=drafter)
     first = list(range(3, 23))
@@ -188,3 +190,7 @@ def test_a_turn_from_a_trimmed_longer_conversation_drafts_afresh(mtp_model):
     reply, restored = serve(conversations, model, drafter, branch)
     assert not restored
     assert reply == [t for t, _ in generate_step(mx.array(branch), model, max_tokens=8)]
+    third = branch + reply + [7, 8]
+    again, restored = serve(conversations, model, drafter, third)
+    assert restored
+    assert again == [t for t, _ in generate_step(mx.array(third), model, max_tokens=8)]
