@@ -5,6 +5,7 @@ or overrides and that is not pinned here and listed in docs/speculative-server.m
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 from importlib.metadata import version
