@@ -949,3 +949,36 @@ def test_cache_prompt_with_the_drafter_then_generate_drafts_on_from_it(folders, 
     one_line_error(
         run(*common, "--prompt-cache-file", with_mtp, "--draft", "ngram"), "drafter mtp, not ngram"
     )
+
+
+def test_chat_save_and_load_carry_the_drafter(folders, tmp_path):
+    """/save in a drafted chat keeps the MTP drafter's state; /load in a new chat with the drafter
+    goes on from it (its length is the conversation's and the next reply is plain decoding's),
+    and a chat without a drafter loads the same file."""
+    import mlx_mla
+    from mlx_mla.chat import Chat, file_command
+
+    model, tokenizer = mlx_mla.load(folders["v3"], mtp=True)
+    metadata = prompt_cache.describe(model, folders["v3"], drafter=speculative.MTPDrafter(model))
+
+    def chat(drafter=True):
+        drafter = speculative.MTPDrafter(model) if drafter else None
+        return Chat(model, tokenizer, max_tokens=8, file_metadata=metadata, drafter=drafter)
+
+    def reply(c, message):
+        out = []
+        c.reply(message, out.append)
+        return "".join(out)
+
+    first, file = chat(), str(tmp_path / "talk.safetensors")
+    reply(first, "abcabc")
+    assert file_command(first, f"/save {file}") == f"[saved {first.tokens} tokens to {file}]"
+    expected = reply(first, "bcab")
+    second = chat()
+    assert file_command(second, f"/load {file}") == f"[loaded {second.tokens} tokens from {file}]"
+    assert speculative.follows(second.drafter, second.cache)
+    assert second.drafter.length == second.tokens
+    assert reply(second, "bcab") == expected
+    plain = chat(drafter=False)
+    assert "error" not in file_command(plain, f"/load {file}")
+    assert reply(plain, "bcab") == expected
