@@ -111,12 +111,15 @@ class Chat:
         return True
 
     def save(self, file: str):
-        prompt_cache.save(file, self.cache, self.file_metadata)
+        """Save the conversation's cache, and the drafter's state beside it."""
+        prompt_cache.save(file, self.cache, self.file_metadata, drafter=self.drafter)
 
-    def load(self, file: str):
-        """Continue the conversation saved in `file` (by /save or mlx_mla.cache_prompt)."""
-        self.cache, _ = prompt_cache.load(file, self.file_metadata)
+    def load(self, file: str) -> str | None:
+        """Continue the conversation saved in `file` (by /save or mlx_mla.cache_prompt), the
+        drafter too where the file holds its state; returns a note where it cannot."""
+        self.cache, metadata = prompt_cache.load(file, self.file_metadata, self.drafter)
         self.last_turn = (0, 0)
+        return prompt_cache.drafter_note(metadata, self.drafter)
 
     def stats(self, group=None) -> str:
         """The cache's size; over a pipeline `group`, that of every rank's layers together."""
@@ -143,8 +146,8 @@ def file_command(chat: Chat, command: str) -> str:
         if name == "/save":
             chat.save(file)
             return f"[saved {chat.tokens} tokens to {file}]"
-        chat.load(file)
-        return f"[loaded {chat.tokens} tokens from {file}]"
+        note = chat.load(file)
+        return f"[loaded {chat.tokens} tokens from {file}]" + (f"\n[{note}]" if note else "")
     except prompt_cache.PromptCacheError as e:
         return f"[error: {e}]"
 
@@ -215,7 +218,12 @@ def _main(argv=None):
         max_tokens=args.max_tokens,
         system=args.system,
         file_metadata=prompt_cache.describe(
-            model, args.model, options["kv_bits"], options["kv_group_size"]
+            model,
+            args.model,
+            options["kv_bits"],
+            options["kv_group_size"],
+            drafter=drafter,
+            draft_model_path=args.draft_model,
         ),
         cache_options=options,
         drafter=drafter,

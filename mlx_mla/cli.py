@@ -172,9 +172,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser):
     )
 
 
-def add_draft_arguments(parser: argparse.ArgumentParser):
+def add_draft_arguments(parser: argparse.ArgumentParser, lengths: bool = True):
     """Speculative decoding, named as mlx-lm (--draft-model, --num-draft-tokens) and llama.cpp
-    (--draft-min) name it."""
+    (--draft-min) name it; without `lengths`, only the drafter (a tool that prefills for it)."""
     from .speculative import DEFAULT_NUM_DRAFT_TOKENS, DRAFTERS
 
     parser.add_argument(
@@ -184,6 +184,9 @@ def add_draft_arguments(parser: argparse.ArgumentParser):
         help="draft with the checkpoint's MTP layer, or by n-gram lookup in the prompt and reply",
     )
     parser.add_argument("--draft-model", default=None, help="draft with this smaller model")
+    if not lengths:
+        parser.set_defaults(num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_min=0)
+        return
     parser.add_argument(
         "--num-draft-tokens",
         type=positive_int,

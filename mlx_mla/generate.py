@@ -266,9 +266,16 @@ def _main(argv=None):
         if args.system:
             cli.fail("--system cannot follow the text of a --prompt-cache-file")
         expected = prompt_cache.describe(
-            model, args.model, options["kv_bits"], options["kv_group_size"]
+            model,
+            args.model,
+            options["kv_bits"],
+            options["kv_group_size"],
+            drafter=drafter,
+            draft_model_path=args.draft_model,
         )
-        cache, _ = prompt_cache.load(args.prompt_cache_file, expected)
+        cache, metadata = prompt_cache.load(args.prompt_cache_file, expected, drafter)
+        if note := prompt_cache.drafter_note(metadata, drafter):
+            print(note, file=sys.stderr)
     if args.verbose:
         ids = build_prompt(tokenizer, prompt, args.system, args.chat_template)
         print(f"prompt ({len(ids)} tokens): {tokenizer.decode(ids)!r}", file=sys.stderr)

@@ -266,6 +266,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         cache = kwargs["prompt_cache"]
         held = cache[0].offset + len(prompt)
         tokens = []
+        self.prompt_cache.restore_drafter(cache)  # the conversation's drafter, where it kept one
         try:
             for response in speculative.stream_generate(
                 model, tokenizer, prompt, **speculation, **kwargs
@@ -278,6 +279,7 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         finally:  # mlx-lm leaves the loop at the last token, before the generator ends
             if tokens is not None:
                 hold(model, cache, held + len(tokens), tokens[-1:])
+                self.prompt_cache.keep_drafter(cache)  # stored with the cache by insert_cache
             logging.info(stats.line())
 
     def _generate(self):
@@ -757,10 +759,17 @@ def conversations(provider: ModelProvider, args: argparse.Namespace) -> Conversa
             return quantized_cache(model, args.kv_group_size, args.kv_bits)
 
     cache = ConversationCache(
-        new_cache, args.prompt_cache_bytes, args.prompt_cache_size or sys.maxsize
+        new_cache, args.prompt_cache_bytes, args.prompt_cache_size or sys.maxsize, provider.drafter
     )
     if args.prompt_cache_dir is not None:
-        expected = prompt_cache_files.describe(model, args.model, args.kv_bits, args.kv_group_size)
+        expected = prompt_cache_files.describe(
+            model,
+            args.model,
+            args.kv_bits,
+            args.kv_group_size,
+            drafter=provider.drafter,
+            draft_model_path=args.draft_model,
+        )
         try:
             cache.attach(DiskCache(args.prompt_cache_dir, args.prompt_cache_disk_bytes, expected))
         except prompt_cache_files.PromptCacheError as e:

@@ -6,13 +6,17 @@ rolls every cache back by trimming. Greedy output is the main model's token for 
 sampling, drafts are accepted by the rejection sampling of Leviathan et al. (2023), so the emitted
 tokens follow the main model's distribution (under the same temperature, top-p, min-p and top-k).
 
-Drafters, one protocol: `begin(first)` with the text's first token; `extend(tokens, hidden)` with
-the tokens that became final and the main model's hidden states at the positions before each;
-`catch_up()` after the prompt, so a drafter with a cache reads it during the prefill; `draft(k,
-sampling)`; `rollback()` after each verify step. A drafter continues across calls on the same
-prompt cache (a chat's next turn): `length` tokens seen, `resume(first, cached)` in place of
-`begin`; `snapshot()` / `restore(snapshot, cache)` keep its state beside a saved copy of that
-cache (a server's conversation cache).
+Drafters, one protocol: `begin(first, start)` with the text's first token (after the `start`
+tokens the cache holds already, which a drafter starting afresh does not see); `extend(tokens,
+hidden)` with the tokens that became final and the main model's hidden states at the positions
+before each; `catch_up()` after the prompt, so a drafter with a cache reads it during the
+prefill; `draft(k, sampling)`; `rollback()` after each verify step. A drafter continues across
+calls on the same prompt cache (a chat's next turn): `length` the text's tokens (from the cache's
+first), `resume(first, cached)` in place of `begin`; `snapshot()` / `restore(snapshot, cache)`
+keep its state beside a saved copy of that cache (a server's conversation cache), and `state()`
+/ `from_state(state, cache)` as arrays and numbers beside a prompt-cache file's
+(cache/prompt_cache.py); `prefill` leaves a cache and a drafter as a turn that ended with the
+prompt would (what `mlx_mla.cache_prompt --draft` saves).
 - `MTPDrafter`: the checkpoint's own multi-token-prediction layer (`model.mtp`), on its own cache;
 - `NgramDrafter`: prompt lookup, the continuation of the latest earlier match of the last n tokens;
 - `ModelDrafter`: a smaller model with the same tokenizer, on its own cache.
@@ -176,8 +180,8 @@ class NgramDrafter:
 
     name = "ngram"
 
-    def begin(self, first: list[int]):
-        self.tokens = []
+    def begin(self, first: list[int], start: int = 0):
+        self.tokens, self.start = [], start
         self.index = {n: {} for n in NGRAM_SIZES}  # n -> {n-gram: where its continuation starts}
         self.extend(first)
 
@@ -191,23 +195,35 @@ class NgramDrafter:
 
     @property
     def length(self) -> int:
-        return len(self.tokens)
+        return self.start + len(self.tokens)
 
     def resume(self, first: list[int], cached: int, hidden=None):
         """Continue after the main cache's `cached` tokens with `first` (a token past them, which
         never reached the cache, goes)."""
-        del self.tokens[cached:]
+        del self.tokens[cached - self.start :]
         self.extend(first)
 
     def snapshot(self):
         index = {n: dict(index) for n, index in self.index.items()}
-        return (list(self.tokens), index), getattr(self, "follows", (None, None))
+        follows = (None, getattr(self, "follows", (None, None))[1])
+        return (list(self.tokens), index, self.start), follows
 
     def restore(self, snapshot, cache: list):
         """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
-        (tokens, index), follows = snapshot
+        (tokens, index, self.start), follows = snapshot
         self.tokens, self.index = list(tokens), {n: dict(i) for n, i in index.items()}
         self.follows = (cache, follows[1])
+
+    def state(self) -> dict:
+        """What a prompt-cache file keeps: the text's tokens (the index is rebuilt from them)."""
+        return {"tokens": mx.array(self.tokens, dtype=mx.int32), "start": self.start}
+
+    def from_state(self, state: dict, cache: list):
+        """Go on from `state` beside `cache`, the main cache saved with it."""
+        tokens = state["tokens"].tolist()
+        self.begin(tokens[:1], state["start"])
+        self.extend(tokens[1:])
+        self.follows = (cache, None)
 
     def draft(self, k: int, sampling: Sampling):
         for n in NGRAM_SIZES:
@@ -231,10 +247,10 @@ class CachedDrafter:
 
     step = 512
 
-    def begin(self, first: list[int]):
+    def begin(self, first: list[int], start: int = 0):
         self.cache = self.make_cache()
         self.chained = 0
-        self.length = len(first)
+        self.length = start + len(first)  # tokens of the text, counted from the cache's first
 
     def extend(self, tokens: list[int], hidden=None):
         self.add(tokens, hidden)
@@ -253,7 +269,11 @@ class CachedDrafter:
 
     def snapshot(self):
         caches = [(type(c), c.state) for c in self.cache]
-        return caches, self.pending_state(), self.length, getattr(self, "follows", (None, None))
+        follows = (
+            None,
+            getattr(self, "follows", (None, None))[1],
+        )  # the hidden state, not the cache
+        return caches, self.pending_state(), self.length, follows
 
     def restore(self, snapshot, cache: list):
         """Go on from `snapshot` beside `cache`, a copy of the main cache taken with it."""
@@ -262,6 +282,28 @@ class CachedDrafter:
         self.cache = [cls.from_state(state) for cls, state in caches]
         self.chained = 0
         self.restore_pending(pending)
+
+    def state(self) -> dict:
+        """What a prompt-cache file keeps (arrays, numbers, None): the snapshot, with the hidden
+        state it follows the main cache with."""
+        caches, pending, length, (_, hidden) = self.snapshot()
+        return {
+            "classes": [cls.__name__ for cls, _ in caches],
+            "cache": [state for _, state in caches],
+            "pending": self.pack_pending(pending),
+            "length": length,
+            "hidden": hidden,
+        }
+
+    def from_state(self, state: dict, cache: list):
+        """Go on from `state` beside `cache`, the main cache saved with it."""
+        fresh = [type(c) for c in self.make_cache()]
+        if state["classes"] != [cls.__name__ for cls in fresh]:
+            theirs, ours = ", ".join(state["classes"]), ", ".join(c.__name__ for c in fresh)
+            raise DraftError(f"the {self.name} drafter's caches are {theirs}, not {ours}")
+        caches = list(zip(fresh, state["cache"], strict=True))
+        pending = self.unpack_pending(state["pending"])
+        self.restore((caches, pending, state["length"], (None, state["hidden"])), cache)
 
     def catch_up(self):
         """Feed what waits but the newest entry (the next draft starts from its logits)."""
@@ -299,8 +341,8 @@ class ModelDrafter(CachedDrafter):
     def make_cache(self):
         return self.model.make_cache()
 
-    def begin(self, first: list[int]):
-        super().begin(first)
+    def begin(self, first: list[int], start: int = 0):
+        super().begin(first, start)
         self.pending = list(first)
 
     def add(self, tokens, hidden):
@@ -314,6 +356,12 @@ class ModelDrafter(CachedDrafter):
 
     def restore_pending(self, pending):
         self.pending = list(pending)
+
+    def pack_pending(self, pending):
+        return mx.array(pending, dtype=mx.int32)
+
+    def unpack_pending(self, packed):
+        return packed.tolist()
 
     def waiting(self) -> int:
         return len(self.pending)
@@ -343,8 +391,8 @@ class MTPDrafter(CachedDrafter):
     def make_cache(self):
         return self.model.make_cache(self.model.mtp[:1])
 
-    def begin(self, first: list[int]):
-        super().begin(first)
+    def begin(self, first: list[int], start: int = 0):
+        super().begin(first, start)
         self.hidden, self.tokens = [], []
 
     def add(self, tokens, hidden):
@@ -364,6 +412,15 @@ class MTPDrafter(CachedDrafter):
     def restore_pending(self, pending):
         tokens, hidden = pending
         self.tokens, self.hidden = list(tokens), list(hidden)
+
+    def pack_pending(self, pending):
+        tokens, hidden = pending
+        hidden = mx.concatenate(hidden, axis=1) if hidden else None  # (1, n, D)
+        return {"tokens": mx.array(tokens, dtype=mx.int32), "hidden": hidden}
+
+    def unpack_pending(self, packed):
+        hidden = packed["hidden"]
+        return packed["tokens"].tolist(), [] if hidden is None else [hidden]
 
     def waiting(self) -> int:
         return len(self.tokens)
@@ -405,6 +462,38 @@ def check_draft_tokenizer(tokenizer, draft_tokenizer):
             "the draft model's tokenizer has another vocabulary than the model's; speculative "
             "decoding needs the same token ids"
         )
+
+
+def follows(drafter, cache: list) -> bool:
+    """Does `drafter` hold the text of `cache`, so that a turn on it goes on with the drafter (it
+    holds the cache's tokens, or one more that the cache did not take)?"""
+    on, _ = getattr(drafter, "follows", (None, None))
+    return on is cache and drafter.length - cache[0].offset in (0, 1)
+
+
+def prefill(
+    model,
+    drafter,
+    tokens: list[int],
+    cache: list,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = 0,
+):
+    """Prefill `tokens` into `cache` and `drafter` as a turn that ended with them leaves both:
+    the drafter holds every token and follows the cache with the last one's hidden state, so the
+    next turn drafts as if it came in the same prompt. Yields the tokens each chunk added."""
+    drafter.begin(tokens[:1])
+    for start in range(0, len(tokens), prefill_step_size):
+        chunk = tokens[start : start + prefill_step_size]
+        h = model.model(mx.array(chunk)[None], cache=cache)  # (1, L, D)
+        maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+        mx.eval(h, [c.state for c in cache])
+        drafter.extend(tokens[start + 1 : start + len(chunk) + 1], h[:, : len(tokens) - 1 - start])
+        yield len(chunk)
+    drafter.catch_up()
+    drafter.follows = (cache, h[:, -1:])
 
 
 def verify(logits: mx.array, drafts: mx.array, draft_probs, sampling: Sampling):
@@ -535,11 +624,10 @@ def speculative_generate_step(
 
     tokens = prompt.tolist()
     cached = cache[0].offset
-    follows, hidden = getattr(drafter, "follows", (None, None))
-    if cached and follows is cache and drafter.length - cached in (0, 1):
-        drafter.resume(tokens[:1], cached, hidden)  # the conversation goes on: so does the drafter
+    if cached and follows(drafter, cache):  # the conversation goes on: so does the drafter
+        drafter.resume(tokens[:1], cached, drafter.follows[1])
     else:
-        drafter.begin(tokens[:1])  # each later token comes with the hidden state before it
+        drafter.begin(tokens[:1], cached)  # each later token comes with the hidden state before it
     drafter.follows = (cache, None)
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
     # last one, so that a quantised cache holds what plain decoding's does.

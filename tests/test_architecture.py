@@ -16,8 +16,8 @@ LAYERS = [
     ["cache.batch"],
     ["cache.latent"],
     ["model.attention", "model.indexer", "model.moe", "model.decoder", "model.loading"],
-    ["cache.prompt_cache", "cache.conversations"],
     ["speculative"],
+    ["cache.prompt_cache", "cache.conversations"],  # with the drafter's state beside the cache
     ["speculative_batch"],
     ["cli"],  # what the tools share
     ["memory", "fit"],  # the calculator (also a tool) and the fit check

@@ -5,9 +5,11 @@ the folder skipped."""
 import logging
 
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx_lm.generate import generate_step
 
-from mlx_mla import load
+from mlx_mla import load, speculative
 from mlx_mla.cache import prompt_cache
 from mlx_mla.cache.conversations import ConversationCache, DiskCache, read_metadata
 from mlx_mla.cli import DEFAULT_MODEL
@@ -121,3 +123,74 @@ def test_an_unwritable_folder_is_refused(model, expected, tmp_path):
     blocker.write_text("")
     with pytest.raises(prompt_cache.PromptCacheError, match="cannot write"):
         DiskCache(blocker / "cache", None, expected)
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    return load(DEFAULT_MODEL, mtp=True)[0]
+
+
+def serve(conversations, model, drafter, tokens: list[int], n=8) -> tuple[list[int], bool]:
+    """One drafted request as the server serves it (mlx-lm's _serve_single, with our glue around
+    the speculative loop): the reply's greedy tokens, and whether the drafter was restored."""
+    cache, rest = conversations.fetch_nearest_cache(KEY, tokens)
+    restored = conversations.restore_drafter(cache)
+    steps = speculative.speculative_generate_step(
+        mx.array(rest), model, drafter, prompt_cache=cache, max_tokens=n, num_draft_tokens=2
+    )
+    reply = [t for t, _, _ in steps]
+    conversations.keep_drafter(cache)
+    conversations.insert_cache(KEY, tokens + reply, cache)
+    return reply, restored
+
+
+@pytest.mark.parametrize("tier", ["memory", "disk"])
+def test_the_next_turn_of_a_drafted_conversation_drafts_on_from_its_snapshot(
+    mtp_model, tier, tmp_path
+):
+    """The second turn of a conversation (another one served in between) fetches the drafter's
+    snapshot with the cache, from memory or from the file it spilled to: plain decoding's greedy
+    tokens, and the drafter left as one that read the whole text as one prompt."""
+    from test_speculative import draft_logits, turn
+
+    model, drafter = mtp_model, speculative.MTPDrafter(mtp_model)
+    conversations = ConversationCache(model.make_cache, 1 << 40, drafter=drafter)
+    if tier == "disk":  # nothing fits in memory: every conversation is written to disk
+        conversations = ConversationCache(model.make_cache, 1, drafter=drafter)
+        expected = prompt_cache.describe(model, DEFAULT_MODEL, drafter=drafter)
+        conversations.attach(DiskCache(tmp_path, 1 << 40, expected))
+    first = list(range(3, 23))
+    reply, restored = serve(conversations, model, drafter, first)
+    assert not restored
+    serve(conversations, model, drafter, list(range(60, 75)))  # another conversation
+    if tier == "disk":
+        files = list(tmp_path.glob("*.safetensors"))
+        assert len(files) == 2 and {read_metadata(f)["drafter"] for f in files} == {"mtp"}
+    second = first + reply + [5, 6, 7]
+    again, restored = serve(conversations, model, drafter, second)
+    plain = [t for t, _ in generate_step(mx.array(second), model, max_tokens=8)]
+    assert restored and again == plain
+    fresh = speculative.MTPDrafter(model)
+    assert turn(model, fresh, second, model.make_cache(), n=8) == plain
+    assert fresh.length == drafter.length
+    assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
+    np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+
+
+def test_a_turn_from_a_trimmed_longer_conversation_drafts_afresh_and_is_kept(mtp_model):
+    """A request that leaves a stored drafted conversation part way (a regenerated reply) gets
+    the cache trimmed to the common part and a drafter that starts afresh: plain greedy tokens.
+    That drafter counts the tokens from the cache's first, so its snapshot is kept for the next
+    turn too."""
+    model, drafter = mtp_model, speculative.MTPDrafter(mtp_model)
+    conversations = ConversationCache(model.make_cache, 1 << 40, drafter=drafter)
+    first = list(range(3, 23))
+    serve(conversations, model, drafter, first)
+    branch = first[:12] + [40, 41]
+    reply, restored = serve(conversations, model, drafter, branch)
+    assert not restored
+    assert reply == [t for t, _ in generate_step(mx.array(branch), model, max_tokens=8)]
+    third = branch + reply + [7, 8]
+    again, restored = serve(conversations, model, drafter, third)
+    assert restored
+    assert again == [t for t, _ in generate_step(mx.array(third), model, max_tokens=8)]

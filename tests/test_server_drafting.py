@@ -137,3 +137,14 @@ def test_a_request_with_penalties_is_served_without_drafting(served):
     body = {"prompt": prompts[0], "max_tokens": MAX_TOKENS, "repetition_penalty": 1.3}
     status, data = post(url, body)
     assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0
+
+
+def test_a_second_turn_on_a_drafted_conversation_gets_plain_decodings_reply(served, tiny):
+    """The second turn continues the first's prompt and reply, so its cache, and the drafter's
+    snapshot kept with it (tests/test_conversation_cache.py), are fetched: plain greedy text."""
+    name, client, _, prompts, plain = served
+    if name not in ("mtp", "draft-model"):
+        pytest.skip("only --draft mtp and --draft-model keep a drafter with the conversation")
+    second = prompts[1] + plain[1] + "abc"
+    assert complete(client, prompts[1]) == plain[1]
+    assert [complete(client, second)] == plain_replies(tiny, [second])

@@ -23,6 +23,7 @@ from conftest import (
 from mlx_lm.generate import generate_step
 
 from mlx_mla import speculative
+from mlx_mla.cache import prompt_cache
 from mlx_mla.convert import convert
 from mlx_mla.model.config import ModelArgs
 from mlx_mla.model.decoder import Model
@@ -821,3 +822,163 @@ def test_a_drafted_chat_answers_every_turn_as_the_plain_chat_does(folders):
     plain = chat()
     assert plain.count(">> ") == 3
     assert chat("--draft", "mtp") == chat("--draft", "ngram") == plain
+
+
+def drafter_for(models, folders, name):
+    """A new drafter `name` for the v3 model, and the draft model's folder (draft-model: glm)."""
+    model = models("v3")
+    if name == "draft-model":
+        return speculative.make_drafter(model, draft_model=models("glm")), folders["glm"]
+    return speculative.make_drafter(model, name), None
+
+
+def saved_with_drafter(models, folders, name, file, prompt=PROMPT[:12]):
+    """`prompt` prefilled with drafter `name` (as cache_prompt --draft does), saved to `file`;
+    returns the metadata a loader with that drafter expects."""
+    model = models("v3")
+    drafter, draft_folder = drafter_for(models, folders, name)
+    cache = model.make_cache()
+    assert sum(speculative.prefill(model, drafter, prompt, cache, prefill_step_size=5)) == 12
+    expected = prompt_cache.describe(
+        model, folders["v3"], drafter=drafter, draft_model_path=draft_folder
+    )
+    prompt_cache.save(file, cache, expected, drafter=drafter)
+    return expected
+
+
+@pytest.mark.parametrize("name", ["mtp", "ngram", "draft-model"])
+def test_a_prompt_cache_file_saved_with_the_drafter_drafts_as_after_one_long_prompt(
+    models, folders, name, tmp_path
+):
+    """A file written beside a drafter, loaded with the same drafter: the next turn gives plain
+    decoding's greedy tokens, and leaves the drafter as one that read the whole text as one
+    prompt (the same length and cache offsets, draft logits within 1e-4)."""
+    model, file = models("v3"), tmp_path / "doc.safetensors"
+    expected = saved_with_drafter(models, folders, name, file)
+    drafter, _ = drafter_for(models, folders, name)
+    cache, metadata = prompt_cache.load(file, expected, drafter)
+    assert metadata["drafter"] == name and speculative.follows(drafter, cache)
+    plain = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=10)]
+    assert turn(model, drafter, PROMPT[12:], cache) == plain
+    fresh, _ = drafter_for(models, folders, name)
+    assert turn(model, fresh, PROMPT, model.make_cache()) == plain
+    assert fresh.length == drafter.length == cache[0].offset
+    if name == "ngram":
+        assert fresh.tokens == drafter.tokens
+    else:
+        assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
+        np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mtp", "draft-model"])
+def test_a_file_with_a_drafters_state_still_loads_in_mlx_lm_and_without_a_drafter(
+    models, folders, name, tmp_path
+):
+    """mlx-lm's own load_prompt_cache reads the main cache of a file with a drafter's state, entry
+    for entry; our loader without a drafter gives the same cache (the drafter's part ignored)."""
+    from mlx_lm.models.cache import load_prompt_cache
+
+    from mlx_mla.cache.latent import register_with_mlx_lm
+
+    model, file, plain_file = models("v3"), tmp_path / "d.safetensors", tmp_path / "p.safetensors"
+    saved_with_drafter(models, folders, name, file)
+    cache = model.make_cache()
+    for _ in prompt_cache.prefill(model, mx.array(PROMPT[:12])[None], cache, 5):
+        pass
+    prompt_cache.save(plain_file, cache, prompt_cache.describe(model, folders["v3"]))
+    register_with_mlx_lm()
+    theirs, metadata = load_prompt_cache(str(file), return_metadata=True)
+    plain = load_prompt_cache(str(plain_file))
+    assert metadata["drafter"] == name and len(theirs) == len(plain) == len(model.layers)
+    for a, b in zip(theirs, plain, strict=True):
+        assert type(a) is type(b) and a.offset == b.offset == 12
+        np.testing.assert_allclose(np.array(a.keys), np.array(b.keys), atol=1e-5)
+    ours, _ = prompt_cache.load(file, prompt_cache.describe(model, folders["v3"]))
+    assert [c.offset for c in ours] == [c.offset for c in plain]
+
+
+def test_another_drafters_state_is_refused_in_one_line(models, folders, tmp_path):
+    """A file with one drafter's state, loaded with another drafter or another draft model."""
+    model, file = models("v3"), tmp_path / "mtp.safetensors"
+    saved_with_drafter(models, folders, "mtp", file)
+    ngram = speculative.make_drafter(model, "ngram")
+    with pytest.raises(prompt_cache.PromptCacheError, match="drafter mtp, not ngram") as e:
+        prompt_cache.load(file, prompt_cache.describe(model, folders["v3"], drafter=ngram), ngram)
+    assert "\n" not in str(e.value)
+    saved_with_drafter(models, folders, "draft-model", file := tmp_path / "glm.safetensors")
+    itself = speculative.make_drafter(model, draft_model=model)
+    other = prompt_cache.describe(
+        model, folders["v3"], drafter=itself, draft_model_path=folders["v3"]
+    )
+    with pytest.raises(prompt_cache.PromptCacheError, match="fingerprint") as e:
+        prompt_cache.load(file, other, itself)
+    assert "\n" not in str(e.value) and not hasattr(itself, "follows")  # left as it was
+
+
+def test_cache_prompt_with_the_drafter_then_generate_drafts_on_from_it(folders, tmp_path):
+    """cache_prompt --draft mtp, then generate --draft mtp: plain decoding's text, without the
+    note; a file saved without the drafter: the same text and a one-line note; another drafter:
+    refused in one line, exit 2."""
+    (tmp_path / "play.txt").write_text("abcabcabcabc")
+
+    def cache_prompt(file, *flags):
+        made = subprocess.run(
+            [sys.executable, "-m", "mlx_mla.cache_prompt", "--model", str(folders["v3"])]
+            + ["--prompt-file", str(tmp_path / "play.txt"), "--prompt-cache-file", file, *flags],
+            capture_output=True,
+            text=True,
+            timeout=time_limit(40),
+        )
+        assert made.returncode == 0, made.stderr
+        return made.stdout
+
+    with_mtp, without = str(tmp_path / "mtp.safetensors"), str(tmp_path / "plain.safetensors")
+    assert "with the mtp drafter's state" in cache_prompt(with_mtp, "--draft", "mtp")
+    cache_prompt(without)
+    common = ("--model", str(folders["v3"]), "--prompt", "abc", "--max-tokens", "16")
+    common += ("--no-chat-template",)
+    plain = run(*common, "--prompt-cache-file", without)
+    drafted = run(*common, "--prompt-cache-file", with_mtp, "--draft", "mtp")
+    afresh = run(*common, "--prompt-cache-file", without, "--draft", "mtp")
+    assert plain.returncode == drafted.returncode == afresh.returncode == 0, afresh.stderr
+    text = plain.stdout.split("\n==========")[0]
+    assert text and drafted.stdout.split("\n==========")[0] == text
+    assert afresh.stdout.split("\n==========")[0] == text
+    assert "no MTP drafter state" not in drafted.stderr
+    assert [line for line in afresh.stderr.splitlines() if "no MTP drafter state" in line]
+    one_line_error(
+        run(*common, "--prompt-cache-file", with_mtp, "--draft", "ngram"), "drafter mtp, not ngram"
+    )
+
+
+def test_chat_save_and_load_carry_the_drafter(folders, tmp_path):
+    """/save in a drafted chat keeps the MTP drafter's state; /load in a new chat with the drafter
+    goes on from it (its length is the conversation's and the next reply is plain decoding's),
+    and a chat without a drafter loads the same file."""
+    import mlx_mla
+    from mlx_mla.chat import Chat, file_command
+
+    model, tokenizer = mlx_mla.load(folders["v3"], mtp=True)
+    metadata = prompt_cache.describe(model, folders["v3"], drafter=speculative.MTPDrafter(model))
+
+    def chat(drafter=True):
+        drafter = speculative.MTPDrafter(model) if drafter else None
+        return Chat(model, tokenizer, max_tokens=8, file_metadata=metadata, drafter=drafter)
+
+    def reply(c, message):
+        out = []
+        c.reply(message, out.append)
+        return "".join(out)
+
+    first, file = chat(), str(tmp_path / "talk.safetensors")
+    reply(first, "abcabc")
+    assert file_command(first, f"/save {file}") == f"[saved {first.tokens} tokens to {file}]"
+    expected = reply(first, "bcab")
+    second = chat()
+    assert file_command(second, f"/load {file}") == f"[loaded {second.tokens} tokens from {file}]"
+    assert speculative.follows(second.drafter, second.cache)
+    assert second.drafter.length == second.tokens
+    assert reply(second, "bcab") == expected
+    plain = chat(drafter=False)
+    assert "error" not in file_command(plain, f"/load {file}")
+    assert reply(plain, "bcab") == expected

@@ -2,8 +2,12 @@
 LRUPromptCache), and, with a folder, the ones that leave memory on disk within another budget, in
 the prompt-cache file format. A request continues from the longest cached prefix of its tokens,
 in memory or on disk; a restarted server finds the files again.
+
+A conversation served with a drafter keeps the drafter's snapshot beside its cache (and its state
+in its file), and the next turn on the whole of it goes on drafting from there.
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from mlx_lm.models.cache import LRUPromptCache, PromptTrie, trim_prompt_cache
 
+from .. import speculative
 from . import prompt_cache
 from .prompt_cache import SUFFIX, PromptCacheError
 
@@ -110,15 +115,16 @@ class DiskCache:
         while self.files and self.nbytes > self.max_bytes:
             self.remove(next(iter(self.files)))
 
-    def write(self, tokens: list[int], cache: list):
-        """Write a conversation leaving memory, unless it alone is over the budget."""
+    def write(self, tokens: list[int], cache: list, drafter=None):
+        """Write a conversation leaving memory, unless it alone is over the budget; with the
+        state of a `drafter` that follows its cache."""
         if not tokens or sum(c.nbytes for c in cache) > self.max_bytes:
             return
         digest = hashlib.sha256(",".join(map(str, tokens)).encode()).hexdigest()[:16]
         file = self.folder / f"{self.prefix}-{digest}{SUFFIX}"
         metadata = {**self.expected, TOKENS_KEY: ",".join(map(str, tokens))}
         try:
-            prompt_cache.save(file, cache, metadata, overwrite=True)
+            prompt_cache.save(file, cache, metadata, overwrite=True, drafter=drafter)
         except PromptCacheError as e:
             logging.warning(f"prompt cache: {e}")
             return
@@ -133,12 +139,12 @@ class DiskCache:
         with self.lock:
             return nearest(self.trie, None, tokens)
 
-    def load(self, tokens: tuple, n: int) -> list | None:
+    def load(self, tokens: tuple, n: int, drafter=None) -> list | None:
         """The cache of file `tokens` trimmed to its first n tokens (None if it cannot be read,
-        in which case it is removed)."""
+        in which case it is removed); a `drafter` goes on from the state saved beside it."""
         file, _ = self.files[tokens]
         try:
-            cache, _ = prompt_cache.load(file, self.expected)
+            cache, _ = prompt_cache.load(file, self.expected, drafter, strict=False)
         except PromptCacheError as e:
             self.skip(file, str(e), remove=True)
             self.remove(tokens)
@@ -150,33 +156,55 @@ class DiskCache:
         return cache
 
 
-class SpillingTrie(PromptTrie):
-    """mlx-lm's prompt trie, keeping each entry LRUPromptCache evicts (it pops evicted entries,
-    and only those, with `pop`) in `evicted`, to be written to disk."""
+class ConversationTrie(PromptTrie):
+    """mlx-lm's prompt trie, whose entry for the cache in `kept` (cache, drafter snapshot) gets
+    the snapshot as it is added (before LRUPromptCache can evict it); with `spilling`, each entry
+    LRUPromptCache evicts (it pops evicted entries, and only those, with `pop`) is kept in
+    `evicted`, to be written to disk."""
 
     def __init__(self):
         super().__init__()
+        self.kept = None
+        self.spilling = False
         self.evicted = []
+
+    def add(self, model, tokens, value):
+        kept, self.kept = self.kept, None
+        if kept is not None and kept[0] is value.prompt_cache:
+            value.drafter = kept[1]
+        return super().add(model, tokens, value)
 
     def pop(self, model, tokens):
         entry = super().pop(model, tokens)
-        self.evicted.append((tokens, entry.prompt_cache))
+        if self.spilling:
+            self.evicted.append((tokens, entry.prompt_cache, getattr(entry, "drafter", None)))
         return entry
 
 
 class ConversationCache(LRUPromptCache):
     """mlx-lm's LRU prompt cache by bytes, with a disk tier and a new cache for a request that
-    matches nothing (quantised from the first token with kv bits)."""
+    matches nothing (quantised from the first token with kv bits).
 
-    def __init__(self, new_cache: Callable[[], list], max_bytes: int, max_size=sys.maxsize):
+    With the server's `drafter` (one that serves a request at a time), a conversation stored after
+    a drafted reply keeps the drafter's snapshot (`keep_drafter`, then mlx-lm's insert_cache);
+    the request that continues the whole of it gets the snapshot back (`restore_drafter`, after
+    fetch_nearest_cache). One continued from a trimmed longer conversation drafts afresh.
+    The snapshots are not counted in the byte budget."""
+
+    def __init__(
+        self, new_cache: Callable[[], list], max_bytes: int, max_size=sys.maxsize, drafter=None
+    ):
         super().__init__(max_size=max_size, max_bytes=max_bytes)
         self.new_cache = new_cache
+        self.drafter = drafter
+        self.fetched = None  # (cache, snapshot) of the conversation a request continues
         self.disk: DiskCache | None = None
         self.lock = threading.Lock()  # /health reads the byte count from other threads
+        self._trie = ConversationTrie()
 
     def attach(self, disk: DiskCache):
         self.disk = disk
-        self._trie = SpillingTrie()
+        self._trie.spilling = True
 
     @property
     def nbytes(self) -> int:
@@ -188,6 +216,22 @@ class ConversationCache(LRUPromptCache):
             super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
         self.spill()
 
+    def keep_drafter(self, cache: list):
+        """The drafted reply on `cache` is over: its entry, which insert_cache adds next, keeps
+        the drafter's snapshot, if the drafter holds the cache's text."""
+        drafter = self.drafter
+        following = drafter is not None and speculative.follows(drafter, cache)
+        self._trie.kept = (cache, drafter.snapshot()) if following else None
+
+    def restore_drafter(self, cache: list) -> bool:
+        """Give the drafter the snapshot kept with the conversation `cache` continues (a copy
+        of it), if fetch_nearest_cache found one; else it starts afresh. Whether it did."""
+        fetched, self.fetched = self.fetched, None
+        if fetched is None or fetched[0] is not cache:
+            return False
+        self.drafter.restore(fetched[1], cache)
+        return True
+
     def trim_to(self, *, n_sequences=None, n_bytes=None):
         with self.lock:
             super().trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
@@ -197,8 +241,16 @@ class ConversationCache(LRUPromptCache):
         """Write the conversations just evicted from memory (outside the lock: it is slow)."""
         if self.disk is not None:
             evicted, self._trie.evicted = self._trie.evicted, []
-            for tokens, cache in evicted:
-                self.disk.write(tokens, cache)
+            for tokens, cache, snapshot in evicted:
+                self.disk.write(tokens, cache, self.spare(snapshot, cache))
+
+    def spare(self, snapshot, cache: list):
+        """A copy of the drafter, restored from `snapshot` beside `cache` (None without one)."""
+        if snapshot is None or self.drafter is None:
+            return None
+        drafter = copy.copy(self.drafter)
+        drafter.restore(snapshot, cache)
+        return drafter
 
     def cached_tokens(self, model, tokens: list[int]) -> int:
         """How many of `tokens` a request would continue from, in memory or on disk, as
@@ -211,14 +263,26 @@ class ConversationCache(LRUPromptCache):
 
     def fetch_nearest_cache(self, model, tokens: list[int]):
         cache, rest = super().fetch_nearest_cache(model, tokens)
+        snapshot = self.fetched = None
+        if cache is not None and self.drafter is not None:
+            with self.lock:
+                key, n = nearest(self._trie, model, tokens)
+                entry = self._trie.get(model, list(key))
+            if n == len(key):  # the whole conversation, not a trimmed longer one
+                snapshot = copy.deepcopy(getattr(entry, "drafter", None))
         if self.disk is not None:
             file, n = self.disk.nearest(tokens)
             if n > len(tokens) - len(rest):
-                from_disk = self.disk.load(file, n)
+                whole = self.drafter is not None and n == len(file)
+                spare = copy.copy(self.drafter) if whole else None
+                from_disk = self.disk.load(file, n, spare)
                 if from_disk is not None:
                     cache, rest = from_disk, tokens[n:]
+                    following = spare is not None and speculative.follows(spare, from_disk)
+                    snapshot = spare.snapshot() if following else None
         if cache is None:
             return self.new_cache(), tokens
+        self.fetched = (cache, snapshot) if snapshot is not None else None
         if not rest:  # the whole prompt is cached: prefill its last token again for the logits
             trim_prompt_cache(cache, 1)
             rest = tokens[-1:]
@@ -230,7 +294,9 @@ class ConversationCache(LRUPromptCache):
             return
         for lru in self._lru._lrus.values():
             for model, tokens in lru:
-                self.disk.write(tokens, self._trie.get(model, tokens).prompt_cache)
+                entry = self._trie.get(model, tokens)
+                spare = self.spare(getattr(entry, "drafter", None), entry.prompt_cache)
+                self.disk.write(tokens, entry.prompt_cache, spare)
 
 
 def nearest(trie: PromptTrie, model, tokens: list[int]) -> tuple[tuple | None, int]:
