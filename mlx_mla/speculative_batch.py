@@ -1,12 +1,18 @@
 """Speculative decoding inside mlx-lm's continuous batch (the server's BatchGenerator).
 
-Each step, every row drafts its own tokens by n-gram lookup (speculative.NgramDrafter) after its
-pending token y; the batch runs one forward of (B, K + 1) tokens, K the longest draft (shorter
-rows padded; a row that drafts nothing decodes plainly in the same forward); each row keeps the
-drafts its own sampler agrees with plus one token of the model's, and rolls its own cache rows
-back (`trim_rows`). An n-gram draft is one token, not a distribution, so "sample the model's token
-and keep the draft if they are equal" is the rejection rule of speculative.verify: the replies
-follow the model's distribution under any sampler, and are greedy decoding's token for token.
+Each step, every row drafts its own tokens after its pending token y; the batch runs one forward
+of (B, K + 1) tokens, K the longest draft (shorter rows padded; a row that drafts nothing decodes
+plainly in the same forward); each row keeps the drafts its own sampler agrees with plus one token
+of the model's, and rolls its own cache rows back (`trim_rows`). Drafts are point masses (an
+n-gram's continuation, or a drafter model's argmax), so "sample the model's token and keep the
+draft if they are equal" is the rejection rule of speculative.verify: the replies follow the
+model's distribution under any sampler, and are greedy decoding's token for token.
+
+Who drafts, one class each, one protocol (`join`, `filter`, `draft`, `verified`, `stepped`):
+- `NgramRows`: prompt lookup, per row (speculative.NgramDrafter);
+- `ModelRows`: a smaller model with the same tokenizer, on a batch cache of its own;
+- `MTPRows`: the main model's MTP layer, on a batch cache of its own, fed with the main model's
+  hidden states, which `HiddenStates` keeps of every forward (the prompt's too, `DraftingPrompts`).
 `DraftLength` picks K for the whole batch from the measured step times and acceptance (0: mlx-lm's
 own pipelined step). Rows with logits processors (penalties) keep the batch from drafting; a row
 whose sampler is `Undrafted` does not draft.
@@ -16,9 +22,23 @@ import logging
 import time
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import (
+    BatchGenerator,
+    GenerationBatch,
+    PromptProcessingBatch,
+    _extend_cache,
+    _merge_caches,
+)
 
-from .speculative import DraftLength, NgramDrafter, SpeculativeStats
+from .model.decoder import check_token_ids
+from .speculative import (
+    CachedDrafter,
+    DraftLength,
+    ModelDrafter,
+    MTPDrafter,
+    NgramDrafter,
+    SpeculativeStats,
+)
 
 
 class RowSampler:
@@ -46,25 +66,259 @@ def row_stats(sampler) -> SpeculativeStats:
     return getattr(sampler, "stats", None) or SpeculativeStats()
 
 
+class NgramRows:
+    """Each row's n-gram drafter, made at its first draft."""
+
+    def __init__(self):
+        self.drafters = []
+
+    def join(self, batch):
+        self.drafters += [None] * len(batch.uids)
+
+    def filter(self, keep: list[int]):
+        self.drafters = [self.drafters[i] for i in keep]
+
+    def draft(self, texts: list[list[int]], k: int, limits: list[int]):
+        """Each row's drafts (B, K) and how many of them it drafted."""
+        drafts = []
+        for i, (text, limit) in enumerate(zip(texts, limits, strict=True)):
+            if not limit:
+                drafts.append([])
+                continue
+            if self.drafters[i] is None:
+                self.drafters[i] = NgramDrafter()
+                self.drafters[i].begin(text[:1])
+            drafter = self.drafters[i]
+            drafter.extend(text[len(drafter.tokens) :])
+            drafts.append(drafter.draft(limit, None)[0].tolist())
+        K = max(len(d) for d in drafts)
+        return mx.array([d + [0] * (K - len(d)) for d in drafts]), [len(d) for d in drafts]
+
+    def verified(self, accepted: list[int]):
+        pass
+
+    def stepped(self):
+        pass
+
+
+class CachedRows:
+    """A drafter model's rows on one batch cache, which holds a prefix of each row's text; the
+    entries it does not hold yet are pending, fed (right-padded) in the first forward of the next
+    draft. A joining row is caught up on its own, as its prompt's prefill; drafts past the first
+    are chained on the drafter's own outputs and trimmed away once verified."""
+
+    step = CachedDrafter.step
+
+    def __init__(self, drafter):
+        self.drafter, self.cache = drafter, []
+
+    def join(self, batch):
+        caches = [self.catch_up(batch, i) for i in range(len(batch.uids))]
+        self.cache = _extend_cache(self.cache, _merge_caches(caches))
+
+    def filter(self, keep: list[int]):
+        if not keep:
+            self.cache = []
+        for c in self.cache:
+            c.filter(keep)
+
+    def draft(self, texts: list[list[int]], k: int, limits: list[int]):
+        """Every row's k drafts, (B, k) unevaluated; rows draft `limits` of them."""
+        pending = self.pending(texts)
+        P = max(pending)
+        logits = self.feed(texts, pending, P)  # (B, P, vocab)
+        last = mx.array([n - 1 for n in pending])
+        logits = logits[mx.arange(len(texts)), last]  # each row's at its newest entry
+        for c in self.cache:
+            c.trim_rows([P - n for n in pending])
+        drafts = []
+        for i in range(k):
+            drafts.append(logits.argmax(-1))
+            if i + 1 < k:
+                logits = self.feed_draft(drafts[-1][:, None])[:, -1]
+        self.chained = k - 1
+        return mx.stack(drafts, axis=1), limits
+
+    def verified(self, accepted: list[int]):
+        for c in self.cache:
+            c.trim(self.chained)
+
+
+class ModelRows(CachedRows):
+    """A smaller model with the same tokenizer; `fed[i]`: the tokens of row i its cache holds."""
+
+    def __init__(self, drafter: ModelDrafter):
+        super().__init__(drafter)
+        self.fed = []
+
+    def catch_up(self, batch, i: int) -> list:
+        tokens = batch.tokens[i]  # the prompt's tokens, all in the main cache
+        cache = self.drafter.make_cache()
+        for start in range(0, len(tokens), self.step):
+            self.drafter.model(mx.array(tokens[start : start + self.step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        self.fed.append(len(tokens))
+        return cache
+
+    def filter(self, keep: list[int]):
+        super().filter(keep)
+        self.fed = [self.fed[i] for i in keep]
+
+    def pending(self, texts) -> list[int]:
+        return [len(t) - n for t, n in zip(texts, self.fed, strict=True)]
+
+    def feed(self, texts, pending, P):
+        inputs = [t[len(t) - n :] + [0] * (P - n) for t, n in zip(texts, pending, strict=True)]
+        self.fed = [len(t) for t in texts]
+        return self.drafter.model(mx.array(inputs), cache=self.cache)
+
+    def feed_draft(self, tokens: mx.array):
+        return self.drafter.model(tokens, cache=self.cache)
+
+    def stepped(self):
+        pass
+
+
+class MTPRows(CachedRows):
+    """The main model's MTP layer: an entry at position j is (h_j, t_{j+1}), h the main model's
+    final hidden state (`states.hidden` of each forward); `hidden[i]`: row i's pending states, one
+    for each of its text's last tokens. A row continuing a cached conversation starts its MTP
+    cache at its prompt (its history's states are not known: drafts are worse, not wrong)."""
+
+    def __init__(self, drafter: MTPDrafter, states: "HiddenStates"):
+        super().__init__(drafter)
+        self.states, self.layer, self.hidden = states, drafter.layer, []
+
+    def catch_up(self, batch, i: int) -> list:
+        hidden = mx.concatenate(batch.hidden[i], axis=1)  # (1, n, D): the prompt's positions
+        n = hidden.shape[1]
+        tokens = batch.tokens[i][len(batch.tokens[i]) - n + 1 :]  # the tokens after them
+        cache = self.drafter.make_cache()
+        for start in range(0, n - 1, self.step):
+            stop = min(start + self.step, n - 1)
+            inputs = mx.array(tokens[start:stop])[None]
+            self.layer(hidden[:, start:stop], inputs, cache[0])
+        mx.eval([c.state for c in cache])
+        self.hidden.append([hidden[:, n - 1 :]])  # pairs with the first reply token
+        return cache
+
+    def filter(self, keep: list[int]):
+        super().filter(keep)
+        self.hidden = [self.hidden[i] for i in keep]
+
+    def pending(self, texts) -> list[int]:
+        return [sum(h.shape[1] for h in hidden) for hidden in self.hidden]
+
+    def feed(self, texts, pending, P):
+        tokens = [t[len(t) - n :] + [0] * (P - n) for t, n in zip(texts, pending, strict=True)]
+        hidden = [mx.concatenate(h, axis=1) for h in self.hidden]
+        hidden = [mx.pad(h, [(0, 0), (0, P - h.shape[1]), (0, 0)]) for h in hidden]
+        self.hidden = [[] for _ in texts]
+        out, logits = self.layer(mx.concatenate(hidden), mx.array(tokens), self.cache[0])
+        last = mx.array([n - 1 for n in pending])
+        self.out = out[mx.arange(len(texts)), last][:, None]  # (B, 1, D)
+        return logits
+
+    def feed_draft(self, tokens: mx.array):
+        self.out, logits = self.layer(self.out, tokens, self.cache[0])
+        return logits
+
+    def verified(self, accepted: list[int]):
+        """Chained entries (the layer's own outputs for h) go; the main model's states of the
+        tokens answered come (those at y and the kept drafts)."""
+        super().verified(accepted)
+        h = self.states.hidden  # (B, K + 1, D)
+        for i, a in enumerate(accepted):
+            self.hidden[i].append(h[i : i + 1, : a + 1])
+
+    def stepped(self):
+        h = self.states.hidden  # (B, 1, D): a plain step's
+        for i, hidden in enumerate(self.hidden):
+            hidden.append(h[i : i + 1])
+
+
+class HiddenStates:
+    """The main model, keeping the final hidden states (B, L, D) of its latest forward (the MTP
+    layer drafts from them), and of every forward while `recorded` is a list."""
+
+    def __init__(self, model):
+        self.model, self.hidden, self.recorded = model, None, None
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        if cache is None or inputs.shape[-1] > 1:
+            check_token_ids(inputs, self.model.args.vocab_size)
+        self.hidden = self.model.model(inputs, cache)
+        if self.recorded is not None:
+            mx.eval(self.hidden)
+            self.recorded.append(self.hidden)
+        return self.model.logits(self.hidden)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+class DraftingPrompts(PromptProcessingBatch):
+    """mlx-lm's prompt batch (its model a HiddenStates), keeping each row's hidden states of its
+    prompt, which the generation batch's MTPRows feeds its MTP layer with as the row joins. They
+    are held until then: (prompt tokens, D) a row."""
+
+    def extend(self, batch):
+        super().extend(batch)
+        self.hidden += getattr(batch, "hidden", [[] for _ in batch.uids])
+
+    def filter(self, keep: list[int]):
+        super().filter(keep)
+        self.hidden = [self.hidden[i] for i in keep]
+
+    def _copy(self):
+        new = super()._copy()
+        new.hidden = list(self.hidden)
+        return new
+
+    def prompt(self, tokens: list[list[int]]):
+        self.model.recorded = []
+        try:
+            super().prompt(tokens)
+            hidden = mx.concatenate(self.model.recorded, axis=1) if tokens else None
+        finally:
+            self.model.recorded = None
+        for i, t in enumerate(tokens):
+            self.hidden[i] = [*self.hidden[i], hidden[i : i + 1, : len(t)]]
+
+    def generate(self, tokens: list[list[int]]):
+        batch = super().generate(tokens)  # its first step's forward: the prompts' last tokens
+        hidden, self.hidden = self.hidden, []
+        batch.hidden = [[*h, self.model.hidden[i : i + 1, -1:]] for i, h in enumerate(hidden)]
+        return batch
+
+
+def rows_for(drafter, model) -> NgramRows | CachedRows:
+    """The batch's drafting for a drafter of speculative.py (n-gram when None)."""
+    if isinstance(drafter, MTPDrafter):
+        return MTPRows(drafter, model)
+    if isinstance(drafter, ModelDrafter):
+        return ModelRows(drafter)
+    return NgramRows()
+
+
 class DraftingBatch(GenerationBatch):
     """mlx-lm's GenerationBatch with a drafting step; `length` is shared by the batch."""
 
-    def setup(self, length: DraftLength, clock=time.perf_counter):
-        self.length, self.clock = length, clock
-        self.drafters = [None] * len(self.uids)  # a row's NgramDrafter, made at its first draft
+    def setup(self, length: DraftLength, rows, clock=time.perf_counter):
+        self.length, self.rows, self.clock = length, rows, clock
         self.stats = [row_stats(s) for s in self.samplers or [None] * len(self.uids)]
         return self
 
     def extend(self, batch):
         super().extend(batch)
-        self.drafters += [None] * len(batch.uids)
+        self.rows.join(batch)
         self.stats += [row_stats(s) for s in batch.samplers or [None] * len(batch.uids)]
 
     def filter(self, keep: list[int]):
         for i in set(range(len(self.uids))) - set(keep):
             logging.info(self.stats[i].line())
         super().filter(keep)
-        self.drafters = [self.drafters[i] for i in keep]
+        self.rows.filter(keep)
         self.stats = [self.stats[i] for i in keep]
 
     def next(self) -> list:
@@ -77,6 +331,12 @@ class DraftingBatch(GenerationBatch):
             self.length.plain_step()  # k = 0 chosen: a 1-token draft comes nearer
         return self.plain_step()
 
+    def _step(self):
+        """mlx-lm's step, after which the drafter takes what it needs of the forward."""
+        answered = super()._step()
+        self.rows.stepped()
+        return answered
+
     def plain_step(self) -> list:
         """mlx-lm's own step (each row's next token, the one after it built meanwhile), timed."""
         for stats in self.stats:
@@ -87,19 +347,12 @@ class DraftingBatch(GenerationBatch):
         self.length.record(0, 0, self.clock() - tic)
         return responses
 
-    def drafts(self, i: int, pending: int, k: int) -> list[int]:
-        """Row i's n-gram draft of at most k tokens after its pending token."""
+    def limit(self, i: int, k: int) -> int:
+        """How many drafts row i may take: k, or fewer near its max_tokens; none for a row whose
+        sampler does not draft."""
         sampler = self.samplers[i] if self.samplers else None
         room = self.max_tokens[i] - self._num_tokens[i] - 1  # the pending token is one
-        if not getattr(sampler, "drafts", True) or room <= 0:
-            return []
-        text = [*self.tokens[i], pending]
-        drafter = self.drafters[i]
-        if drafter is None:
-            drafter = self.drafters[i] = NgramDrafter()
-            drafter.begin(text[:1])
-        drafter.extend(text[len(drafter.tokens) :])
-        return drafter.draft(min(k, room), None)[0].tolist()
+        return max(min(k, room), 0) if getattr(sampler, "drafts", True) else 0
 
     def sample(self, logprobs: mx.array) -> mx.array:
         """Each row's sampler over its positions: (B, L, vocab) -> (B, L)."""
@@ -113,21 +366,24 @@ class DraftingBatch(GenerationBatch):
         tic = self.clock()
         pending = self._next_tokens.tolist()
         pending_logprobs = self._next_logprobs
-        drafts = [self.drafts(i, y, k) for i, y in enumerate(pending)]
-        K = max(len(d) for d in drafts)
+        limits = [self.limit(i, k) for i in range(len(pending))]
+        if not any(limits):
+            return self.plain_step()
+        texts = [[*t, y] for t, y in zip(self.tokens, pending, strict=True)]
+        drafts, limits = self.rows.draft(texts, k, limits)  # (B, K), each row's count
+        K = drafts.shape[1]
         if K == 0:
             return self.plain_step()
-        inputs = mx.array(
-            [[y, *d] + [0] * (K - len(d)) for y, d in zip(pending, drafts, strict=True)]
-        )
+        inputs = mx.concatenate([mx.array(pending)[:, None], drafts.astype(mx.int32)], axis=1)
         logits = self.model(inputs, cache=self.prompt_cache)  # (B, K+1, vocab)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         sampled = self.sample(logprobs)
-        mx.eval(sampled)
-        sampled = sampled.tolist()
+        mx.eval(sampled, drafts)
+        sampled, drafts = sampled.tolist(), drafts.tolist()
 
         responses, keep, drops, upcoming, upcoming_logprobs, kept = [], [], [], [], [], []
-        for i, (y, d) in enumerate(zip(pending, drafts, strict=True)):
+        for i, (y, limit) in enumerate(zip(pending, limits, strict=True)):
+            d = drafts[i][:limit]
             accepted = 0
             while accepted < len(d) and sampled[i][accepted] == d[accepted]:
                 accepted += 1
@@ -160,6 +416,7 @@ class DraftingBatch(GenerationBatch):
             upcoming_logprobs.append(logprobs[i, accepted])
         for c in self.prompt_cache:
             c.trim_rows(drops)
+        self.rows.verified(kept)
         self._current_tokens = self._next_tokens
         self._next_tokens = mx.array(upcoming)
         self._next_logprobs = upcoming_logprobs
@@ -183,12 +440,22 @@ class DraftingBatch(GenerationBatch):
 
 
 class DraftingBatchGenerator(BatchGenerator):
-    """mlx-lm's BatchGenerator whose generation batch drafts (DraftingBatch); num_draft_tokens
-    and draft_min bound the batch's draft length, as for one request."""
+    """mlx-lm's BatchGenerator whose generation batch drafts (DraftingBatch) with `drafter`, one
+    of speculative.py's (n-gram when None); num_draft_tokens and draft_min bound the batch's
+    draft length, as for one request."""
 
-    def __init__(self, model, *, num_draft_tokens: int, draft_min: int = 0, clock=None, **kwargs):
-        super().__init__(model, **kwargs)
+    def __init__(
+        self, model, *, num_draft_tokens: int, draft_min: int = 0, drafter=None, clock=None, **kw
+    ):
+        mtp = isinstance(drafter, MTPDrafter)
+        model = HiddenStates(model) if mtp else model
+        super().__init__(model, **kw)
         self.length = DraftLength(num_draft_tokens, draft_min)
         self.clock = clock or time.perf_counter
         empty = DraftingBatch.empty(model, self.sampler)
-        self._generation_batch = empty.setup(self.length, self.clock)
+        self._generation_batch = empty.setup(self.length, rows_for(drafter, model), self.clock)
+        if mtp:
+            self._prompt_batch = DraftingPrompts.empty(
+                model, self.sampler, prefill_step_size=self.prefill_step_size
+            )
+            self._prompt_batch.hidden = []
