@@ -69,6 +69,8 @@ def row_stats(sampler) -> SpeculativeStats:
 class NgramRows:
     """Each row's n-gram drafter, made at its first draft."""
 
+    name = NgramDrafter.name
+
     def __init__(self):
         self.drafters = []
 
@@ -110,7 +112,7 @@ class CachedRows:
     step = CachedDrafter.step
 
     def __init__(self, drafter):
-        self.drafter, self.cache = drafter, []
+        self.drafter, self.cache, self.name = drafter, [], drafter.name
 
     def join(self, batch):
         caches = [self.catch_up(batch, i) for i in range(len(batch.uids))]
@@ -312,6 +314,7 @@ class DraftingBatch(GenerationBatch):
     def extend(self, batch):
         super().extend(batch)
         self.rows.join(batch)
+        logging.info(f"drafting batch ({self.rows.name}): {len(self.uids)} rows")
         self.stats += [row_stats(s) for s in batch.samplers or [None] * len(batch.uids)]
 
     def filter(self, keep: list[int]):
