@@ -247,8 +247,8 @@ def test_the_batch_feeds_the_mtp_layer_as_the_one_request_loop_does(models):
     )
     batch, per_step = generator._generation_batch, []
     verified = batch.rows.verified
-    batch.rows.verified = lambda kept: per_step.append(dict(zip(batch.uids, kept))) or verified(
-        kept
+    batch.rows.verified = lambda kept: (
+        per_step.append(dict(zip(batch.uids, kept))) or verified(kept)
     )
     uids = generator.insert(prompts, max_tokens=[40] * len(prompts))
     finished = 0
@@ -257,7 +257,11 @@ def test_the_batch_feeds_the_mtp_layer_as_the_one_request_loop_does(models):
     for uid, tokens in zip(uids, prompts, strict=True):
         in_batch = [step[uid] for step in per_step if uid in step]
         steps = speculative_generate_step(
-            mx.array(tokens), model, MTPDrafter(model), num_draft_tokens=3, draft_min=3,
+            mx.array(tokens),
+            model,
+            MTPDrafter(model),
+            num_draft_tokens=3,
+            draft_min=3,
             max_tokens=40,
         )
         alone = accepted_runs(steps)
