@@ -248,7 +248,7 @@ def test_the_batch_feeds_the_mtp_layer_as_the_one_request_loop_does(models):
     batch, per_step = generator._generation_batch, []
     verified = batch.rows.verified
     batch.rows.verified = lambda kept: (
-        per_step.append(dict(zip(batch.uids, kept))) or verified(kept)
+        per_step.append(dict(zip(batch.uids, kept, strict=True))) or verified(kept)
     )
     uids = generator.insert(prompts, max_tokens=[40] * len(prompts))
     finished = 0
