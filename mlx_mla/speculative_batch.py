@@ -110,6 +110,10 @@ class CachedRows:
     are chained on the drafter's own outputs and trimmed away once verified."""
 
     step = CachedDrafter.step
+    # A row that has not drafted for a while (k = 0 chosen) feeds only its newest entries: its
+    # drafter's cache skips the rest, so its drafts may be worse, never wrong, and a probe of
+    # drafting costs what a drafting step does.
+    window = 16
 
     def __init__(self, drafter):
         self.drafter, self.cache, self.name = drafter, [], drafter.name
@@ -126,7 +130,7 @@ class CachedRows:
 
     def draft(self, texts: list[list[int]], k: int, limits: list[int]):
         """Every row's k drafts, (B, k) unevaluated; rows draft `limits` of them."""
-        pending = self.pending(texts)
+        pending = [min(n, self.window) for n in self.pending(texts)]
         P = max(pending)
         logits = self.feed(texts, pending, P)  # (B, P, vocab)
         last = mx.array([n - 1 for n in pending])
@@ -213,7 +217,9 @@ class MTPRows(CachedRows):
 
     def feed(self, texts, pending, P):
         tokens = [t[len(t) - n :] + [0] * (P - n) for t, n in zip(texts, pending, strict=True)]
-        hidden = [mx.concatenate(h, axis=1) for h in self.hidden]
+        hidden = [
+            mx.concatenate(h, axis=1)[:, -n:] for h, n in zip(self.hidden, pending, strict=True)
+        ]
         hidden = [mx.pad(h, [(0, 0), (0, P - h.shape[1]), (0, 0)]) for h in hidden]
         self.hidden = [[] for _ in texts]
         out, logits = self.layer(mx.concatenate(hidden), mx.array(tokens), self.cache[0])
