@@ -13,6 +13,7 @@ Who drafts, one class each, one protocol (`join`, `filter`, `draft`, `verified`,
 - `ModelRows`: a smaller model with the same tokenizer, on a batch cache of its own;
 - `MTPRows`: the main model's MTP layer, on a batch cache of its own, fed with the main model's
   hidden states, which `HiddenStates` keeps of every forward (the prompt's too, `DraftingPrompts`).
+A row's drafter cache starts at its request's prompt: a cached conversation before it is not fed.
 `DraftLength` picks K for the whole batch from the measured step times and acceptance (0: mlx-lm's
 own pipelined step). Rows with logits processors (penalties) keep the batch from drafting; a row
 whose sampler is `Undrafted` does not draft.
@@ -158,12 +159,14 @@ class ModelRows(CachedRows):
         self.fed = []
 
     def catch_up(self, batch, i: int) -> list:
-        tokens = batch.tokens[i]  # the prompt's tokens, all in the main cache
+        """Row i's prompt (its newest `window` tokens at least) through the draft model; the
+        text before it (a cached conversation) is not fed again."""
+        tokens = batch.tokens[i][-max(batch.fresh[i], self.window) :]
         cache = self.drafter.make_cache()
         for start in range(0, len(tokens), self.step):
             self.drafter.model(mx.array(tokens[start : start + self.step])[None], cache=cache)
         mx.eval([c.state for c in cache])
-        self.fed.append(len(tokens))
+        self.fed.append(len(batch.tokens[i]))
         return cache
 
     def filter(self, keep: list[int]):
@@ -266,37 +269,52 @@ class HiddenStates:
 
 
 class DraftingPrompts(PromptProcessingBatch):
-    """mlx-lm's prompt batch (its model a HiddenStates), keeping each row's hidden states of its
-    prompt, which the generation batch's MTPRows feeds its MTP layer with as the row joins. They
-    are held until then: (prompt tokens, D) a row."""
+    """mlx-lm's prompt batch, counting each row's tokens prefilled in this request (`fresh`: its
+    drafter's cache starts there; a cached history is not fed again) and, where its model is a
+    HiddenStates, keeping their hidden states (`hidden`, for the MTP layer, held until the row
+    joins the generation batch: prompt tokens x D a row)."""
+
+    def setup(self):
+        self.fresh, self.hidden = [], []
+        return self
 
     def extend(self, batch):
         super().extend(batch)
+        self.fresh += getattr(batch, "fresh", [0] * len(batch.uids))
         self.hidden += getattr(batch, "hidden", [[] for _ in batch.uids])
 
     def filter(self, keep: list[int]):
         super().filter(keep)
+        self.fresh = [self.fresh[i] for i in keep]
         self.hidden = [self.hidden[i] for i in keep]
 
     def _copy(self):
         new = super()._copy()
-        new.hidden = list(self.hidden)
+        new.fresh, new.hidden = list(self.fresh), list(self.hidden)
         return new
 
     def prompt(self, tokens: list[list[int]]):
-        self.model.recorded = []
+        states = isinstance(self.model, HiddenStates)
+        if states:
+            self.model.recorded = []
         try:
             super().prompt(tokens)
-            hidden = mx.concatenate(self.model.recorded, axis=1) if tokens else None
+            hidden = mx.concatenate(self.model.recorded, axis=1) if states and tokens else None
         finally:
-            self.model.recorded = None
+            if states:
+                self.model.recorded = None
         for i, t in enumerate(tokens):
-            self.hidden[i] = [*self.hidden[i], hidden[i : i + 1, : len(t)]]
+            self.fresh[i] += len(t)
+            if states:
+                self.hidden[i] = [*self.hidden[i], hidden[i : i + 1, : len(t)]]
 
     def generate(self, tokens: list[list[int]]):
         batch = super().generate(tokens)  # its first step's forward: the prompts' last tokens
-        hidden, self.hidden = self.hidden, []
-        batch.hidden = [[*h, self.model.hidden[i : i + 1, -1:]] for i, h in enumerate(hidden)]
+        (fresh, self.fresh), (hidden, self.hidden) = (self.fresh, []), (self.hidden, [])
+        batch.fresh = [n + 1 for n in fresh]
+        if isinstance(self.model, HiddenStates):
+            last = self.model.hidden
+            batch.hidden = [[*h, last[i : i + 1, -1:]] for i, h in enumerate(hidden)]
         return batch
 
 
@@ -463,8 +481,7 @@ class DraftingBatchGenerator(BatchGenerator):
         self.clock = clock or time.perf_counter
         empty = DraftingBatch.empty(model, self.sampler)
         self._generation_batch = empty.setup(self.length, rows_for(drafter, model), self.clock)
-        if mtp:
-            self._prompt_batch = DraftingPrompts.empty(
-                model, self.sampler, prefill_step_size=self.prefill_step_size
-            )
-            self._prompt_batch.hidden = []
+        prompts = DraftingPrompts.empty(
+            model, self.sampler, prefill_step_size=self.prefill_step_size
+        )
+        self._prompt_batch = prompts.setup()
