@@ -38,18 +38,24 @@ from .speculative import (
     ModelDrafter,
     MTPDrafter,
     NgramDrafter,
+    Sampling,
     SpeculativeStats,
+    keeps,
+    residual,
 )
 
 
 class RowSampler:
     """A row's sampler (mlx-lm's) with what the batch needs of its request: whether the row may
-    draft, and the request's SpeculativeStats (which the server reports in the reply's usage)."""
+    draft, the request's SpeculativeStats (which the server reports in the reply's usage) and,
+    where known, its settings as a speculative.Sampling (the distribution the sampler draws
+    from): a sampled row that has them draws its drafter's drafts from the drafter's distribution
+    q, and keeps them by Leviathan's rule (speculative.verify's) in place of the point-mass rule."""
 
     drafts = True
 
-    def __init__(self, sample, stats: SpeculativeStats | None = None):
-        self.sample, self.stats = sample, stats
+    def __init__(self, sample, stats: SpeculativeStats | None = None, sampling=None):
+        self.sample, self.stats, self.sampling = sample, stats, sampling
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         return self.sample(logprobs)
@@ -60,6 +66,12 @@ class Undrafted(RowSampler):
     call, not once per position."""
 
     drafts = False
+
+
+def row_sampling(sampler) -> Sampling | None:
+    """The settings a sampled row draws its drafts from q with; None: point-mass drafts."""
+    sampling = getattr(sampler, "sampling", None)
+    return sampling if sampling is not None and sampling.temp > 0 else None
 
 
 def row_stats(sampler) -> SpeculativeStats:
@@ -81,8 +93,9 @@ class NgramRows:
     def filter(self, keep: list[int]):
         self.drafters = [self.drafters[i] for i in keep]
 
-    def draft(self, texts: list[list[int]], k: int, limits: list[int]):
-        """Each row's drafts (B, K) and how many of them it drafted."""
+    def draft(self, texts: list[list[int]], k: int, limits: list[int], samplings: list):
+        """Each row's drafts (B, K), how many of them it drafted, and no distributions (an
+        n-gram's draft is a point mass)."""
         drafts = []
         for i, (text, limit) in enumerate(zip(texts, limits, strict=True)):
             if not limit:
@@ -95,7 +108,8 @@ class NgramRows:
             drafter.extend(text[len(drafter.tokens) :])
             drafts.append(drafter.draft(limit, None)[0].tolist())
         K = max(len(d) for d in drafts)
-        return mx.array([d + [0] * (K - len(d)) for d in drafts]), [len(d) for d in drafts]
+        drafts_array = mx.array([d + [0] * (K - len(d)) for d in drafts])
+        return drafts_array, [len(d) for d in drafts], [None] * len(drafts)
 
     def verified(self, accepted: list[int]):
         pass
@@ -129,8 +143,10 @@ class CachedRows:
         for c in self.cache:
             c.filter(keep)
 
-    def draft(self, texts: list[list[int]], k: int, limits: list[int]):
-        """Every row's k drafts, (B, k) unevaluated; rows draft `limits` of them."""
+    def draft(self, texts: list[list[int]], k: int, limits: list[int], samplings: list):
+        """Every row's k drafts, (B, k) unevaluated (rows draft `limits` of them): the argmax,
+        or for a row with `samplings[i]` a draw of the drafter's distribution q, which comes
+        back too, (k, vocab) (None: a point mass)."""
         pending = [min(n, self.window) for n in self.pending(texts)]
         P = max(pending)
         logits = self.feed(texts, pending, P)  # (B, P, vocab)
@@ -138,17 +154,35 @@ class CachedRows:
         logits = logits[mx.arange(len(texts)), last]  # each row's at its newest entry
         for c in self.cache:
             c.trim_rows([P - n for n in pending])
-        drafts = []
-        for i in range(k):
-            drafts.append(logits.argmax(-1))
-            if i + 1 < k:
+        drafts, q = [], [[] for _ in texts]
+        for j in range(k):
+            drafts.append(pick(logits, samplings, q))
+            if j + 1 < k:
                 logits = self.feed_draft(drafts[-1][:, None])[:, -1]
         self.chained = k - 1
-        return mx.stack(drafts, axis=1), limits
+        q = [mx.concatenate(p) if p else None for p in q]
+        return mx.stack(drafts, axis=1), limits, q
 
     def verified(self, accepted: list[int]):
         for c in self.cache:
             c.trim(self.chained)
+
+
+def pick(logits: mx.array, samplings: list, q: list[list]) -> mx.array:
+    """Each row's draft (B,) from the drafter's logits (B, vocab): the argmax, or a draw of q for
+    a row that samples, whose q (1, vocab) is appended to q[i]."""
+    token = logits.argmax(-1)
+    if not any(samplings):
+        return token
+    tokens = []
+    for i, sampling in enumerate(samplings):
+        if sampling is None:
+            tokens.append(token[i : i + 1])
+            continue
+        p = sampling.probs(logits[i : i + 1])
+        q[i].append(p)
+        tokens.append(mx.random.categorical(mx.log(p)).astype(token.dtype))
+    return mx.concatenate(tokens)
 
 
 class ModelRows(CachedRows):
@@ -397,23 +431,33 @@ class DraftingBatch(GenerationBatch):
         if not any(limits):
             return self.plain_step()
         texts = [[*t, y] for t, y in zip(self.tokens, pending, strict=True)]
-        drafts, limits = self.rows.draft(texts, k, limits)  # (B, K), each row's count
+        samplings = [row_sampling(s) for s in self.samplers or [None] * len(pending)]
+        drafts, limits, q = self.rows.draft(texts, k, limits, samplings)  # (B, K), counts, q
         K = drafts.shape[1]
         if K == 0:
             return self.plain_step()
-        inputs = mx.concatenate([mx.array(pending)[:, None], drafts.astype(mx.int32)], axis=1)
+        drafts = drafts.astype(mx.int32)
+        inputs = mx.concatenate([mx.array(pending)[:, None], drafts], axis=1)
         logits = self.model(inputs, cache=self.prompt_cache)  # (B, K+1, vocab)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         sampled = self.sample(logprobs)
-        mx.eval(sampled, drafts)
+        tests = [
+            None if qi is None else rejection(logits[i], drafts[i], qi, samplings[i])
+            for i, qi in enumerate(q)
+        ]
+        mx.eval(sampled, drafts, tests)
         sampled, drafts = sampled.tolist(), drafts.tolist()
 
         responses, keep, drops, upcoming, upcoming_logprobs, kept = [], [], [], [], [], []
         for i, (y, limit) in enumerate(zip(pending, limits, strict=True)):
             d = drafts[i][:limit]
-            accepted = 0
-            while accepted < len(d) and sampled[i][accepted] == d[accepted]:
-                accepted += 1
+            if tests[i] is None:  # a point mass: the row's own sample, kept where it is d
+                accepted = 0
+                while accepted < len(d) and sampled[i][accepted] == d[accepted]:
+                    accepted += 1
+                after = sampled[i][accepted]
+            else:
+                accepted, after = leviathan(*tests[i], len(d))
             tokens = [y, *d[:accepted]]
             token_logprobs = [pending_logprobs[i], *(logprobs[i, j] for j in range(accepted))]
             stats = self.stats[i]
@@ -439,7 +483,7 @@ class DraftingBatch(GenerationBatch):
                 responses.append((i, tokens[j], token_logprobs[j], finish if last else None))
             if finish is None:
                 keep.append(i)
-            upcoming.append(sampled[i][accepted])
+            upcoming.append(after)
             upcoming_logprobs.append(logprobs[i, accepted])
         for c in self.prompt_cache:
             c.trim_rows(drops)
@@ -464,6 +508,32 @@ class DraftingBatch(GenerationBatch):
         for accepted in kept:  # the batch's acceptance, pooled over its rows
             self.length.record(K, accepted, seconds)
         return answered
+
+
+def rejection(logits: mx.array, drafts: mx.array, q: mx.array, sampling: Sampling):
+    """A sampled row's test of its drafts (K,), drawn from q (K, vocab), against the model's
+    logits (K + 1, vocab): which are kept (speculative.keeps), the residuals a rejected one is
+    replaced by a draw of (speculative.residual), and the model's distribution p (K + 1, vocab)."""
+    p = sampling.probs(logits)
+    K = drafts.shape[0]
+    rows = mx.arange(K)
+    kept = keeps(mx.random.uniform(shape=(K,)), p[rows, drafts], q[rows, drafts])
+    return kept, residual(p[:K], q), p
+
+
+def leviathan(kept: mx.array, rest: mx.array, p: mx.array, n: int) -> tuple[int, int]:
+    """Leviathan's rule on a row's first n drafts: the count kept, and the token after them (a
+    draw of the first rejected one's normalised residual, or of p after the last draft)."""
+    kept = kept.tolist()
+    accepted = 0
+    while accepted < n and kept[accepted]:
+        accepted += 1
+    if accepted == n:
+        return accepted, mx.random.categorical(mx.log(p[n])).item()
+    rest = rest[accepted]
+    if rest.sum().item() <= 0:  # p equals q here: any sample of p is right
+        rest = p[accepted]
+    return accepted, mx.random.categorical(mx.log(rest)).item()
 
 
 class DraftingBatchGenerator(BatchGenerator):

@@ -14,8 +14,14 @@ from test_batching import new_cache, one_at_a_time, prefilled
 
 from mlx_mla import load
 from mlx_mla.cli import DEFAULT_MODEL
-from mlx_mla.speculative import ModelDrafter, MTPDrafter, speculative_generate_step
-from mlx_mla.speculative_batch import DraftingBatchGenerator, Undrafted
+from mlx_mla.speculative import (
+    ModelDrafter,
+    MTPDrafter,
+    Sampling,
+    SpeculativeStats,
+    speculative_generate_step,
+)
+from mlx_mla.speculative_batch import DraftingBatchGenerator, RowSampler, Undrafted
 
 # Text that copies itself (n-gram drafts are accepted) beside text that does not.
 PROMPTS = [
@@ -267,3 +273,31 @@ def test_the_batch_feeds_the_mtp_layer_as_the_one_request_loop_does(models):
         alone = accepted_runs(steps)
         n = len(in_batch) - 2  # the last steps differ: the loops count their room apart
         assert n > 5 and sum(in_batch[:n]) > 0 and in_batch[:n] == alone[:n]
+
+
+def sampled_acceptance(model, tokenizer, drafter, sampling) -> tuple[float, list]:
+    """The share of drafts kept by rows sampling at temperature 0.7, top-k 5 (their settings given
+    to the batch as `sampling`, or not), and every answered token with its logprobs."""
+    mx.random.seed(5)
+    generator = DraftingBatchGenerator(model, num_draft_tokens=3, draft_min=3, drafter=drafter)
+    stats = [SpeculativeStats() for _ in PROMPTS]
+    samplers = [RowSampler(make_sampler(temp=0.7, top_k=5), s, sampling) for s in stats]
+    uids = generator.insert([tokenizer.encode(p) for p in PROMPTS], [30] * 5, samplers=samplers)
+    finished, answered = 0, []
+    while finished < len(uids):
+        for r in generator.next()[1]:
+            answered.append((r.token, r.logprobs))
+            finished += r.finish_reason is not None
+    return sum(s.accepted for s in stats) / sum(s.drafted for s in stats), answered
+
+
+def test_sampled_rows_keep_the_drafts_of_a_drafter_whose_q_is_their_p(models):
+    """The model drafting for itself: q = p, so Leviathan's rule keeps every draft (up to the
+    batch's rounding), where the point-mass rule keeps a draft with chance p(d) only; and every
+    answered token is one the row's sampler allows."""
+    model, tokenizer = models["mla"]
+    drafter = ModelDrafter(model)
+    with_q, answered = sampled_acceptance(model, tokenizer, drafter, Sampling(0.7, top_k=5))
+    point_mass, _ = sampled_acceptance(model, tokenizer, drafter, None)
+    assert with_q > 0.95 and point_mass < 0.9
+    assert all(token in mx.argsort(-logprobs)[:5].tolist() for token, logprobs in answered)
