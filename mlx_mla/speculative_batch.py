@@ -6,7 +6,9 @@ plainly in the same forward); each row keeps the drafts its own sampler agrees w
 of the model's, and rolls its own cache rows back (`trim_rows`). Drafts are point masses (an
 n-gram's continuation, or a drafter model's argmax), so "sample the model's token and keep the
 draft if they are equal" is the rejection rule of speculative.verify: the replies follow the
-model's distribution under any sampler, and are greedy decoding's token for token.
+model's distribution under any sampler, and are greedy decoding's token for token. A sampled row
+whose RowSampler carries its settings (`sampling`) draws a drafter model's drafts from its
+distribution q instead, and keeps them by Leviathan's rule (speculative.keeps and residual).
 
 Who drafts, one class each, one protocol (`join`, `filter`, `draft`, `verified`, `stepped`):
 - `NgramRows`: prompt lookup, per row (speculative.NgramDrafter);
@@ -167,6 +169,9 @@ class CachedRows:
         for c in self.cache:
             c.trim(self.chained)
 
+    def stepped(self):
+        pass
+
 
 def pick(logits: mx.array, samplings: list, q: list[list]) -> mx.array:
     """Each row's draft (B,) from the drafter's logits (B, vocab): the argmax, or a draw of q for
@@ -217,9 +222,6 @@ class ModelRows(CachedRows):
 
     def feed_draft(self, tokens: mx.array):
         return self.drafter.model(tokens, cache=self.cache)
-
-    def stepped(self):
-        pass
 
 
 class MTPRows(CachedRows):
@@ -280,6 +282,7 @@ class MTPRows(CachedRows):
         h = self.states.hidden  # (B, 1, D): a plain step's
         for i, hidden in enumerate(self.hidden):
             hidden.append(h[i : i + 1])
+            del hidden[: -self.window]  # more would not be fed (a chunk holds 1 state or more)
 
 
 class HiddenStates:
