@@ -65,16 +65,23 @@ MLX_LM_DEFAULTS = dict(
 
 class ModelProvider(mlx_server.ModelProvider):
     """Serves one model, loaded with `mlx_mla.load` when the server starts (so a bad --model fails
-    before the port is bound) and answering to its id, its --model string or "default_model"."""
+    before the port is bound) and answering to its id, its --model string or "default_model".
+
+    `args` is the command line as given; `cli_args`, what mlx-lm reads, is the same without kv_bits.
+    """
 
     def __init__(self, args: argparse.Namespace):
-        super().__init__(args)
+        # mlx-lm reads kv_bits as "quantize in stream_generate, serve one request at a time"; our
+        # caches come quantized from the prompt cache's factory, and batch: mlx-lm is told none.
+        super().__init__(argparse.Namespace(**{**vars(args), "kv_bits": None}))
+        self.args = args
         self.model_id = DEMO_MODEL_ID if args.model == cli.DEFAULT_MODEL else args.model
         self.names = {self.model_id, args.model, "default_model"}
-        self._load(args.model)
+        self.load_model(args.model)
 
-    def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        args = self.cli_args
+    def load_model(self, model_path: str):
+        """Load the served model (and drafter), once, as the server starts."""
+        args = self.args
         if self.pipeline_group is None:
             model, tokenizer = load(
                 model_path,
@@ -132,14 +139,17 @@ def with_names(function, **names):
 
 def make_sampler(args, tokenizer):
     """mlx-lm's sampler for a request, counting the request's drafts (`args.draft_stats`, set in
-    _next_request); with XTC, one that keeps its row from drafting."""
+    _next_request); with XTC, one that keeps its row from drafting. It knows its request, whose
+    drafting ResponseGenerator.stream_generate reads from it."""
     sampler = mlx_server._make_sampler(args, tokenizer)
     row = (
         speculative_batch.Undrafted
         if args.sampling.xtc_probability > 0
         else speculative_batch.RowSampler
     )
-    return row(sampler, getattr(args, "draft_stats", None))
+    sampled = row(sampler, getattr(args, "draft_stats", None))
+    sampled.request = args
+    return sampled
 
 
 def held_arrays(model) -> list[mx.array]:
@@ -162,19 +172,20 @@ class GenerationFailed(Exception):
 
 
 class ResponseGenerator(mlx_server.ResponseGenerator):
-    """mlx-lm's generation thread; tokenizing is serialised, as request handlers tokenize too.
+    """mlx-lm's generation thread. Request handlers tokenize too (for the context check), with
+    their own copy of the tokenizer: Hugging Face tokenizers are not thread-safe.
 
     Over a pipeline every rank runs this loop in lockstep, so rank 0 must not leave it, nor cut a
     reply short, on its own: a stop is shared like a request, and a reply served one at a time
-    (kv bits, a seed) runs to its end even if its client left.
+    (a seed) runs to its end even if its client left.
     """
 
-    tokenizer_lock = threading.Lock()
-
     def __init__(self, model_provider, prompt_cache):
-        self._agreed_stop = False
-        self.speculation = None  # the drafting of the request being served, if it drafts
+        self.stop_asked = False
+        self.failure = None  # what ended the loop over a pipeline
         self.in_flight = set()  # the reply queues of requests taken and not yet answered
+        self.prompt_tokenizer = copy.deepcopy(model_provider.tokenizer)
+        self.prompt_lock = threading.Lock()  # the request handlers share prompt_tokenizer
         # mlx-lm's loops, calling our batch generator, sampler and stream_generate (mlx-lm takes
         # them from its module, which stays as it is)
         self.serve_batches = with_names(
@@ -183,39 +194,31 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             _make_sampler=make_sampler,
         )
         self.serve_one = with_names(
-            mlx_server.ResponseGenerator._serve_single, stream_generate=self.stream_generate
+            mlx_server.ResponseGenerator._serve_single,
+            stream_generate=self.stream_generate,
+            _make_sampler=make_sampler,
         )
         super().__init__(model_provider, prompt_cache)
 
-    @property
-    def _stop(self) -> bool:
-        return self._agreed_stop if self._is_distributed else self._stop_asked
-
-    @_stop.setter
-    def _stop(self, value: bool):
-        self._stop_asked = value
-
     def _next_request(self, timeout=None):
         pipeline.progress()  # every rank got here: waiting for requests is no hang
-        if self._is_distributed and self._share_object(self._stop_asked or None):
-            self._agreed_stop = True
+        distributed = self.model_provider.is_distributed
+        if distributed and self._share_object(self.stop_asked or None):
+            self._stop = True  # on every rank at once: all leave mlx-lm's loop at its next check
             return None
         request = super()._next_request(timeout)
         if request is None:
             return None
         rqueue, completion, args = request
         args.draft_stats = getattr(completion, "draft_stats", None)  # for make_sampler
-        return Replies(rqueue, self.in_flight), completion, args
+        replies = Replies(rqueue, self.in_flight)
+        if distributed and not self._is_batchable(args):  # mlx-lm's _serve_single serves it
+            replies = RunsToTheEnd(replies)
+        return replies, completion, args
 
     def _serve_single(self, request, stream):
-        rqueue, request, args = request
-        if self._is_distributed:
-            rqueue = RunsToTheEnd(rqueue)
-        self.speculation = self.drafting(args, request.draft_stats)
-        try:
-            self.serve_one(self, (rqueue, request, args), stream)
-        finally:
-            self.speculation = None
+        """mlx-lm's, with our stream_generate and sampler (mlx-lm's loop calls it by name)."""
+        self.serve_one(self, request, stream)
 
     def drafting(self, args, stats: speculative.SpeculativeStats) -> dict | None:
         """speculative.stream_generate's options for a request, counting its drafts in `stats`,
@@ -240,8 +243,11 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
 
     def stream_generate(self, model, tokenizer, prompt, **kwargs):
         """mlx-lm's stream_generate as mlx-lm's _serve_single calls it, or our speculative loop
-        for a request that drafts; that one logs its drafting statistics when it ends."""
-        if self.speculation is None:
+        for a request that drafts (its sampler, make_sampler's, knows the request); that one logs
+        its drafting statistics when it ends."""
+        args = kwargs["sampler"].request
+        speculation = self.drafting(args, args.draft_stats)
+        if speculation is None:
             yield from plain_stream_generate(model, tokenizer, prompt, **kwargs)
             return
         for name in (
@@ -254,13 +260,13 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             "prompt_progress_callback",
         ):
             kwargs.pop(name, None)
-        stats = self.speculation["stats"]
+        stats = speculation["stats"]
         cache = kwargs["prompt_cache"]
         held = cache[0].offset + len(prompt)
         tokens = []
         try:
             for response in speculative.stream_generate(
-                model, tokenizer, prompt, **self.speculation, **kwargs
+                model, tokenizer, prompt, **speculation, **kwargs
             ):
                 tokens.append(response.token)
                 yield response
@@ -281,7 +287,8 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
                 self.serve_batches(self)
                 break
             except Exception as e:
-                if self._is_distributed:
+                if self.model_provider.is_distributed:
+                    self.failure = e
                     raise
                 logging.exception("generation failed; serving on")
                 for replies in list(self.in_flight):
@@ -316,22 +323,21 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             **kwargs,
         )
 
-    def _is_batchable(self, args):
-        """mlx-lm serves kv bits one request at a time; our quantised caches batch."""
-        return self.model_provider.is_batchable and args.seed is None
-
-    def _tokenize(self, tokenizer, request, args):
-        with self.tokenizer_lock:
-            return super()._tokenize(tokenizer, request, args)
-
     def stop(self, timeout: float):
-        """Ask the generation thread to stop, and wait for it at most `timeout` seconds."""
-        self._stop = True
-        self._generation_thread.join(timeout)
+        """Ask the generation thread to stop (over a pipeline, every rank: _next_request), and
+        wait for it at most `timeout` seconds."""
+        self.stop_asked = True
+        if not self.model_provider.is_distributed:
+            self._stop = True  # mlx-lm's loop leaves at its next check
+        waiting = threading.Thread(target=self.join, daemon=True)  # mlx-lm's join has no timeout
+        waiting.start()
+        waiting.join(timeout)
 
     def prompt_tokens(self, request, chat_template_kwargs) -> list[int]:
+        """The prompt mlx-lm's loop will make of `request` (in a request handler's thread)."""
         args = SimpleNamespace(chat_template_kwargs=chat_template_kwargs)
-        return self._tokenize(self.model_provider.tokenizer, copy.deepcopy(request), args)[0]
+        with self.prompt_lock:
+            return self._tokenize(self.prompt_tokenizer, copy.deepcopy(request), args)[0]
 
 
 def hold(model, cache: list, n: int, last: list[int]):
@@ -612,7 +618,7 @@ class HTTPServer(ThreadingHTTPServer):
         client = f"{client_address[0]}:{client_address[1]}"
         if isinstance(error, ConnectionError):
             logging.info(f"client {client} disconnected")
-        elif getattr(getattr(self, "response_generator", None), "_stop_asked", False):
+        elif getattr(getattr(self, "response_generator", None), "stop_asked", False):
             logging.info(f"the request of {client} ended with the server: {error}")  # Ctrl-C
         else:
             super().handle_error(request, client_address)
@@ -768,7 +774,7 @@ def follow(generator: ResponseGenerator, rank: int):
     """A rank past 0 of a pipeline server: run the generation loop until rank 0 stops it (Ctrl-C
     reaches rank 0 too, and it stops every rank)."""
     generator.join()
-    if generator._generation_failed:
+    if generator.failure is not None:
         cli.fail(f"rank {rank} lost the pipeline (rank 0 ended or the network is down)")
     os._exit(0)
 

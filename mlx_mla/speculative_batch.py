@@ -71,8 +71,13 @@ class Undrafted(RowSampler):
 
 
 def row_sampling(sampler) -> Sampling | None:
-    """The settings a sampled row draws its drafts from q with; None: point-mass drafts."""
+    """The settings a sampled row draws its drafts from q with: its own, or its request's (the
+    server's make_sampler hands a RowSampler mlx-lm's request arguments); None: point masses."""
     sampling = getattr(sampler, "sampling", None)
+    request = getattr(sampler, "request", None)
+    if sampling is None and request is not None:
+        s = request.sampling
+        sampling = Sampling(s.temperature, s.top_p, s.min_p, s.top_k)
     return sampling if sampling is not None and sampling.temp > 0 else None
 
 

@@ -16,7 +16,7 @@ from mlx_mla.model import decoder
 MARKER = "~"
 marker_ids = []  # the token ids that "~" adds, found once the tokenizer is loaded
 poisoned = []  # not empty while a prompt holding them waits for its failure
-load, forward = server.ModelProvider._load, decoder.DecoderModel.__call__
+load, forward = server.ModelProvider.load_model, decoder.DecoderModel.__call__
 tokenize = server.ResponseGenerator._tokenize
 
 
@@ -48,6 +48,6 @@ def failing_forward(self, inputs, cache=None, input_embeddings=None):
 
 
 if __name__ == "__main__":
-    server.ModelProvider._load = load_then_fail_on_the_marker
+    server.ModelProvider.load_model = load_then_fail_on_the_marker
     server.ResponseGenerator._tokenize = noting_the_marker
     server.main(sys.argv[1:])

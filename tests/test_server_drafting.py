@@ -150,3 +150,12 @@ def test_a_request_with_penalties_is_served_without_drafting(served):
     body = {"prompt": prompts[0], "max_tokens": MAX_TOKENS, "repetition_penalty": 1.3}
     status, data = post(url, body)
     assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0
+
+
+def test_sampled_requests_are_answered(served):
+    """With a drafter, a sampled row draws its drafts from the drafter's q (speculative_batch)."""
+    _, _, url, prompts, _, _ = served
+    body = {"prompt": prompts[0], "max_tokens": MAX_TOKENS, "temperature": 0.8, "top_k": 5}
+    for _ in range(2):
+        status, data = post(url, body)
+        assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0

@@ -5,6 +5,8 @@ a running batch, finishing at different steps and continuing a cached conversati
 layer's batch cache is fed as the one-request loop feeds it; a batch cache trims each row by its
 own count; the batch's draft length follows the step costs of an injected clock."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
@@ -21,7 +23,7 @@ from mlx_mla.speculative import (
     SpeculativeStats,
     speculative_generate_step,
 )
-from mlx_mla.speculative_batch import DraftingBatchGenerator, RowSampler, Undrafted
+from mlx_mla.speculative_batch import DraftingBatchGenerator, RowSampler, Undrafted, row_sampling
 
 # Text that copies itself (n-gram drafts are accepted) beside text that does not.
 PROMPTS = [
@@ -301,3 +303,13 @@ def test_sampled_rows_keep_the_drafts_of_a_drafter_whose_q_is_their_p(models):
     point_mass, _ = sampled_acceptance(model, tokenizer, drafter, None)
     assert with_q > 0.95 and point_mass < 0.9
     assert all(token in mx.argsort(-logprobs)[:5].tolist() for token, logprobs in answered)
+
+
+def test_a_server_row_samples_its_drafts_with_its_requests_settings():
+    sampler = RowSampler(make_sampler(temp=0.7, top_k=5))
+    sampler.request = SimpleNamespace(  # as the server's make_sampler hands it
+        sampling=SimpleNamespace(temperature=0.7, top_p=0.9, min_p=0.0, top_k=5)
+    )
+    assert row_sampling(sampler) == Sampling(0.7, 0.9, 0.0, 5)
+    sampler.request.sampling.temperature = 0.0  # greedy: point masses
+    assert row_sampling(sampler) is None

@@ -181,7 +181,7 @@ class ConversationCache(LRUPromptCache):
     @property
     def nbytes(self) -> int:
         with self.lock:
-            return self._n_bytes
+            return super().nbytes
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
         with self.lock:
