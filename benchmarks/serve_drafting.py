@@ -4,7 +4,7 @@ whether the replies are equal.
 
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
     python -m benchmarks.serve_drafting [--drafter ngram|mtp|draft-model] [--draft-model PATH] \
-    [--rounds 3] [--max-tokens 64] [--clients 8]
+    [--rounds 3] [--max-tokens 64] [--clients 8] [--in-process]
 
 First, in this process, the cost of the batch's verify forward: 8 rows of the copying prompts
 decoding, one forward of 1, 2 and 4 tokens a row (evaluated, median of 20), beside mlx-lm's own
@@ -13,8 +13,11 @@ kept. Then two prompt sets, each client its own passage of tinyshakespeare: "cop
 passage twice and its first line a third time (a reply that copies the passage is drafted well;
 the demo model's mostly does not copy it), "normal" the passage once. Both servers run at once,
 rounds alternate between them, and the machine's load average is printed beside each round.
-The demo has no draft model of its own: without --draft-model, draft-model drafting uses the
-demo's first layer (with its embedding, norm and head), written to a temporary folder.
+With --in-process, no servers: mlx-lm's BatchGenerator and ours drafting, in this process,
+rounds interleaved, each round the prompts prefilled anew; wall and CPU time to the first and
+the last token. The demo has no draft model of its own: without --draft-model, draft-model
+drafting uses the demo's first layer (with its embedding, norm and head), written to a
+temporary folder.
 """
 
 import argparse
@@ -139,6 +142,52 @@ def verify_cost(texts: list[str], repeats: int = 20):
     print(f"verify forward, {len(texts)} rows: " + ", ".join(rows) + f"   load {load}", flush=True)
 
 
+def in_process(args, draft_model: str | None, texts: list[str]):
+    """mlx-lm's BatchGenerator against ours drafting, in this process on the same weights, rounds
+    interleaved: the time to the first token (prefill and joining) and to the last, wall clock
+    and this process's CPU time (less sensitive to a shared machine's other work)."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_mla import load
+    from mlx_mla.cli import DEFAULT_MODEL
+    from mlx_mla.speculative import make_drafter
+    from mlx_mla.speculative_batch import DraftingBatchGenerator
+
+    model, tokenizer = load(DEFAULT_MODEL, mtp=args.drafter == "mtp")
+    small = load(draft_model)[0] if draft_model else None
+    drafter = make_drafter(model, None if small else args.drafter, small)
+    prompts = [tokenizer.encode(t) for t in texts]
+    generators = {
+        "plain": lambda: BatchGenerator(model),
+        f"--{args.drafter}": lambda: DraftingBatchGenerator(
+            model, num_draft_tokens=3, drafter=drafter
+        ),
+    }
+
+    def run(make):
+        generator = make()
+        generator.insert(prompts, max_tokens=[args.max_tokens] * len(prompts))
+        tic, cpu, first, finished = time.perf_counter(), time.process_time(), None, 0
+        while finished < len(prompts):
+            responses = generator.next()[1]
+            if responses and first is None:
+                first = (time.perf_counter() - tic, time.process_time() - cpu)
+            finished += sum(r.finish_reason is not None for r in responses)
+        mx.clear_cache()
+        return first, (time.perf_counter() - tic, time.process_time() - cpu)
+
+    for r in range(args.rounds):
+        for name, make in generators.items():
+            (first_s, first_cpu), (s, cpu) = run(make)
+            load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(
+                f"in process round {r}  {name:14} first token {first_s:5.2f} s ({first_cpu:5.2f} s"
+                f" CPU), all {s:5.2f} s ({cpu:5.2f} s CPU)   load {load}",
+                flush=True,
+            )
+
+
 def drafting(log: str) -> tuple[int, int]:
     """Tokens drafted and kept so far, from the drafted server's log."""
     counts = re.findall(r"Speculative: (\d+) drafted, (\d+) accepted", Path(log).read_text())
@@ -152,6 +201,9 @@ def setup_arg_parser():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--in-process", action="store_true", help="batch generators in this process, no servers"
+    )
     return parser
 
 
@@ -163,11 +215,18 @@ def drafting_flags(args, folder: Path) -> list[str]:
 
 def main():
     args = setup_arg_parser().parse_args()
-    verify_cost(prompts("copies", args.clients))
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     folder = tempfile.TemporaryDirectory()
     drafted_name = f"--{args.drafter}"
     flags = {"plain": [], drafted_name: drafting_flags(args, Path(folder.name))}
+    if args.in_process:
+        draft_model = flags[drafted_name][1] if args.drafter == "draft-model" else None
+        for kind in ("copies", "normal"):
+            print(f"{kind}:", flush=True)
+            in_process(args, draft_model, prompts(kind, args.clients))
+        folder.cleanup()
+        return
+    verify_cost(prompts("copies", args.clients))
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     servers = {name: start(f, log if f else subprocess.DEVNULL) for name, f in flags.items()}
     try:
         before = (0, 0)
