@@ -11,7 +11,8 @@ decoding, one forward of 1, 2 and 4 tokens a row (evaluated, median of 20), besi
 pipelined step; drafting k tokens pays only where (k + 1) tokens cost less than 1 + the tokens
 kept. Then two prompt sets, each client its own passage of tinyshakespeare: "copies" holds the
 passage twice and its first line a third time (a reply that copies the passage is drafted well;
-the demo model's mostly does not copy it), "normal" the passage once. Both servers run at once,
+the demo model's mostly does not copy it), "normal" the passage once, "repeats" (--kinds) one
+line of it six times (the demo's reply goes on repeating it). Both servers run at once,
 rounds alternate between them, and the machine's load average is printed beside each round.
 With --in-process, no servers: mlx-lm's BatchGenerator and ours drafting, in this process,
 rounds interleaved, each round the prompts prefilled anew; wall and CPU time to the first and
@@ -48,6 +49,8 @@ def passages(n: int, lines: int = 4) -> list[str]:
 def prompts(kind: str, n: int) -> list[str]:
     if kind == "normal":
         return passages(n)
+    if kind == "repeats":  # a line said six times: the demo's reply goes on repeating it
+        return ["\n".join([p.splitlines()[1]] * 6) + "\n" for p in passages(n)]
     return [p + "\n" + p + "\n" + p.splitlines()[0] + "\n" for p in passages(n)]
 
 
@@ -201,6 +204,7 @@ def setup_arg_parser():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--kinds", default="copies,normal", help="of copies, normal, repeats")
     parser.add_argument(
         "--in-process", action="store_true", help="batch generators in this process, no servers"
     )
@@ -220,7 +224,7 @@ def main():
     flags = {"plain": [], drafted_name: drafting_flags(args, Path(folder.name))}
     if args.in_process:
         draft_model = flags[drafted_name][1] if args.drafter == "draft-model" else None
-        for kind in ("copies", "normal"):
+        for kind in args.kinds.split(","):
             print(f"{kind}:", flush=True)
             in_process(args, draft_model, prompts(kind, args.clients))
         folder.cleanup()
@@ -230,7 +234,7 @@ def main():
     servers = {name: start(f, log if f else subprocess.DEVNULL) for name, f in flags.items()}
     try:
         before = (0, 0)
-        for kind in ("copies", "normal"):
+        for kind in args.kinds.split(","):
             texts = prompts(kind, args.clients)
             for _, address in servers.values():  # warm: compile, first allocations
                 round_trip(address, texts[:1], 4)
