@@ -112,12 +112,10 @@ class ModelProvider(mlx_server.ModelProvider):
         # The arrays a model holds but has not used must be evaluated here too (the MTP layer's
         # RoPE `_freqs`, which parameters() leaves out; a draft model's).
         mx.eval(held_arrays(model), held_arrays(getattr(self.drafter, "model", None)))
-        # The n-gram drafter drafts in the batch (speculative_batch.py); the others serve one
-        # request at a time, as in mlx-lm.
-        self.drafts_in_batch = isinstance(self.drafter, speculative.NgramDrafter)
-        self.is_batchable = (self.drafter is None or self.drafts_in_batch) and all(
-            callable(getattr(c, "merge", None)) for c in model.make_cache()
-        )
+        # Every drafter drafts in the batch (speculative_batch.py).
+        self.drafts_in_batch = self.drafter is not None
+        caches = [*model.make_cache(), *getattr(self.drafter, "make_cache", list)()]
+        self.is_batchable = all(callable(getattr(c, "merge", None)) for c in caches)
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
         if model_path not in self.names:
@@ -320,7 +318,11 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
             return BatchGenerator(model, **kwargs)
         args = self.cli_args
         return speculative_batch.DraftingBatchGenerator(
-            model, num_draft_tokens=args.num_draft_tokens, draft_min=args.draft_min, **kwargs
+            model,
+            num_draft_tokens=args.num_draft_tokens,
+            draft_min=args.draft_min,
+            drafter=self.model_provider.drafter,
+            **kwargs,
         )
 
     def stop(self, timeout: float):

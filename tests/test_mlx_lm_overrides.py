@@ -77,6 +77,14 @@ SIGNATURES = {  # member: its parameters in the mlx-lm we tested, annotations le
     "generate.GenerationBatch.next": "(self)",
     "generate.GenerationBatch.empty": "(cls, model, fallback_sampler)",
     "cache.BatchKVCache.trim": "(self, n)",
+    "generate.GenerationBatch._step": "(self)",
+    "generate.PromptProcessingBatch.extend": "(self, batch)",
+    "generate.PromptProcessingBatch.filter": "(self, keep)",
+    "generate.PromptProcessingBatch._copy": "(self)",
+    "generate.PromptProcessingBatch.prompt": "(self, tokens)",
+    "generate.PromptProcessingBatch.generate": "(self, tokens)",
+    "generate._merge_caches": "(caches)",
+    "generate._extend_cache": "(cache_a, cache_b)",
     "generate.maybe_quantize_kv_cache": (
         "(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)"
     ),
@@ -121,10 +129,6 @@ USES = {  # member: source text showing it is used the way we rely on
     "cache.LRUPromptCache.__init__": ["self._trie = PromptTrie()", "self._lru = "],
     "cache.LRUPromptCache.trim_to": ["self._trie.pop(model, tokens)"],
     "cache.LRUPromptCache.CacheOrder.__init__": ["self._lrus = "],
-    "generate.PromptProcessingBatch.prompt": [
-        "c.prepare(lengths=lengths, right_padding=padding)",
-        "c.finalize()",
-    ],
     "generate._merge_caches": [".merge("],
     # run with our stream_generate, which drafts from the request our sampler knows; a client
     # leaving is not supported over a pipeline (RunsToTheEnd)
@@ -152,8 +156,26 @@ USES = {  # member: source text showing it is used the way we rely on
         "self._matchers[i].advance(",
         "prompt_cache=self.extract_cache(i)",
     ],
-    "generate.BatchGenerator.__init__": ["self._generation_batch = GenerationBatch.empty("],
-    "generate.BatchGenerator._next": ["self._generation_batch.extend(gen_batch)"],
+    "generate.BatchGenerator.__init__": [
+        "self._generation_batch = GenerationBatch.empty(",
+        "self._prompt_batch = PromptProcessingBatch.empty(",
+    ],
+    # the MTP's prompt states: one forward a prompt() call, the first step's in generate()
+    "generate.PromptProcessingBatch.prompt": [
+        "c.prepare(lengths=lengths, right_padding=padding)",
+        "c.finalize()",
+        "self.model(tokens[:, :n_to_process], cache=self.prompt_cache)",
+    ],
+    "generate.PromptProcessingBatch.generate": [
+        "generation = GenerationBatch(",
+        "return generation",
+    ],
+    "generate.PromptProcessingBatch._copy": ["new_batch = self.__class__.__new__(self.__class__)"],
+    "generate.BatchGenerator._next": [
+        "self._generation_batch.extend(gen_batch)",
+        "gen_batch = self._prompt_batch.split(split).generate(last_inputs)",
+        "self._prompt_batch.prompt(prompts)",
+    ],
 }
 MODULES = {m: importlib.import_module(f"mlx_lm.{m}") for m in ("server", "generate")}
 MODULES["cache"] = importlib.import_module("mlx_lm.models.cache")

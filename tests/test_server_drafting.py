@@ -5,6 +5,7 @@ server runs as tests/failing_server.py, whose model fails on a "~"."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,7 @@ def dsa(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module", params=SERVERS)
 def served(request, tmp_path_factory):
-    """(name, client, base URL, its prompts, their plain greedy replies)."""
+    """(name, client, base URL, its prompts, their plain greedy replies, the server's log)."""
     model, prompts, flags = SERVERS[request.param]
     model = cli.DEFAULT_MODEL if model == "demo" else request.getfixturevalue(model)
     flags = [request.getfixturevalue("tiny") if f == "{tiny}" else f for f in flags]
@@ -74,7 +75,7 @@ def served(request, tmp_path_factory):
         assert "Serving" in line, log.read_text()
         url = line.split(" on ")[1].strip()
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
-        yield request.param, client, url, prompts, plain_replies(model, prompts)
+        yield request.param, client, url, prompts, plain_replies(model, prompts), log
     finally:
         process.kill()
         process.wait()
@@ -88,13 +89,25 @@ def complete(client, prompt: str) -> str:
 
 
 def test_concurrent_greedy_requests_get_plain_decodings_replies(served):
-    _, client, _, prompts, plain = served
+    _, client, _, prompts, plain, _ = served
     with ThreadPoolExecutor(len(prompts)) as pool:
         assert list(pool.map(lambda p: complete(client, p), prompts)) == plain
 
 
+def test_drafted_requests_are_served_in_the_drafting_batch(served):
+    """Every drafter drafts in mlx-lm's batch: its log names the rows as they join."""
+    name, client, _, prompts, plain, log = served
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(lambda p: complete(client, p), prompts)) == plain
+    joined = re.findall(r"drafting batch \((\S+)\): (\d+) rows", log.read_text())
+    if name in ("ngram", "mtp", "draft-model"):
+        assert joined and {drafter for drafter, _ in joined} == {name}
+    else:
+        assert not joined
+
+
 def test_replies_continued_from_the_prompt_cache_are_plain_decodings(served):
-    _, client, _, prompts, plain = served
+    _, client, _, prompts, plain, _ = served
     for _ in range(2):  # the second time, each prompt's cache holds it and its reply
         assert [complete(client, p) for p in prompts] == plain
 
@@ -114,7 +127,7 @@ def post(url: str, body: dict) -> tuple[int, bytes]:
 
 
 def test_a_failure_inside_generation_is_a_500_and_the_server_serves_on(served):
-    _, client, url, prompts, plain = served
+    _, client, url, prompts, plain, _ = served
     status, data = post(url, {"prompt": prompts[0] + "~", "max_tokens": MAX_TOKENS})
     error = json.loads(data)["error"]
     assert status == 500 and error["type"] == "server_error"
@@ -123,7 +136,7 @@ def test_a_failure_inside_generation_is_a_500_and_the_server_serves_on(served):
 
 
 def test_a_failure_in_a_stream_is_its_error_event_and_the_server_serves_on(served):
-    _, client, _, prompts, plain = served
+    _, client, _, prompts, plain, _ = served
     stream = client.completions.create(
         model="default_model", prompt=prompts[2] + "~", max_tokens=MAX_TOKENS, stream=True
     )
@@ -133,18 +146,26 @@ def test_a_failure_in_a_stream_is_its_error_event_and_the_server_serves_on(serve
 
 
 def test_a_request_with_penalties_is_served_without_drafting(served):
-    _, _, url, prompts, _ = served
+    _, _, url, prompts, _, _ = served
     body = {"prompt": prompts[0], "max_tokens": MAX_TOKENS, "repetition_penalty": 1.3}
     status, data = post(url, body)
     assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0
 
 
 def test_a_second_turn_on_a_drafted_conversation_gets_plain_decodings_reply(served, tiny):
-    """The second turn continues the first's prompt and reply, so its cache, and the drafter's
-    snapshot kept with it (tests/test_conversation_cache.py), are fetched: plain greedy text."""
-    name, client, _, prompts, plain = served
-    if name not in ("mtp", "draft-model"):
-        pytest.skip("only --draft mtp and --draft-model keep a drafter with the conversation")
+    """The second turn continues the first's prompt and reply, so its cache is fetched (and, one
+    request at a time, the drafter's snapshot kept with it: tests/test_conversation_cache.py):
+    plain greedy text, with every drafter."""
+    _, client, _, prompts, plain, _ = served
     second = prompts[1] + plain[1] + "abc"
     assert complete(client, prompts[1]) == plain[1]
     assert [complete(client, second)] == plain_replies(tiny, [second])
+
+
+def test_sampled_requests_are_answered(served):
+    """With a drafter, a sampled row draws its drafts from the drafter's q (speculative_batch)."""
+    _, _, url, prompts, _, _ = served
+    body = {"prompt": prompts[0], "max_tokens": MAX_TOKENS, "temperature": 0.8, "top_k": 5}
+    for _ in range(2):
+        status, data = post(url, body)
+        assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0
