@@ -152,14 +152,16 @@ def test_a_request_with_penalties_is_served_without_drafting(served):
     assert status == 200 and json.loads(data)["usage"]["completion_tokens"] > 0
 
 
-def test_a_second_turn_on_a_drafted_conversation_gets_plain_decodings_reply(served, tiny):
+def test_a_second_turn_on_a_drafted_conversation_gets_plain_decodings_reply(served, request):
     """The second turn continues the first's prompt and reply, so its cache is fetched (and, one
     request at a time, the drafter's snapshot kept with it: tests/test_conversation_cache.py):
     plain greedy text, with every drafter."""
-    _, client, _, prompts, plain, _ = served
+    name, client, _, prompts, plain, _ = served
+    model = SERVERS[name][0]
+    model = cli.DEFAULT_MODEL if model == "demo" else request.getfixturevalue(model)
     second = prompts[1] + plain[1] + "abc"
     assert complete(client, prompts[1]) == plain[1]
-    assert [complete(client, second)] == plain_replies(tiny, [second])
+    assert [complete(client, second)] == plain_replies(model, [second])
 
 
 def test_sampled_requests_are_answered(served):
