@@ -126,15 +126,19 @@ class DraftLength:
     def __init__(self, most: int, least: int = 0, decay: float = 0.15):
         self.most, self.least, self.decay = most, min(least, most), decay
         self.kept, self.tried = [1.0] * most, [2.0] * most  # prior: half the drafts kept
+        self.verified = [0] * most  # drafts verified at each position
         self.times: dict[int, deque] = {}  # k -> seconds of the latest steps that drafted k
         self.waits: dict[int, int] = {}  # best k -> steps between tries of one more draft
         self.since_probe = 0
         self.plain_run, self.drafting_steps = 0, 0
 
     def expected_tokens(self, k: int) -> float:
+        """1 + a_1 + a_1 a_2 + ...; a position never verified is taken as good as the one before."""
         total = reach = 1.0
-        for kept, tried in zip(self.kept[:k], self.tried[:k], strict=True):
-            reach *= kept / tried
+        a = 0.5
+        for i in range(k):
+            a = self.kept[i] / self.tried[i] if self.verified[i] else a
+            reach *= a
             total += reach
         return total
 
@@ -182,6 +186,7 @@ class DraftLength:
         for i in range(min(k, accepted + 1)):  # the kept drafts, and the first rejected one
             self.kept[i] = (1 - self.decay) * self.kept[i] + (i < accepted)
             self.tried[i] = (1 - self.decay) * self.tried[i] + 1
+            self.verified[i] += 1
         if not k:
             return
         self.plain_run = 0
