@@ -4,7 +4,7 @@ verify-cost model's prediction.
 
 export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0  # Linux
 python -m benchmarks.speculative_e2e
-python -m benchmarks.speculative_e2e --geometries v2-lite --contexts 1024 --tokens 24 --rounds 1
+python -m benchmarks.speculative_e2e --quick
 
 The V2-Lite, V3 and GLM-4.7-Flash geometries are built as benchmarks.verify_cost builds them
 (real attention, expert count and width, top-k and router, vocabulary; a few layers, --layers MoE
@@ -15,10 +15,13 @@ the caches are cut back.
 The drafter is an oracle: it proposes the main model's own greedy continuation (decoded plainly
 once beforehand), each draft right with chance a given the ones before it were, else a wrong
 token; it costs nothing, so the measured speedup is the loop's and the verify forward's alone.
-Methods, timed in interleaved rounds (each once per round; medians):
+Methods, each warmed up once, then timed in interleaved rounds (each once per round, the first
+method rotating); a cell is the median over rounds, with the least and most beside it, and the
+process's CPU seconds per token (less moved by other jobs on a shared machine than wall-clock):
 - plain: mlx-lm's generate_step;
 - ours k=0: our loop with the draft length held at 0 (what drafting costs when it is off);
-- a=60%..: our loop at a fixed k (the prediction's best) and with the adaptive length (0..4).
+- a=60%..: our loop with the adaptive length (0..4), and at a fixed k (the prediction's best) for
+  the acceptances in --fixed.
 Prediction (benchmarks.verify_cost's model, this small model's own forward times): tokens per
 step (1 - a^(k+1)) / (1 - a) over verify(k + 1) / decode(1), measured at each context.
 """
@@ -38,9 +41,11 @@ DEFAULT_GEOMETRIES = "v2-lite,glm-4.7-flash,v3"
 DEFAULT_CONTEXTS = "1024,8192,32768"
 DEFAULT_TOKENS = 48
 DEFAULT_ROUNDS = 3
-ACCEPTANCES = (0.6, 0.8, 0.85, 0.9)
+DEFAULT_ACCEPTANCES = "0.6,0.8,0.85,0.9"
+QUICK = {"geometries": "v2-lite", "contexts": "1024", "layers": 1, "tokens": 8, "rounds": 1}
 MOST = 4  # drafts a step at most
 PROMPT = 4
+WARM_UP = 6  # tokens of each method's untimed first run
 TARGETS = (("v2-lite", 32768, 0.85, 1.3),)  # geometry, context, acceptance, measured speedup
 
 
@@ -51,8 +56,17 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, help="MoE layers built (default: verify_cost's)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="Decoded per run")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--acceptances", default=DEFAULT_ACCEPTANCES, help="Comma-separated")
+    parser.add_argument(
+        "--fixed", default=DEFAULT_ACCEPTANCES, help="Acceptances with a fixed-k row too"
+    )
     parser.add_argument("--out", default=common.DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help=f"Smoke test: {QUICK}")
     return parser
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t]
 
 
 class OracleDrafter:
@@ -92,14 +106,14 @@ def trim_to(cache: list, context: int):
         c.trim(c.offset - context)
 
 
-def decode_seconds(steps) -> tuple[float, int]:
-    """Seconds from the first token to the last, and the tokens after the first."""
-    tokens, start = -1, 0.0
+def decode_times(steps) -> tuple[float, float, int]:
+    """Wall and CPU seconds from the first token to the last, and the tokens after the first."""
+    tokens, start, cpu = -1, 0.0, 0.0
     for _ in steps:
         if tokens < 0:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         tokens += 1
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, time.process_time() - cpu, tokens
 
 
 def verify_ratios(model, cache, context: int, rounds: int) -> dict[int, float]:
@@ -133,7 +147,7 @@ def run_context(model, cfg: dict, context: int, args) -> dict:
     ratios = verify_ratios(model, cache, context, args.rounds)
 
     def ours(k: int, least: int, a: float | None = None):
-        def go():
+        def go(n=n):
             stats = speculative.SpeculativeStats()
             drafter = OracleDrafter(truth, a or 0.0, cfg["vocab_size"])
             steps = speculative.speculative_generate_step(
@@ -151,14 +165,21 @@ def run_context(model, cfg: dict, context: int, args) -> dict:
 
         return go
 
-    def plain():
+    def plain(n=n):
         return (t for t, _ in generate_step(prompt, model, max_tokens=n, prompt_cache=cache)), None
 
+    acceptances = parse_floats(args.acceptances)
     methods = {"plain": plain, "ours k=0": ours(0, 0)}
-    for a in ACCEPTANCES:
-        k = max(predicted(ratios, a)[1], 1)
-        methods[f"a={a:.0%} k={k}"] = ours(k, k, a)
+    for a in acceptances:
         methods[f"a={a:.0%} adaptive"] = ours(MOST, 0, a)
+        if a in parse_floats(args.fixed):
+            k = max(predicted(ratios, a)[1], 1)
+            methods[f"a={a:.0%} k={k}"] = ours(k, k, a)
+    for method in methods.values():  # warm-up: each method's first run is not timed
+        steps, _ = method(WARM_UP)
+        for _ in steps:
+            pass
+        trim_to(cache, context)
     runs = {name: [] for name in methods}
     load = common.load_average()
     for r in range(args.rounds):
@@ -167,25 +188,31 @@ def run_context(model, cfg: dict, context: int, args) -> dict:
         for name in names:
             steps, stats = methods[name]()
             tokens = []
-            seconds, count = decode_seconds(tokens.append(t) for t in steps)
+            seconds, cpu, count = decode_times(tokens.append(t) for t in steps)
             trim_to(cache, context)
             runs[name].append(
                 {
                     "tokens_per_s": count / seconds,
+                    "cpu_s_per_token": cpu / count,
                     "greedy_equal": tokens == truth[PROMPT : PROMPT + n],
                     "accepted": stats.accepted / stats.drafted if stats and stats.drafted else None,
                     "lengths": dict(stats.lengths) if stats else None,
                 }
             )
     plain_rate = statistics.median(r["tokens_per_s"] for r in runs["plain"])
+    plain_cpu = statistics.median(r["cpu_s_per_token"] for r in runs["plain"])
     rows = {}
     for name, results in runs.items():
-        rate = statistics.median(r["tokens_per_s"] for r in results)
-        a = next((a for a in ACCEPTANCES if name.startswith(f"a={a:.0%} ")), None)
+        rates = [r["tokens_per_s"] for r in results]
+        cpu = statistics.median(r["cpu_s_per_token"] for r in results)
+        a = next((a for a in acceptances if name.startswith(f"a={a:.0%} ")), None)
         rows[name] = {
             "acceptance": a,
-            "tokens_per_s": rate,
-            "speedup": rate / plain_rate,
+            "tokens_per_s": statistics.median(rates),
+            "spread": [min(rates), max(rates)],
+            "speedup": statistics.median(rates) / plain_rate,
+            "cpu_s_per_token": cpu,
+            "cpu_speedup": plain_cpu / cpu,
             "predicted": predicted(ratios, a)[0] if a is not None else 1.0,
             "runs": results,
         }
@@ -197,6 +224,9 @@ def run_context(model, cfg: dict, context: int, args) -> dict:
 
 
 def run(args) -> dict:
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     info = common.machine_info()
     print(common.format_machine(info), flush=True)
     contexts = common.parse_ints(args.contexts)
@@ -215,23 +245,24 @@ def run(args) -> dict:
         del model
         mx.clear_cache()
     targets = []
-    for geometry, context, a, goal in TARGETS:
-        row = results.get(geometry, {}).get(context)
-        best = None
-        if row:
-            best = max(m["speedup"] for name, m in row["methods"].items() if m["acceptance"] == a)
-        targets.append(
-            common.target(f"{geometry} {context // 1024}K, a = {a:.0%}: measured", best, goal)
-        )
-    floor = [
-        m["speedup"]
-        for g in results.values()
-        for c, row in g.items()
-        if c != "layers_built"
-        for name, m in row["methods"].items()
-        if name.endswith("adaptive")
-    ]
-    targets.append(common.target("adaptive length, worst over all: measured", min(floor), 0.95))
+    for key, how in (("speedup", "wall"), ("cpu_speedup", "CPU time")):
+        for geometry, context, a, goal in TARGETS:
+            row = results.get(geometry, {}).get(context)
+            best = None
+            if row:
+                best = max(m[key] for m in row["methods"].values() if m["acceptance"] == a)
+            name = f"{geometry} {context // 1024}K, a = {a:.0%}: measured ({how})"
+            targets.append(common.target(name, best, goal))
+        floor = [
+            m[key]
+            for g in results.values()
+            for c, row in g.items()
+            if c != "layers_built"
+            for name, m in row["methods"].items()
+            if name.endswith("adaptive")
+        ]
+        name = f"adaptive length, worst over all: measured ({how})"
+        targets.append(common.target(name, min(floor) if floor else None, 0.95))
     print(common.format_targets(targets))
     print(f"load average at end: {common.load_average()}")
     result = {
@@ -246,16 +277,27 @@ def run(args) -> dict:
 
 
 def report_context(geometry: str, context: int, row: dict) -> str:
-    lines = [["method", "tok/s", "speedup", "predicted", "accepted", "greedy = plain"]]
+    lines = [
+        ["method", "tok/s", "min-max", "speedup", "cpu ms/tok", "cpu x", "predicted", "accepted"]
+        + ["lengths (k: steps)", "greedy = plain"]
+    ]
     for name, m in row["methods"].items():
         accepted = [r["accepted"] for r in m["runs"] if r["accepted"] is not None]
+        lengths = {}
+        for r in m["runs"]:
+            for k, steps in (r["lengths"] or {}).items():
+                lengths[k] = lengths.get(k, 0) + steps
         lines.append(
             [
                 name,
                 f"{m['tokens_per_s']:.2f}",
+                f"{m['spread'][0]:.2f}-{m['spread'][1]:.2f}",
                 f"{m['speedup']:.2f}x",
+                f"{1000 * m['cpu_s_per_token']:.0f}",
+                f"{m['cpu_speedup']:.2f}x",
                 f"{m['predicted']:.2f}x",
                 f"{statistics.mean(accepted):.0%}" if accepted else "-",
+                " ".join(f"{k}:{v}" for k, v in sorted(lengths.items())) or "-",
                 "yes" if all(r["greedy_equal"] for r in m["runs"]) else "no",
             ]
         )
@@ -263,7 +305,7 @@ def report_context(geometry: str, context: int, row: dict) -> str:
     load = row["load_average"]
     return (
         f"\n{geometry}, context {context}: verify(n) / decode = {verify}; load average "
-        f"{common.load_average() and ' '.join(f'{x:.1f}' for x in load['before'])} -> "
+        f"{' '.join(f'{x:.1f}' for x in load['before'])} -> "
         f"{' '.join(f'{x:.1f}' for x in load['after'])}\n" + common.table(lines)
     )
 

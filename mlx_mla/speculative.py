@@ -24,12 +24,14 @@ prompt would (what `mlx_mla.cache_prompt --draft` saves).
 measured so far, so that drafting is used only where it pays.
 """
 
+import functools
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.generate import GenerationResponse, maybe_quantize_kv_cache
+from mlx_lm.generate import GenerationResponse, generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -113,64 +115,93 @@ class DraftLength:
     """Draft length per step, from measured acceptance and step times.
 
     Acceptance is measured per draft position: a_i, the chance the i-th draft is kept given that
-    the ones before it were (a chained draft is usually worse than the first). k drafts then
-    yield 1 + a_1 + a_1 a_2 + ... tokens a step. A step's time is the verify forward of k + 1
-    tokens plus the drafting of k, both measured (exponential averages per k). k maximises tokens
-    per second between `least` and `most`; with k = 0 chosen, a 1-token draft is tried now and
-    then (ever more rarely while drafting does not pay) so that a drafter that starts to pay is
-    noticed.
-    `least` = `most` holds k there (tests and benchmarks).
+    the ones before it were (a chained draft is usually worse than the first; exponential
+    averages). k drafts then yield 1 + a_1 + a_1 a_2 + ... tokens a step. A step's time at k is
+    the least of the last WINDOW measured there (a stall on a shared machine only ever adds
+    time); an unmeasured k is interpolated from the measured ones. The best k maximises tokens
+    per second between `least` and `most`. Now and then one more draft than the best is tried
+    (after `wait` steps; the wait doubles, to MAX_WAIT, each time the longer length does not pay),
+    so that a length measured at a bad moment, or a drafter that starts to pay, is noticed at a
+    bounded cost; every REFRESH drafting steps, PLAIN_RUN steps of plain decoding re-measure it
+    under the load of the moment. `least` = `most` holds k there (tests and benchmarks).
     """
 
-    def __init__(self, most: int, least: int = 0, decay: float = 0.3):
+    WINDOW, FIRST_WAIT, MAX_WAIT, REFRESH, PLAIN_RUN, MARGIN = 5, 4, 64, 64, 3, 0.02
+
+    def __init__(self, most: int, least: int = 0, decay: float = 0.15):
         self.most, self.least, self.decay = most, min(least, most), decay
         self.kept, self.tried = [1.0] * most, [2.0] * most  # prior: half the drafts kept
-        self.seconds: dict[int, float] = {}  # k -> seconds for a step that drafts k
-        self.wait, self.plain_steps = 4, 0
+        self.verified = [0] * most  # drafts verified at each position
+        self.times: dict[int, deque] = {}  # k -> seconds of the latest steps that drafted k
+        self.waits: dict[int, int] = {}  # best k -> steps between tries of one more draft
+        self.since_probe = 0
+        self.plain_run, self.drafting_steps = 0, 0
 
     def expected_tokens(self, k: int) -> float:
+        """1 + a_1 + a_1 a_2 + ...; a position never verified is taken as good as the one before."""
         total = reach = 1.0
-        for kept, tried in zip(self.kept[:k], self.tried[:k], strict=True):
-            reach *= kept / tried
+        a = 0.5
+        for i in range(k):
+            a = self.kept[i] / self.tried[i] if self.verified[i] else a
+            reach *= a
             total += reach
         return total
 
     def step_seconds(self, k: int) -> float:
-        plain = self.seconds.get(0)
-        if k in self.seconds:  # no cheaper than a plain step (a stall can make plain's look slow)
-            return max(self.seconds[k], plain or 0.0)
+        plain = min(self.times[0]) if 0 in self.times else None
+        if k in self.times:  # no cheaper than a plain step
+            return max(min(self.times[k]), plain or 0.0)
         if plain is None:
             return 1.0 + 0.5 * k
-        # Unmeasured: interpolate the cost per drafted token from the measured lengths.
-        per_draft = [(s - plain) / j for j, s in self.seconds.items() if j]
+        # Unmeasured: the cheapest cost per drafted token among the measured lengths.
+        per_draft = [(min(self.times[j]) - plain) / j for j in self.times if j]
         return plain + k * (max(min(per_draft), 0.0) if per_draft else 0.5 * plain)
+
+    def rate(self, k: int) -> float:
+        return self.expected_tokens(k) / self.step_seconds(k)
+
+    def best(self, most: int) -> int:
+        """The fastest k; a longer one must beat a shorter by MARGIN (more than a timer's noise)."""
+        best = self.least
+        for k in range(self.least + 1, most + 1):
+            if self.rate(k) > (1 + self.MARGIN) * self.rate(best):
+                best = k
+        return best
 
     def choose(self, room: int) -> int:
         most = min(self.most, room)
         if self.least >= most:
             return max(most, 0)
-        best, best_rate = self.least, 0.0
-        for k in range(self.least, most + 1):
-            rate = self.expected_tokens(k) / self.step_seconds(k)
-            if rate > best_rate:
-                best, best_rate = k, rate
-        return 1 if best == 0 and self.plain_steps >= self.wait else best
+        best = self.best(most)
+        if best < most and self.since_probe >= self.waits.get(best, self.FIRST_WAIT):
+            return best + 1
+        return 0 if best and not self.least and self.drafting_steps >= self.REFRESH else best
 
     def plain_step(self):
-        """A step of plain decoding was taken (k = 0 chosen): a 1-token draft comes nearer."""
-        self.plain_steps += 1
+        """A step of plain decoding was taken (its time is recorded per step or per run): one
+        step nearer to a probe, and after PLAIN_RUN of them plain decoding's time is fresh."""
+        self.since_probe += 1
+        self.plain_run += 1
+        if self.plain_run >= self.PLAIN_RUN:
+            self.drafting_steps = 0
 
     def record(self, k: int, accepted: int, seconds: float):
-        if k:
-            self.plain_steps = 0
-        old = self.seconds.get(k)
-        self.seconds[k] = seconds if old is None else old + self.decay * (seconds - old)
+        best = self.best(self.most)
+        self.times.setdefault(k, deque(maxlen=self.WINDOW)).append(seconds)
         for i in range(min(k, accepted + 1)):  # the kept drafts, and the first rejected one
             self.kept[i] = (1 - self.decay) * self.kept[i] + (i < accepted)
             self.tried[i] = (1 - self.decay) * self.tried[i] + 1
-        if k and 0 in self.seconds:  # tried again soon only while drafting looks worth it
-            pays = self.expected_tokens(k) / self.step_seconds(k) > 1 / self.seconds[0]
-            self.wait = 4 if pays else min(2 * self.wait, 64)
+            self.verified[i] += 1
+        if not k:
+            return
+        self.plain_run = 0
+        self.drafting_steps += 1
+        self.since_probe += 1
+        if k > best:  # a probe: tried again soon only while longer drafts look worth it
+            self.since_probe = 0
+            wait = self.waits.get(best, self.FIRST_WAIT)
+            pays = self.rate(k) > (1 + self.MARGIN) * self.rate(best)
+            self.waits[best] = self.FIRST_WAIT if pays else min(2 * wait, self.MAX_WAIT)
 
 
 class NgramDrafter:
@@ -560,6 +591,19 @@ def roll_back(cache: list, n: int, slots: list[int]):
         c.resize(before + step * math.ceil(max(c.offset - before, 0) / step))
 
 
+def on_generation_stream(steps):
+    """A generator of steps run on mlx-lm's generation stream, where its generate_step runs, so
+    that the two decode alike (docs/speculative-measured.md, no cost when not drafting)."""
+
+    @functools.wraps(steps)
+    def run(*args, **kwargs):
+        with mx.stream(generation_stream):
+            yield from steps(*args, **kwargs)
+
+    return run
+
+
+@on_generation_stream
 def speculative_generate_step(
     prompt: mx.array,
     model,
@@ -620,15 +664,19 @@ def speculative_generate_step(
         h = model.model(mx.array([[y]]), cache=cache)
         quantize()
         mx.async_eval(h)
-        drafter.follows = (cache, h)
+        if drafting:
+            drafter.follows = (cache, h)
 
     tokens = prompt.tolist()
     cached = cache[0].offset
-    if cached and follows(drafter, cache):  # the conversation goes on: so does the drafter
+    drafting = num_draft_tokens > 0  # else nothing is handed to the drafter, nor kept for it
+    if not drafting:
+        pass
+    elif cached and follows(drafter, cache):  # the conversation goes on: so does the drafter
         drafter.resume(tokens[:1], cached, drafter.follows[1])
     else:
         drafter.begin(tokens[:1], cached)  # each later token comes with the hidden state before it
-    drafter.follows = (cache, None)
+    drafter.follows = (cache if drafting else None, None)
     # As mlx-lm's generate_step: all but the last token in chunks, quantising after each, then the
     # last one, so that a quantised cache holds what plain decoding's does.
     starts = [*range(0, len(tokens) - 1, prefill_step_size), len(tokens) - 1]
@@ -636,12 +684,14 @@ def speculative_generate_step(
         h = model.model(mx.array(tokens[start:stop])[None], cache=cache)  # (1, L, D)
         quantize()
         mx.eval(h)
-        drafter.extend(tokens[start + 1 : stop + 1], h[:, : len(tokens) - 1 - start])
+        if drafting:
+            drafter.extend(tokens[start + 1 : stop + 1], h[:, : len(tokens) - 1 - start])
     logits = model.logits(h[:, -1])  # (1, vocab)
     y, _ = sampling.pick(logits)
     y = y.item()
-    drafter.extend([y], h[:, -1:])
-    drafter.catch_up()  # the drafter reads the prompt now, as part of its prefill
+    if drafting:
+        drafter.extend([y], h[:, -1:])
+        drafter.catch_up()  # the drafter reads the prompt now, as part of its prefill
     emitted = 1
     if emitted == max_tokens:
         finish(y)
@@ -664,7 +714,8 @@ def speculative_generate_step(
                 y = token
                 length.plain_step()
                 seconds.append(step_seconds)
-                drafter.extend([y], h)
+                if drafting:
+                    drafter.extend([y], h)
                 emitted += 1
                 stats.record(0, 0)
                 stats.tokens += 1

@@ -528,6 +528,69 @@ def test_draft_length_model_prefers_drafting_when_it_pays():
     assert chosen.count(0) >= 75 and max(chosen) == 1, chosen
 
 
+def drive(length, steps: int, cost, a: float, seed: int) -> list[tuple[int, int, float]]:
+    """Steps of DraftLength as the loop takes them, on a virtual clock: a step of k drafts costs
+    cost(k, i) (i: the step), 4 times that with chance 0.15 (another job took the core); each
+    draft is kept with chance a given the ones before it were. (k, tokens, cost without stall)."""
+    rng = np.random.default_rng(seed)
+    steps_taken = []
+    for i in range(steps):
+        k = length.choose(10)
+        accepted = 0
+        while accepted < k and rng.random() < a:
+            accepted += 1
+        if k == 0:
+            length.plain_step()
+        length.record(k, accepted, cost(k, i) * (4 if rng.random() < 0.15 else 1))
+        steps_taken.append((k, accepted + 1, cost(k, i)))
+    return steps_taken
+
+
+def efficiency(steps_taken, cost, a: float) -> float:
+    """Tokens per second over those of the best fixed length (computed from cost and a)."""
+    tokens = sum(t for _, t, _ in steps_taken)
+    seconds = sum(s for _, _, s in steps_taken)
+    last = len(steps_taken) - 1
+    best = max((1 - a ** (k + 1)) / (1 - a) / cost(k, last) for k in range(5))
+    return tokens / seconds / best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_draft_length_settles_on_plain_decoding_despite_stalls_with_few_probes(seed):
+    """A verify of k + 1 tokens costing 1 + 0.9 k steps at a = 0.5: drafting never pays. Stalls
+    on the plain steps must not make it look worth it (the old exponential averages took
+    176-322 drafting steps of 1,000 here): after the first doubling waits, a probe each 64."""
+    steps_taken = drive(speculative.DraftLength(4), 1000, lambda k, i: 1 + 0.9 * k, 0.5, seed)
+    drafted = [k for k, _, _ in steps_taken]
+    assert sum(k > 0 for k in drafted) <= 30, drafted
+    assert sum(k > 0 for k in drafted[500:]) <= 500 // 64 + 1, drafted[500:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_draft_length_reaches_the_best_length_despite_stalls(seed):
+    """A verify costing 1 + 0.05 k steps at a = 0.9: the longest length (4) is best, and is held
+    through stalls (the old averages stuck at 3 for a whole run with seed 1)."""
+    steps_taken = drive(speculative.DraftLength(4), 1000, lambda k, i: 1 + 0.05 * k, 0.9, seed)
+    drafted = [k for k, _, _ in steps_taken[100:]]
+    assert drafted.count(4) >= 0.9 * len(drafted), drafted
+    assert efficiency(steps_taken[100:], lambda k, i: 1 + 0.05 * k, 0.9) >= 0.95
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_draft_length_follows_the_load_and_modest_gains(seed):
+    """Modest gains (best k = 1-2, 1.23-1.37x), and every step 3 times slower from step 300 on:
+    within 10% of the best fixed length's tokens per second after the change, and never below
+    plain decoding's."""
+
+    def slowed(k, i):
+        return (1 + 0.3 * k) * (3 if i >= 300 else 1)
+
+    steps_taken = drive(speculative.DraftLength(4), 1000, slowed, 0.7, seed)
+    assert efficiency(steps_taken[400:], slowed, 0.7) >= 0.9
+    steps_taken = drive(speculative.DraftLength(4), 1000, lambda k, i: 1 + 0.3 * k, 0.6, seed)
+    assert efficiency(steps_taken[100:], lambda k, i: 1 + 0.3 * k, 0.6) * 1.23 >= 1.0
+
+
 def test_converted_quantized_mtp_layer_loads_and_drafts(folders, tmp_path):
     out = convert(folders["v3"], tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
     model = load_model(out, mtp=True)
