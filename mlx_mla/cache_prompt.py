@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import cli, memory, speculative
 from .cache import prompt_cache
-from .generate import cache_stats, format_cache_stats
+from .generate import cache_stats, file_description, format_cache_stats
 from .model.loading import load
 
 
@@ -52,9 +52,7 @@ def _main(argv=None):
         cli.fail(f"the prompt has {len(tokens)} tokens, more than the model's context of {context}")
     if not tokens:
         cli.fail("the prompt is empty: there is nothing to prefill")
-    metadata = prompt_cache.describe(
-        model, args.model, options["kv_bits"], options["kv_group_size"], drafter, args.draft_model
-    )
+    metadata = file_description(args, model, options, drafter)
     cache = model.make_cache()
     if drafter is None:
         chunks = (

@@ -18,7 +18,7 @@ from . import cli, fit, speculative
 from .cache import prompt_cache
 from .distributed import pipeline
 from .errors import ContextError
-from .generate import build_prompt, cache_stats, fit_context, load_checked
+from .generate import build_prompt, cache_stats, file_description, fit_context, load_checked
 from .generate import format_cache_stats as format_stats
 from .startup import on_interrupt
 
@@ -217,14 +217,7 @@ def _main(argv=None):
         tokenizer,
         max_tokens=args.max_tokens,
         system=args.system,
-        file_metadata=prompt_cache.describe(
-            model,
-            args.model,
-            options["kv_bits"],
-            options["kv_group_size"],
-            drafter=drafter,
-            draft_model_path=args.draft_model,
-        ),
+        file_metadata=file_description(args, model, options, drafter),
         cache_options=options,
         drafter=drafter,
         num_draft_tokens=args.num_draft_tokens,

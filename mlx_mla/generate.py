@@ -265,14 +265,7 @@ def _main(argv=None):
     if args.prompt_cache_file:
         if args.system:
             cli.fail("--system cannot follow the text of a --prompt-cache-file")
-        expected = prompt_cache.describe(
-            model,
-            args.model,
-            options["kv_bits"],
-            options["kv_group_size"],
-            drafter=drafter,
-            draft_model_path=args.draft_model,
-        )
+        expected = file_description(args, model, options, drafter)
         cache, metadata = prompt_cache.load(args.prompt_cache_file, expected, drafter)
         if note := prompt_cache.drafter_note(metadata, drafter):
             print(note, file=sys.stderr)
@@ -302,6 +295,14 @@ def _main(argv=None):
     if drafter is not None:
         print(stats.line())
     print(format_cache_stats(cache_stats(model, cache)))
+
+
+def file_description(args, model, options: dict, drafter) -> dict[str, str]:
+    """The metadata of a prompt-cache file for this command line (generate, chat, cache_prompt):
+    the model, its cache options and the drafter."""
+    return prompt_cache.describe(
+        model, args.model, options["kv_bits"], options["kv_group_size"], drafter, args.draft_model
+    )
 
 
 def main(argv=None):

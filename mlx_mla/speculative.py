@@ -186,12 +186,18 @@ class DraftLength:
             self.drafting_steps = 0
 
     def record(self, k: int, accepted: int, seconds: float):
+        self.record_rows(k, [accepted], seconds)
+
+    def record_rows(self, k: int, accepted: list[int], seconds: float):
+        """One step that took `seconds` and verified k drafts in each row of a batch (one row
+        alone: `record`), row r keeping accepted[r]: every row's acceptance, the step once."""
         best = self.best(self.most)
         self.times.setdefault(k, deque(maxlen=self.WINDOW)).append(seconds)
-        for i in range(min(k, accepted + 1)):  # the kept drafts, and the first rejected one
-            self.kept[i] = (1 - self.decay) * self.kept[i] + (i < accepted)
-            self.tried[i] = (1 - self.decay) * self.tried[i] + 1
-            self.verified[i] += 1
+        for row in accepted:
+            for i in range(min(k, row + 1)):  # the kept drafts, and the first rejected one
+                self.kept[i] = (1 - self.decay) * self.kept[i] + (i < row)
+                self.tried[i] = (1 - self.decay) * self.tried[i] + 1
+                self.verified[i] += 1
         if not k:
             return
         self.plain_run = 0

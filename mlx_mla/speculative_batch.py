@@ -513,8 +513,7 @@ class DraftingBatch(GenerationBatch):
         if len(keep) < len(self.uids):
             self.filter(keep)
         seconds = self.clock() - tic
-        for accepted in kept:  # the batch's acceptance, pooled over its rows
-            self.length.record(K, accepted, seconds)
+        self.length.record_rows(K, kept, seconds)  # the acceptance pooled over the rows
         return answered
 
 

@@ -591,6 +591,24 @@ def test_draft_length_follows_the_load_and_modest_gains(seed):
     assert efficiency(steps_taken[100:], lambda k, i: 1 + 0.3 * k, 0.6) * 1.23 >= 1.0
 
 
+def test_a_batch_step_is_one_step_of_the_draft_length_whatever_its_rows():
+    """The batch's rows verify in one forward: their acceptance pools, the step counts once (8
+    rows recorded one by one counted 8 steps: plain re-measured 8 times as often, the time window
+    filled with one measurement)."""
+    rows, pooled = speculative.DraftLength(4), speculative.DraftLength(4)
+    kept = [0, 1, 2, 2, 0, 1, 2, 2]
+    rows.record_rows(2, kept, 1.2)
+    for accepted in kept:
+        pooled.record(2, accepted, 1.2)
+    assert rows.kept == pooled.kept and rows.tried == pooled.tried
+    assert rows.verified == pooled.verified
+    assert rows.drafting_steps == 1 and list(rows.times[2]) == [1.2]
+    assert pooled.drafting_steps == 8  # what the batch counted before
+    for _ in range(rows.REFRESH - 1):
+        rows.record_rows(1, kept, 1.0)
+    assert rows.drafting_steps == rows.REFRESH  # plain decoding re-measured after REFRESH steps
+
+
 def test_converted_quantized_mtp_layer_loads_and_drafts(folders, tmp_path):
     out = convert(folders["v3"], tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
     model = load_model(out, mtp=True)
@@ -798,6 +816,17 @@ def draft_logits(drafter, k=2):
     return np.array(mx.concatenate(sampling.seen))
 
 
+def assert_same_drafter(fresh, drafter):
+    """Two drafters that read the same text hold the same state: length, n-gram tokens or cache
+    offsets, and the logits of their next drafts (within 1e-4)."""
+    assert fresh.length == drafter.length
+    if drafter.name == "ngram":
+        assert fresh.tokens == drafter.tokens
+    else:
+        assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
+        np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+
+
 def turn(model, drafter, prompt, cache, n=10):
     steps = speculative.speculative_generate_step(
         mx.array(prompt),
@@ -837,12 +866,7 @@ def test_the_drafter_goes_on_across_turns_as_over_one_long_prompt(models, name):
     assert drafter.length == cache[0].offset  # every token of both turns, as plain decoding's
     whole, fresh = first + reply + second, make()
     assert turn(model, fresh, whole, model.make_cache()) == again
-    assert fresh.length == drafter.length
-    if name == "ngram":
-        assert fresh.tokens == drafter.tokens
-    else:
-        assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
-        np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+    assert_same_drafter(fresh, drafter)
 
 
 @pytest.mark.parametrize("name", ["mtp", "ngram"])
@@ -925,12 +949,8 @@ def test_a_prompt_cache_file_saved_with_the_drafter_drafts_as_after_one_long_pro
     assert turn(model, drafter, PROMPT[12:], cache) == plain
     fresh, _ = drafter_for(models, folders, name)
     assert turn(model, fresh, PROMPT, model.make_cache()) == plain
-    assert fresh.length == drafter.length == cache[0].offset
-    if name == "ngram":
-        assert fresh.tokens == drafter.tokens
-    else:
-        assert [c.offset for c in fresh.cache] == [c.offset for c in drafter.cache]
-        np.testing.assert_allclose(draft_logits(drafter), draft_logits(fresh), atol=1e-4)
+    assert fresh.length == cache[0].offset
+    assert_same_drafter(fresh, drafter)
 
 
 @pytest.mark.parametrize("name", ["mtp", "draft-model"])
