@@ -230,12 +230,9 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
         if mlx_server._make_logits_processors(args) or args.sampling.xtc_probability > 0:
             logging.info("speculative decoding is off for a request with penalties or XTC")
             return None
-        sampling = args.sampling
         return dict(
             drafter=drafter,
-            sampling=speculative.Sampling(
-                sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k
-            ),
+            sampling=speculative.Sampling.of_request(args.sampling),
             num_draft_tokens=args.num_draft_tokens,
             draft_min=min(self.cli_args.draft_min, args.num_draft_tokens),
             stats=stats,

@@ -56,6 +56,11 @@ class Sampling:
     min_p: float = 0.0
     top_k: int = 0
 
+    @classmethod
+    def of_request(cls, sampling) -> "Sampling":
+        """From an mlx-lm server request's SamplingArguments."""
+        return cls(sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k)
+
     def probs(self, logits: mx.array) -> mx.array:
         """The distribution mlx-lm's sampler draws from, (..., vocab)."""
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -76,8 +76,7 @@ def row_sampling(sampler) -> Sampling | None:
     sampling = getattr(sampler, "sampling", None)
     request = getattr(sampler, "request", None)
     if sampling is None and request is not None:
-        s = request.sampling
-        sampling = Sampling(s.temperature, s.top_p, s.min_p, s.top_k)
+        sampling = Sampling.of_request(request.sampling)
     return sampling if sampling is not None and sampling.temp > 0 else None
 
 
