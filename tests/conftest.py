@@ -6,6 +6,7 @@ import json
 import os
 import random
 import selectors
+import signal
 import string
 import subprocess
 import sys
@@ -60,6 +61,14 @@ def startup_seconds() -> float:
         [sys.executable, "-m", "mlx_mla.generate", "--help"], capture_output=True, timeout=600
     )
     return time.monotonic() - start
+
+
+def ctrl_c_default():
+    """preexec_fn for a tool a test will Ctrl-C: SIGINT's default action, as a terminal starts it.
+    Where the tests run in a background job (`pytest &`, a CI script's `( ... ) &`) every child
+    inherits an ignored SIGINT; Python then installs no handler, and the tool rightly ignores
+    Ctrl-C as any program started in the background does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def time_limit(startups: float) -> float:

@@ -13,7 +13,7 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
-from conftest import read_bytes, read_until, time_limit
+from conftest import ctrl_c_default, read_bytes, read_until, time_limit
 
 import mlx_mla
 import mlx_mla.convert
@@ -395,7 +395,7 @@ def start(*args, env=ENV, **kwargs) -> subprocess.Popen:
         stdin=subprocess.DEVNULL,
         env=env,
         cwd=ROOT,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=ctrl_c_default,
         **kwargs,
     )
 

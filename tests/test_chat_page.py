@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import read_line, time_limit
+from conftest import ctrl_c_default, read_line, time_limit
 
 from mlx_mla import web
 
@@ -28,7 +28,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOT = ROOT / "docs" / "chat.png"
+# The README's picture of the page: written where this names (MLX_MLA_SCREENSHOT=docs/chat.png),
+# so that a test run leaves the checkout as it was.
+SCREENSHOT_ENV = "MLX_MLA_SCREENSHOT"
 HOSTILE = "<img src=x onerror=window.__pwned=1><script>window.__pwned=2</script>"
 
 
@@ -59,6 +61,7 @@ class Server:
             stderr=self.log.open("a"),
             text=True,
             env=env,
+            preexec_fn=ctrl_c_default,
         )
         line = read_line(self.process, startups=20)
         if "Serving" not in line:
@@ -197,7 +200,9 @@ def test_drafts_accepted_are_shown_as_the_server_counted_them(browser, tmp_path)
         server.process.wait()
 
 
-def test_enter_sends_shift_enter_is_a_new_line_and_the_reply_streams_with_its_figures(page):
+def test_enter_sends_shift_enter_is_a_new_line_and_the_reply_streams_with_its_figures(
+    page, tmp_path
+):
     # Count the reply's text lengths as the page draws them: a streamed reply is drawn in parts.
     page.page.evaluate(
         """() => {
@@ -256,8 +261,9 @@ def test_enter_sends_shift_enter_is_a_new_line_and_the_reply_streams_with_its_fi
     assert page.page.locator("#cache-chart polyline").count() == 2
     assert "context 1024 tokens" in page.page.locator("#model-context").inner_text()
     page.page.locator("#settings summary").click()  # closed, for the picture
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.page.screenshot(path=str(SCREENSHOT))
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "chat.png")
+    page.page.screenshot(path=str(screenshot))
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
 
 
 def format_bytes(n: float) -> str:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import read_bytes, read_until, time_limit
+from conftest import ctrl_c_default, read_bytes, read_until, time_limit
 
 ENV_NO_WARNINGS = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
 
@@ -171,6 +171,7 @@ def test_chat_ctrl_c_stops_the_reply_not_the_program(model_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **ENV_NO_WARNINGS},
+        preexec_fn=ctrl_c_default,
     )
     proc.stdin.write("Hello\n")
     proc.stdin.flush()

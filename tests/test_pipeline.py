@@ -23,6 +23,7 @@ from conftest import (
     BASE,
     CONFIGS,
     DSA_CONFIGS,
+    ctrl_c_default,
     make_torch_model,
     read_line,
     save_tokenizer,
@@ -365,6 +366,7 @@ def start_server_ranks(checkpoint, attention, log: Path, *flags):
         text=True,
         start_new_session=True,
         env=rank_environment(),
+        preexec_fn=ctrl_c_default,
     )
     os.close(read)
     process.stdin_pipe = write

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import read_line, time_limit, wait_until
+from conftest import ctrl_c_default, read_line, time_limit, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -31,6 +31,7 @@ def start_server(log: Path, *flags):
         stderr=log.open("w"),
         text=True,
         env=env,
+        preexec_fn=ctrl_c_default,
     )
     line = read_line(process, startups=20)
     if "Serving" not in line:

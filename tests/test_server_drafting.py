@@ -12,7 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, DSA_CONFIGS, make_torch_model, read_line, write_checkpoint
+from conftest import (
+    CONFIGS,
+    DSA_CONFIGS,
+    make_torch_model,
+    read_line,
+    time_limit,
+    write_checkpoint,
+)
 from mlx_lm.generate import generate
 
 from mlx_mla import cli
@@ -24,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ["ROMEO:\nAnd I will not,", "JULIET:", "KING HENRY:\nNow, by my", "Nurse: Nurse:"]
 TINY_PROMPTS = ["abcabcabc", "hello, hello", "xyz", "a1b2c3a1b2"]  # 3 or more tokens each
 MAX_TOKENS = 12
+REQUEST_STARTUPS = 20  # a request of MAX_TOKENS, drafted: far less than 20 start-ups of a tool
 TINY = {**CONFIGS["v3_grouped_q_lora"], "qk_nope_head_dim": 24, "kv_lora_rank": 32}
 SERVERS = {  # name: (model: the demo or a fixture's checkpoint, its prompts, drafting flags)
     "plain": ("demo", DEMO_PROMPTS, []),
@@ -74,7 +82,9 @@ def served(request, tmp_path_factory):
         line = read_line(process, startups=20)
         assert "Serving" in line, log.read_text()
         url = line.split(" on ")[1].strip()
-        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=url, api_key="unused", max_retries=0, timeout=time_limit(REQUEST_STARTUPS)
+        )
         yield request.param, client, url, prompts, plain_replies(model, prompts), log
     finally:
         process.kill()
@@ -116,7 +126,7 @@ def post(url: str, body: dict) -> tuple[int, bytes]:
     import http.client
 
     host, port = url.split("//")[1].split("/")[0].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection = http.client.HTTPConnection(host, int(port), timeout=time_limit(REQUEST_STARTUPS))
     connection.request(
         "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
     )
