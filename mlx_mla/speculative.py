@@ -506,6 +506,18 @@ def check_draft_tokenizer(tokenizer, draft_tokenizer):
         )
 
 
+def snapshot_nbytes(snapshot) -> int:
+    """The memory a drafter's snapshot holds: its arrays' bytes, and 8 for each Python number in it
+    (the n-gram drafter's tokens and index), walking its tuples, lists and dicts."""
+    if isinstance(snapshot, mx.array):
+        return snapshot.nbytes
+    if isinstance(snapshot, dict):
+        return sum(snapshot_nbytes(k) + snapshot_nbytes(v) for k, v in snapshot.items())
+    if isinstance(snapshot, (tuple, list)):
+        return sum(snapshot_nbytes(x) for x in snapshot)
+    return 8 if isinstance(snapshot, (int, float)) else 0  # classes, None
+
+
 def follows(drafter, cache: list) -> bool:
     """Does `drafter` hold the text of `cache`, so that a turn on it goes on with the drafter (it
     holds the cache's tokens, or one more that the cache did not take)?"""

@@ -7,6 +7,7 @@ import logging
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from mlx_mla import load, speculative
@@ -194,3 +195,34 @@ def test_a_turn_from_a_trimmed_longer_conversation_drafts_afresh_and_is_kept(mtp
     again, restored = serve(conversations, model, drafter, third)
     assert restored
     assert again == [t for t, _ in generate_step(mx.array(third), model, max_tokens=8)]
+
+
+def test_drafter_snapshots_count_in_the_byte_budget(mtp_model):
+    """A conversation's drafter snapshot is memory the budget covers: two conversations whose
+    caches alone fit but whose caches and snapshots do not leave one in memory, and the count
+    goes back to nothing as they leave (a replaced entry is not counted twice)."""
+    model, drafter = mtp_model, speculative.MTPDrafter(mtp_model)
+    ample = ConversationCache(model.make_cache, 1 << 40, drafter=drafter)
+    first, second = list(range(3, 23)), list(range(60, 75))
+    sizes = []
+    for tokens in (first, second):
+        reply, _ = serve(ample, model, drafter, tokens)
+        entry = ample._trie.get(KEY, tokens + reply)
+        arrays = [a for _, a in tree_flatten(entry.drafter) if isinstance(a, mx.array)]
+        sizes.append((sum(c.nbytes for c in entry.prompt_cache), sum(a.nbytes for a in arrays)))
+    (cache_a, snapshot_a), (cache_b, snapshot_b) = sizes
+    assert snapshot_a > 0 and snapshot_b > 0
+    held = ample.nbytes - cache_a - cache_b - snapshot_a - snapshot_b  # the numbers in them
+    assert 0 <= held < 8 * 1000
+    before = ample.nbytes
+    serve(ample, model, drafter, first)  # the same conversation again: its entry is replaced
+    assert len(ample) == 2 and ample.nbytes == before
+    ample.trim_to(n_bytes=0)
+    assert len(ample) == 0 and ample.nbytes == 0
+
+    budget = cache_a + snapshot_a + cache_b + held  # both caches fit, not with both snapshots
+    tight = ConversationCache(model.make_cache, budget, drafter=speculative.MTPDrafter(model))
+    for tokens in (first, second):
+        serve(tight, model, tight.drafter, tokens)
+        assert tight.nbytes <= budget
+    assert len(tight) == 1  # the first left

@@ -158,27 +158,44 @@ class DiskCache:
 
 class ConversationTrie(PromptTrie):
     """mlx-lm's prompt trie, whose entry for the cache in `kept` (cache, drafter snapshot) gets
-    the snapshot as it is added (before LRUPromptCache can evict it); with `spilling`, each entry
-    LRUPromptCache evicts (it pops evicted entries, and only those, with `pop`) is kept in
-    `evicted`, to be written to disk."""
+    the snapshot as it is added (before LRUPromptCache can evict it), its bytes counted in
+    `snapshot_bytes` while the trie holds it; with `spilling`, each entry LRUPromptCache evicts
+    (it pops evicted entries, and only those, with `pop`) is kept in `evicted`, to be written to
+    disk."""
 
     def __init__(self):
         super().__init__()
         self.kept = None
         self.spilling = False
         self.evicted = []
+        self.snapshot_bytes = 0
 
     def add(self, model, tokens, value):
         kept, self.kept = self.kept, None
         if kept is not None and kept[0] is value.prompt_cache:
             value.drafter = kept[1]
-        return super().add(model, tokens, value)
+            value.drafter_nbytes = speculative.snapshot_nbytes(kept[1])
+            self.snapshot_bytes += value.drafter_nbytes
+        previous = super().add(model, tokens, value)
+        self.forget(previous)
+        return previous
 
     def pop(self, model, tokens):
         entry = super().pop(model, tokens)
+        self.forget(entry)
         if self.spilling:
             self.evicted.append((tokens, entry.prompt_cache, getattr(entry, "drafter", None)))
         return entry
+
+    def pop_prefixes(self, model, tokens):
+        popped = super().pop_prefixes(model, tokens)
+        for _, entry in popped:
+            self.forget(entry)
+        return popped
+
+    def forget(self, entry):
+        """`entry` has left the trie: its snapshot's bytes are no longer held."""
+        self.snapshot_bytes -= getattr(entry, "drafter_nbytes", 0)
 
 
 class ConversationCache(LRUPromptCache):
@@ -189,7 +206,8 @@ class ConversationCache(LRUPromptCache):
     a drafted reply keeps the drafter's snapshot (`keep_drafter`, then mlx-lm's insert_cache);
     the request that continues the whole of it gets the snapshot back (`restore_drafter`, after
     fetch_nearest_cache). One continued from a trimmed longer conversation drafts afresh.
-    The snapshots are not counted in the byte budget."""
+    The snapshots count in the byte budget: mlx-lm's eviction sees the budget less the bytes of
+    the snapshots held (`max_bytes`), and `nbytes` is the caches' and the snapshots' together."""
 
     def __init__(
         self, new_cache: Callable[[], list], max_bytes: int, max_size=sys.maxsize, drafter=None
@@ -207,9 +225,19 @@ class ConversationCache(LRUPromptCache):
         self._trie.spilling = True
 
     @property
+    def max_bytes(self) -> int:
+        """What mlx-lm's eviction may let the caches take: the budget less the snapshots."""
+        trie = getattr(self, "_trie", None)
+        return self.budget - (trie.snapshot_bytes if isinstance(trie, ConversationTrie) else 0)
+
+    @max_bytes.setter
+    def max_bytes(self, value: int):
+        self.budget = value
+
+    @property
     def nbytes(self) -> int:
         with self.lock:
-            return super().nbytes
+            return super().nbytes + self._trie.snapshot_bytes
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
         with self.lock:
@@ -234,7 +262,13 @@ class ConversationCache(LRUPromptCache):
 
     def trim_to(self, *, n_sequences=None, n_bytes=None):
         with self.lock:
-            super().trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
+            super().trim_to(n_sequences=n_sequences)
+            while (
+                n_bytes is not None
+                and len(self)
+                and super().nbytes + self._trie.snapshot_bytes > n_bytes
+            ):
+                super().trim_to(n_sequences=len(self) - 1)  # the oldest: its snapshot goes too
         self.spill()
 
     def spill(self):
